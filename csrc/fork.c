@@ -1,0 +1,281 @@
+/* fork.c - the fork protocol: pthread_atfork handlers that make every fork()
+ * an on-demand fork of every open arena.
+ *
+ * prepare (parent, before the fork syscall), for each arena:
+ *   take a->local and the family lock (both held across fork());
+ *   hand out a PENDING slot for the child, copy our page table into it and
+ *   raise the count of every resident chunk (O(chunks));
+ *   move the page tables of our writable runs to the shadow (mremap with
+ *   MREMAP_DONTUNMAP, O(1) per run: page tables move a PMD at a time) and
+ *   make the emptied arena range read-only (mprotect of a range with no page
+ *   table entries, O(1)).  Nothing is done per page.
+ * parent: release the locks; on a failed prepare give the child slot back.
+ * child: claim the slot (CAS PENDING -> CLAIMED, pid, lock `alive`, LIVE),
+ *   drop the inherited shadow (no page table entries: cheap), clear the
+ *   private flags.  If prepare failed or the slot was reclaimed, the child
+ *   loses the arena: all of it becomes PROT_NONE and any access crashes with
+ *   a message, so no process ever writes memory another one can see.
+ *
+ * Error values of prepare cannot stop a fork; odfork() therefore calls
+ * odf_fork_check() first, which reserves nothing but makes sure a slot is
+ * free.
+ */
+#include "internal.h"
+
+#include <errno.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+static int fork_install_rc;
+static sigset_t fork_saved_mask;
+static int fork_last_err;
+
+/* Move the page tables of a writable run out of the arena; leave the arena
+ * range read-only and empty. */
+static int park_run(odf_arena_t *a, uint32_t start, uint32_t n)
+{
+    uintptr_t off = (uintptr_t)start << ODF_CHUNK_SHIFT;
+    size_t len = (size_t)n << ODF_CHUNK_SHIFT;
+    void *p = mremap((void *)(a->base + off), len, len,
+                     MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP, (void *)(a->shadow + off));
+    if (p == MAP_FAILED)
+        return errno;
+    if (mprotect((void *)(a->base + off), len, PROT_READ) < 0) {
+        int rc = errno;
+        /* Never leave a writable mapping of a shared segment behind. */
+        for (uint32_t c = start; c < start + n; c++)
+            if (_odf_map_seg(a, a->base + ((uintptr_t)c << ODF_CHUNK_SHIFT), a->mypt[c] - 1,
+                             PROT_READ, 0))
+                return rc;
+    }
+    for (uint32_t c = start; c < start + n; c++)
+        a->flags[c] = ODF_F_PARKED;
+    return 0;
+}
+
+static int write_protect(odf_arena_t *a)
+{
+    uint32_t c = 0;
+    while (c < a->hi) {
+        if (!(a->flags[c] & ODF_F_WRITABLE)) {
+            c++;
+            continue;
+        }
+        uint32_t start = c, e0 = a->mypt[c];
+        while (c < a->hi && (a->flags[c] & ODF_F_WRITABLE) && a->mypt[c] == e0 + (c - start))
+            c++;
+        if (park_run(a, start, c - start) == 0)
+            continue;
+        /* The run spans several VMAs (the kernel did not merge them): chunk by
+         * chunk, and as a last resort a plain mprotect (per-page cost). */
+        for (uint32_t k = start; k < c; k++) {
+            if (park_run(a, k, 1) == 0)
+                continue;
+            if (mprotect((void *)(a->base + ((uintptr_t)k << ODF_CHUNK_SHIFT)), ODF_CHUNK_SIZE,
+                         PROT_READ) < 0)
+                return errno;
+            a->flags[k] = 0;
+        }
+    }
+    return 0;
+}
+
+static int share_with_child(odf_arena_t *a)
+{
+    uint32_t cs;
+    int rc = _odf_slot_alloc(a, ODF_SLOT_PENDING, &cs);
+    if (rc)
+        return rc;
+    odf_slot_t *s = &a->slots[cs];
+    uint32_t *cpt = ODF_PT(a, cs);
+    for (uint32_t c = 0; c < a->hi; c++) {
+        uint32_t e = a->mypt[c];
+        cpt[c] = e;
+        if (e)
+            a->refcnt[e - 1]++;
+    }
+    s->hi = a->hi;
+    a->child_slot = cs;
+    a->child_gen = ODF_SG_GEN(atomic_load(&s->sg));
+    return write_protect(a);
+}
+
+static void prepare(void)
+{
+    _odf_block_signals(&fork_saved_mask);
+    pthread_mutex_lock(&_odf_registry_lock);
+    fork_last_err = 0;
+    for (int i = 0; i < ODF_MAX_ARENAS; i++) {
+        odf_arena_t *a = atomic_load(&_odf_registry[i]);
+        if (!a)
+            continue;
+        pthread_mutex_lock(&a->local);
+        a->child_slot = ODF_NONE;
+        a->fork_err = 0;
+        a->fork_locked = 0;
+        if (a->orphaned)
+            continue;
+        if ((a->fork_err = _odf_family_lock(a))) {
+            fork_last_err = a->fork_err;
+            continue;
+        }
+        a->fork_locked = 1;
+        a->fork_err = share_with_child(a);
+        if (a->fork_err)
+            fork_last_err = a->fork_err;
+    }
+}
+
+static void parent(void)
+{
+    for (int i = 0; i < ODF_MAX_ARENAS; i++) {
+        odf_arena_t *a = atomic_load(&_odf_registry[i]);
+        if (!a)
+            continue;
+        a->last_child_slot = ODF_NONE;
+        if (!a->orphaned) {
+            if (a->child_slot != ODF_NONE) {
+                if (a->fork_err) {
+                    _odf_slot_release(a, a->child_slot);
+                } else {
+                    a->last_child_slot = a->child_slot;
+                    a->last_child_gen = a->child_gen;
+                }
+            }
+            a->n_forks++;
+            if (a->fork_locked)
+                _odf_family_unlock(a);
+            a->fork_locked = 0;
+        }
+        a->child_slot = ODF_NONE;
+        pthread_mutex_unlock(&a->local);
+    }
+    pthread_mutex_unlock(&_odf_registry_lock);
+    _odf_restore_signals(&fork_saved_mask);
+}
+
+static void orphan(odf_arena_t *a)
+{
+    a->orphaned = 1;
+    _odf_reserve(a->base, 2 * a->size);
+}
+
+void _odf_child_setup(odf_arena_t *a)
+{
+    odf_slot_t *s = &a->slots[a->child_slot];
+    uint64_t expect = ODF_SG(a->child_gen, ODF_SLOT_PENDING);
+    if (!atomic_compare_exchange_strong(&s->sg, &expect,
+                                        ODF_SG(a->child_gen, ODF_SLOT_CLAIMED))) {
+        a->fork_err = ESRCH;
+        orphan(a);
+        return;
+    }
+    atomic_store(&s->pid, getpid());
+    pthread_mutex_lock(&s->alive);
+    atomic_store(&s->sg, ODF_SG(a->child_gen, ODF_SLOT_LIVE));
+    a->self = a->child_slot;
+    a->mypt = ODF_PT(a, a->self);
+    memset(a->flags, 0, a->nchunks);
+    _odf_reserve(a->shadow, a->size); /* inherited parked mappings: no PTEs here */
+    a->n_faults = a->n_cow = a->n_reuse = a->n_bytes = a->n_forks = 0;
+}
+
+static void child(void)
+{
+    pthread_mutex_init(&_odf_registry_lock, NULL);
+    for (int i = 0; i < ODF_MAX_ARENAS; i++) {
+        odf_arena_t *a = atomic_load(&_odf_registry[i]);
+        if (!a)
+            continue;
+        pthread_mutex_init(&a->local, NULL);
+        if (!a->orphaned) {
+            if (a->fork_err || a->child_slot == ODF_NONE)
+                orphan(a);
+            else
+                _odf_child_setup(a);
+        }
+        a->child_slot = a->last_child_slot = ODF_NONE;
+    }
+    _odf_restore_signals(&fork_saved_mask);
+}
+
+static void install_once(void) { fork_install_rc = pthread_atfork(prepare, parent, child); }
+
+int _odf_fork_handlers_install(void)
+{
+    pthread_once(&fork_once, install_once);
+    return fork_install_rc;
+}
+
+int odf_fork_check(void)
+{
+    int rc = 0;
+    sigset_t old;
+    _odf_block_signals(&old);
+    pthread_mutex_lock(&_odf_registry_lock);
+    for (int i = 0; i < ODF_MAX_ARENAS && !rc; i++) {
+        odf_arena_t *a = atomic_load(&_odf_registry[i]);
+        if (!a || a->orphaned)
+            continue;
+        pthread_mutex_lock(&a->local);
+        if ((rc = _odf_family_lock(a)) == 0) {
+            _odf_reap_locked(a);
+            odf_ctl_t *ctl = a->ctl;
+            int free_slot = ctl->slot_hwm < ctl->max_slots;
+            for (uint32_t k = 0; k < ctl->slot_hwm && !free_slot; k++)
+                free_slot = ODF_SG_STATE(atomic_load(&a->slots[k].sg)) == ODF_SLOT_FREE;
+            if (!free_slot)
+                rc = EAGAIN;
+            _odf_family_unlock(a);
+        }
+        pthread_mutex_unlock(&a->local);
+    }
+    pthread_mutex_unlock(&_odf_registry_lock);
+    _odf_restore_signals(&old);
+    return rc;
+}
+
+void odf_fork_note_child(pid_t pid)
+{
+    for (int i = 0; i < ODF_MAX_ARENAS; i++) {
+        odf_arena_t *a = atomic_load(&_odf_registry[i]);
+        if (!a || a->last_child_slot == ODF_NONE)
+            continue;
+        odf_slot_t *s = &a->slots[a->last_child_slot];
+        uint64_t v = atomic_load(&s->sg);
+        int32_t zero = 0;
+        /* A PENDING slot is only reclaimed after the timeout, so gen matching
+         * here means it is still this child's. */
+        if (ODF_SG_GEN(v) == a->last_child_gen && ODF_SG_STATE(v) != ODF_SLOT_FREE)
+            atomic_compare_exchange_strong(&s->pid, &zero, pid);
+    }
+}
+
+void odf_fork_abort(void)
+{
+    sigset_t old;
+    _odf_block_signals(&old);
+    pthread_mutex_lock(&_odf_registry_lock);
+    for (int i = 0; i < ODF_MAX_ARENAS; i++) {
+        odf_arena_t *a = atomic_load(&_odf_registry[i]);
+        if (!a || a->last_child_slot == ODF_NONE)
+            continue;
+        pthread_mutex_lock(&a->local);
+        if (_odf_family_lock(a) == 0) {
+            odf_slot_t *s = &a->slots[a->last_child_slot];
+            uint64_t v = ODF_SG(a->last_child_gen, ODF_SLOT_PENDING);
+            if (atomic_compare_exchange_strong(&s->sg, &v,
+                                               ODF_SG(a->last_child_gen, ODF_SLOT_DYING)))
+                _odf_slot_release(a, a->last_child_slot);
+            _odf_family_unlock(a);
+        }
+        a->last_child_slot = ODF_NONE;
+        pthread_mutex_unlock(&a->local);
+    }
+    pthread_mutex_unlock(&_odf_registry_lock);
+    _odf_restore_signals(&old);
+}
+
+int odf_fork_last_error(void) { return fork_last_err; }

@@ -1,0 +1,173 @@
+/* internal.h - structures and internal functions of the odfork_user core.
+ *
+ * Names: odf_* public (odfork.h), _odf_* shared between files, static helpers
+ * file-local.
+ *
+ * Memory of one arena, per process:
+ *   [base, base+size)        the arena.  Chunk c is one of
+ *                              - not resident: PROT_NONE anonymous reservation;
+ *                              - resident, read-only: MAP_SHARED of pool segment pt[c];
+ *                              - resident, writable: same, PROT_READ|PROT_WRITE,
+ *                                only while the segment's count is 1.
+ *   [shadow, shadow+size)    the parking area.  shadow chunk c is either the
+ *                            PROT_NONE reservation or, when PARKED, the
+ *                            populated writable mapping of segment pt[c] that
+ *                            a fork moved out of the arena (mremap moves the
+ *                            page tables, O(1) per run).  Nothing ever writes
+ *                            through the shadow; a reuse moves it back.
+ *
+ * Family-wide, in the control memfd (odf_ctl_t): the family lock, each
+ * segment's count, the free-segment stack, and the slots.  A slot is a
+ * process (or a snapshot) with a page table of nchunks entries, seg+1 or 0.
+ *
+ * Invariant (checked by odf_arena_check):
+ *   refcnt[s] == #{slots in use whose pt holds s} + #{slots whose pin is s}
+ *   a process maps segment s (arena or shadow chunk c) only if its pt[c] == s
+ *   a process maps chunk c writable only if refcnt[pt[c]] == 1
+ *
+ * Locking, outermost first:
+ *   a->local   process-private; serialises fault resolution, fork prepare and
+ *              every arena operation of this process.  Held with every signal
+ *              blocked (the SIGSEGV handler runs with a full mask; other
+ *              callers block signals first), so a handler can never find it
+ *              held by its own thread.
+ *   ctl->lock  family lock, robust + process-shared.  Guards refcnt, the free
+ *              stack, seg_hwm, slot states and every page table.  A holder
+ *              that dies leaves EOWNERDEAD: the next locker recomputes the
+ *              counts from the page tables (_odf_recover) before going on.
+ *              Held across fork() by the parent (prepare -> parent handler).
+ *   slot->alive robust, locked for life by the process that owns the slot;
+ *              trylock returning EOWNERDEAD means that process died.
+ * Code holding either lock never writes arena memory, so it cannot fault.
+ */
+#ifndef ODF_INTERNAL_H
+#define ODF_INTERNAL_H
+
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "odfork.h"
+
+#define ODF_MAX_ARENAS 64
+#define ODF_CTL_MAGIC 0x6f64666b63746c31ULL /* "odfkctl1" */
+#define ODF_NONE UINT32_MAX
+/* A slot reserved for a child that has not registered itself, and whose pid
+ * nobody recorded, is reclaimed after this long: the child ran no handler in
+ * that time, so it died between fork() and its first instruction, or it is
+ * stopped; in the latter case it finds its slot gone and loses its arenas
+ * (a clear crash on access), never someone else's data. */
+#define ODF_PENDING_TIMEOUT_NS (10ULL * 1000000000ULL)
+
+/* Slot states.  The state word is (gen << 32 | state) so that a late child
+ * cannot claim a slot that was reclaimed and handed out again. */
+enum {
+    ODF_SLOT_FREE = 0,
+    ODF_SLOT_PENDING = 1, /* filled by a parent in fork prepare; child not yet in */
+    ODF_SLOT_CLAIMED = 2, /* child won the CAS, is locking `alive` */
+    ODF_SLOT_LIVE = 3,    /* child (or creator) holds `alive` */
+    ODF_SLOT_SNAP = 4,    /* snapshot owned by process slot `owner` */
+    ODF_SLOT_DYING = 5,   /* being released; never claimed or trylocked */
+};
+
+/* Per-chunk process-private flags (a->flags). */
+#define ODF_F_WRITABLE 1u /* arena chunk mapped PROT_READ|PROT_WRITE */
+#define ODF_F_PARKED 2u   /* shadow chunk holds the populated mapping of pt[c] */
+
+typedef struct odf_slot_s {
+    pthread_mutex_t alive;     /* see locking rules; initialised by whoever hands the slot out */
+    _Atomic uint64_t sg;       /* gen << 32 | state; CAS by the child (PENDING->CLAIMED->LIVE),
+                                  otherwise written under the family lock */
+    _Atomic int32_t pid;       /* 0 until known; written by the child or by the parent's note */
+    uint32_t owner;            /* SNAP: owning process slot */
+    uint32_t owner_gen;        /* SNAP: its generation */
+    uint32_t hi;               /* pt[c] == 0 for every c >= hi; under the family lock */
+    uint32_t pin;              /* seg+1 kept alive while this process copies from it, or 0 */
+    uint32_t pad;
+    uint64_t born_ns;          /* CLOCK_MONOTONIC when handed out */
+} odf_slot_t;
+
+typedef struct odf_ctl_s {
+    uint64_t magic;
+    pthread_mutex_t lock;      /* family lock */
+    uint32_t nchunks, max_slots, max_segs;
+    uint32_t seg_hwm;          /* segments >= seg_hwm were never handed out */
+    uint32_t nfree;            /* entries in the free stack */
+    uint32_t slot_hwm;         /* slots >= slot_hwm were never handed out */
+    uint64_t segments_live;    /* seg_hwm - nfree */
+    uint64_t recoveries;       /* times a dead lock holder's state was rebuilt */
+    size_t off_refcnt, off_free, off_slots, off_pt, total;
+} odf_ctl_t;
+
+struct odf_arena_s {
+    uintptr_t base, shadow;    /* 2 MiB aligned; shadow == base + size */
+    size_t size;
+    uint32_t nchunks;
+    int pool_fd, ctl_fd;
+    odf_ctl_t *ctl;
+    uint32_t *refcnt;          /* [max_segs] */
+    uint32_t *freestack;       /* [max_segs] */
+    odf_slot_t *slots;         /* [max_slots] */
+    uint32_t *pts;             /* [max_slots][nchunks] */
+    uint32_t self;             /* this process's slot */
+    uint32_t *mypt;            /* pts + self * nchunks */
+    uint8_t *flags;            /* private [nchunks] */
+    uint32_t hi;               /* private mirror of slots[self].hi */
+    pthread_mutex_t local;
+    int orphaned;              /* this process lost its slot (see ODF_PENDING_TIMEOUT_NS) */
+    int registry_index;
+    /* fork in flight (set in prepare, consumed by the parent/child handlers) */
+    uint32_t child_slot, child_gen;
+    int fork_err;
+    int fork_locked;           /* prepare holds the family lock for this fork */
+    /* last fork, for odf_fork_note_child / odf_fork_abort in the parent */
+    uint32_t last_child_slot, last_child_gen;
+    /* stats, under a->local */
+    uint64_t n_faults, n_cow, n_reuse, n_bytes, n_forks;
+    int broken_cow;            /* test hook (_odf_debug_break): resolve shared faults without a copy */
+};
+
+/* region.c: mappings.  All are async-signal-safe (plain syscalls). */
+int _odf_map_seg(odf_arena_t *a, uintptr_t addr, uint32_t seg, int prot, int populate);
+int _odf_reserve(uintptr_t addr, size_t len);
+uint64_t _odf_now_ns(void);
+
+/* pagetable.c: family state.  pre: a->local held (signals blocked) unless noted. */
+int _odf_family_lock(odf_arena_t *a);
+void _odf_family_unlock(odf_arena_t *a);
+void _odf_slot_init_alive(odf_slot_t *s);
+int _odf_slot_alloc(odf_arena_t *a, uint32_t state, uint32_t *idx); /* pre: family lock */
+void _odf_slot_release(odf_arena_t *a, uint32_t idx);                 /* pre: family lock */
+void _odf_reap_locked(odf_arena_t *a);                                /* pre: family lock */
+int _odf_ctl_init(odf_arena_t *a, uint32_t max_slots, uint32_t max_segs);
+/* Resolve a fault on chunk c (async-signal-safe).  0 = resolved. */
+int _odf_fault(odf_arena_t *a, uint32_t c);
+
+/* fault_sigsegv.c */
+int _odf_handler_install(void);
+void _odf_block_signals(sigset_t *old);
+void _odf_restore_signals(const sigset_t *old);
+void _odf_write_stderr(const char *msg);
+
+/* fork.c */
+int _odf_fork_handlers_install(void);
+void _odf_child_setup(odf_arena_t *a); /* in the child of a fork */
+
+/* registry (region.c): lock-free reads from the handler, writes under a process mutex */
+extern odf_arena_t *_Atomic _odf_registry[ODF_MAX_ARENAS];
+int _odf_registry_add(odf_arena_t *a);
+void _odf_registry_remove(odf_arena_t *a);
+odf_arena_t *_odf_registry_find(uintptr_t addr);
+extern pthread_mutex_t _odf_registry_lock;
+
+#define ODF_PT(a, slot) ((a)->pts + (size_t)(slot) * (a)->nchunks)
+#define ODF_SG(gen, st) (((uint64_t)(gen) << 32) | (uint32_t)(st))
+#define ODF_SG_STATE(v) ((uint32_t)((v) & 0xffffffffu))
+#define ODF_SG_GEN(v) ((uint32_t)((v) >> 32))
+
+#endif

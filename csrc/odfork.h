@@ -1,0 +1,109 @@
+/* odfork.h - public C API of the odfork_user core.
+ *
+ * An arena is a 2 MiB-aligned virtual range whose 2 MiB chunks are backed by
+ * segments of a memfd pool shared by a family of forked processes.  Each
+ * process has a software page table (chunk -> segment) in a shared control
+ * block; segments carry family-wide reference counts.  A fork shares every
+ * resident chunk (O(chunks) bookkeeping, nothing per page); the first write to
+ * a shared chunk copies it, a write to a chunk whose count is back to 1 reuses
+ * it in place.
+ *
+ * Errors: every function that can fail returns 0 or a positive errno value
+ * and never prints.  ENOMEM: out of pool segments, process slots or VMAs.
+ *
+ * Signals: the core installs one SIGSEGV handler (SA_SIGINFO|SA_ONSTACK, all
+ * signals masked while it runs).  Faults outside every arena, and faults it
+ * cannot resolve, are passed to the handler that was installed before it
+ * (the faulthandler model: sigaction(..., &previous)); with no previous
+ * handler the default action runs, so a real crash still crashes.  A fault
+ * inside the handler itself kills the process (SIGSEGV stays blocked there).
+ *
+ * Fork: handlers registered with pthread_atfork make every glibc fork()
+ * (os.fork, multiprocessing, odf_fork_*) an on-demand fork of every open
+ * arena.  vfork()/posix_spawn children share memory until exec and are not
+ * affected.
+ */
+#ifndef ODFORK_H
+#define ODFORK_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#define ODF_CHUNK_SHIFT 21
+#define ODF_CHUNK_SIZE (1UL << ODF_CHUNK_SHIFT) /* 2 MiB: the unit shared, counted and copied */
+#define ODF_DEFAULT_MAX_SLOTS 1024             /* processes + snapshots per family */
+#define ODF_CHECK_MSG_LEN 512
+
+typedef struct odf_arena_s odf_arena_t;
+
+typedef struct odf_stats_s {
+    uint64_t chunks;          /* chunks in the arena */
+    uint64_t chunks_resident; /* chunks backed by a segment in this process */
+    uint64_t chunks_shared;   /* resident chunks whose segment's count > 1 */
+    uint64_t faults;          /* write faults handled for this process */
+    uint64_t cow_copies;      /* chunk copies (first write to a shared chunk) */
+    uint64_t reuses;          /* faults resolved without a copy (count was 1) */
+    uint64_t bytes_copied;
+    uint64_t forks;           /* forks of this process while the arena was open */
+    uint64_t segments_live;   /* family-wide allocated segments */
+    uint64_t segments_max;    /* pool capacity in segments */
+    uint64_t slots_used;      /* family-wide process + snapshot slots in use */
+} odf_stats_t;
+
+/* Reserve an arena of `size` bytes (rounded up to whole chunks).
+ * pre: size > 0.  max_slots == 0 picks ODF_DEFAULT_MAX_SLOTS; max_segs == 0
+ * picks 8 segments per chunk.  Installs the SIGSEGV handler and the fork
+ * handlers on first use. */
+int odf_arena_create(size_t size, uint32_t max_slots, uint32_t max_segs, odf_arena_t **out);
+
+/* Give this process's references back and unmap.  The caller guarantees no
+ * live pointers into the arena remain.  Other processes are unaffected. */
+int odf_arena_close(odf_arena_t *a);
+
+uintptr_t odf_arena_base(const odf_arena_t *a);
+size_t odf_arena_size(const odf_arena_t *a);
+
+/* Statistics as seen by this process (releases dead processes' references first). */
+int odf_arena_stats(odf_arena_t *a, odf_stats_t *out);
+
+/* Verify the family-wide invariants: every segment's count equals the number
+ * of page tables (and pins) that hold it, the free list is exact, this
+ * process's mappings agree with its page table.  Returns 0, or EUCLEAN with a
+ * description in msg. */
+int odf_arena_check(odf_arena_t *a, char *msg, size_t msglen);
+
+/* Release references of family members that have died.  Returns 0 or errno. */
+int odf_arena_reap(odf_arena_t *a);
+
+/* Make [addr, addr+len) of the arena writable in this process now (copying
+ * shared chunks), as a first write would.  Used before the kernel writes into
+ * arena memory on the process's behalf (read(2) and friends). */
+int odf_arena_prepare_write(odf_arena_t *a, uintptr_t addr, size_t len);
+
+/* Fork protocol around a plain fork() (os.fork):
+ *   odf_fork_check()        before: reaps dead members and makes sure a slot
+ *                           is free in every arena; ENOMEM/EAGAIN otherwise.
+ *   fork()                  the atfork handlers do the work.
+ *   odf_fork_note_child(p)  parent, success: records the child's pid so an
+ *                           early death of the child is detected at once.
+ *   odf_fork_abort()        parent, fork failed: gives the reserved child
+ *                           slots and their references back. */
+int odf_fork_check(void);
+void odf_fork_note_child(pid_t pid);
+void odf_fork_abort(void);
+
+/* 0 if the last fork handled every arena, else the errno that made the child
+ * lose its arenas (it then crashes with a message on first access). */
+int odf_fork_last_error(void);
+
+/* Reinstall the SIGSEGV handler on top if another one replaced it; chains to
+ * whatever is installed now. */
+int odf_handler_ensure(void);
+
+/* Debug/test hook: corrupt the family state on purpose (tests prove that
+ * check() can fail).  what: 1 = bump a refcount, 2 = map a shared chunk
+ * writable without copying (a broken COW). */
+int _odf_debug_break(odf_arena_t *a, int what, uint32_t chunk);
+
+#endif

@@ -1,0 +1,590 @@
+/* pagetable.c - family state: segment counts, the free-segment stack, slots
+ * (software page tables), reaping of dead members, recovery, the invariant
+ * check, and write-fault resolution (copy on first write, reuse at count 1).
+ *
+ * Everything here that the SIGSEGV handler reaches (_odf_fault and what it
+ * calls) is async-signal-safe: no malloc, no stdio, only syscalls, atomics and
+ * the robust pthread mutex (whose lock/unlock are futex operations; they are
+ * never re-entered, see the locking rules in internal.h).
+ */
+#include "internal.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#define ALIGN_UP(x, a) (((x) + (a) - 1) & ~((size_t)(a) - 1))
+
+void _odf_slot_init_alive(odf_slot_t *s)
+{
+    pthread_mutexattr_t at;
+    pthread_mutexattr_init(&at);
+    pthread_mutexattr_setpshared(&at, PTHREAD_PROCESS_SHARED);
+    pthread_mutexattr_setrobust(&at, PTHREAD_MUTEX_ROBUST);
+    pthread_mutex_init(&s->alive, &at);
+    pthread_mutexattr_destroy(&at);
+}
+
+int _odf_ctl_init(odf_arena_t *a, uint32_t max_slots, uint32_t max_segs)
+{
+    size_t off_refcnt = ALIGN_UP(sizeof(odf_ctl_t), 4096);
+    size_t off_free = off_refcnt + ALIGN_UP((size_t)max_segs * 4, 4096);
+    size_t off_slots = off_free + ALIGN_UP((size_t)max_segs * 4, 4096);
+    size_t off_pt = off_slots + ALIGN_UP((size_t)max_slots * sizeof(odf_slot_t), 4096);
+    size_t total = off_pt + ALIGN_UP((size_t)max_slots * a->nchunks * 4, 4096);
+
+    a->ctl_fd = memfd_create("odfork-ctl", MFD_CLOEXEC);
+    if (a->ctl_fd < 0 || ftruncate(a->ctl_fd, (off_t)total) < 0)
+        return errno;
+    void *p = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED, a->ctl_fd, 0);
+    if (p == MAP_FAILED)
+        return errno;
+    odf_ctl_t *ctl = a->ctl = p;
+    ctl->nchunks = a->nchunks;
+    ctl->max_slots = max_slots;
+    ctl->max_segs = max_segs;
+    ctl->off_refcnt = off_refcnt;
+    ctl->off_free = off_free;
+    ctl->off_slots = off_slots;
+    ctl->off_pt = off_pt;
+    ctl->total = total;
+    a->refcnt = (uint32_t *)((char *)p + off_refcnt);
+    a->freestack = (uint32_t *)((char *)p + off_free);
+    a->slots = (odf_slot_t *)((char *)p + off_slots);
+    a->pts = (uint32_t *)((char *)p + off_pt);
+
+    pthread_mutexattr_t at;
+    pthread_mutexattr_init(&at);
+    pthread_mutexattr_setpshared(&at, PTHREAD_PROCESS_SHARED);
+    pthread_mutexattr_setrobust(&at, PTHREAD_MUTEX_ROBUST);
+    pthread_mutex_init(&ctl->lock, &at);
+    pthread_mutexattr_destroy(&at);
+    ctl->magic = ODF_CTL_MAGIC;
+
+    /* The creator's own slot. */
+    uint32_t idx;
+    int rc = _odf_family_lock(a);
+    if (rc)
+        return rc;
+    rc = _odf_slot_alloc(a, ODF_SLOT_LIVE, &idx);
+    if (rc == 0) {
+        a->slots[idx].pid = getpid();
+        pthread_mutex_lock(&a->slots[idx].alive);
+        a->self = idx;
+        a->mypt = ODF_PT(a, idx);
+    }
+    _odf_family_unlock(a);
+    return rc;
+}
+
+/* ---- segments (pre: family lock) ---- */
+
+static int seg_alloc(odf_arena_t *a, uint32_t *seg)
+{
+    odf_ctl_t *ctl = a->ctl;
+    uint32_t s;
+    if (ctl->nfree)
+        s = a->freestack[--ctl->nfree];
+    else if (ctl->seg_hwm < ctl->max_segs)
+        s = ctl->seg_hwm++;
+    else
+        return ENOMEM;
+    a->refcnt[s] = 1;
+    ctl->segments_live++;
+    *seg = s;
+    return 0;
+}
+
+static void seg_free(odf_arena_t *a, uint32_t s)
+{
+    /* Give the memory back before the segment can be handed out again: a
+     * freed segment reads as zeros, which is what a fresh chunk must hold. */
+    fallocate(a->pool_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+              (off_t)s << ODF_CHUNK_SHIFT, ODF_CHUNK_SIZE);
+    a->freestack[a->ctl->nfree++] = s;
+}
+
+static void seg_decref(odf_arena_t *a, uint32_t s)
+{
+    if (s >= a->ctl->seg_hwm || a->refcnt[s] == 0)
+        return; /* corrupt entry: left for odf_arena_check to report */
+    if (--a->refcnt[s] == 0) {
+        seg_free(a, s);
+        a->ctl->segments_live--;
+    }
+}
+
+/* ---- family lock and recovery ---- */
+
+/* Rebuild every count from the page tables after a lock holder died midway.
+ * The page tables and pins are the source of truth: every update writes them
+ * before (alloc) or after (release) the counts, so recounting is exact. */
+static void recover(odf_arena_t *a)
+{
+    odf_ctl_t *ctl = a->ctl;
+    memset(a->refcnt, 0, (size_t)ctl->seg_hwm * 4);
+    for (uint32_t i = 0; i < ctl->slot_hwm; i++) {
+        odf_slot_t *s = &a->slots[i];
+        if (ODF_SG_STATE(atomic_load(&s->sg)) == ODF_SLOT_FREE)
+            continue;
+        uint32_t *pt = ODF_PT(a, i);
+        for (uint32_t c = 0; c < s->hi && c < ctl->nchunks; c++)
+            if (pt[c] && pt[c] - 1 < ctl->seg_hwm)
+                a->refcnt[pt[c] - 1]++;
+        if (s->pin && s->pin - 1 < ctl->seg_hwm)
+            a->refcnt[s->pin - 1]++;
+    }
+    ctl->nfree = 0;
+    for (uint32_t s = 0; s < ctl->seg_hwm; s++)
+        if (a->refcnt[s] == 0)
+            seg_free(a, s);
+    ctl->segments_live = ctl->seg_hwm - ctl->nfree;
+    ctl->recoveries++;
+    /* A release that its dead holder left half done is finished now. */
+    for (uint32_t i = 0; i < ctl->slot_hwm; i++)
+        if (ODF_SG_STATE(atomic_load(&a->slots[i].sg)) == ODF_SLOT_DYING)
+            _odf_slot_release(a, i);
+}
+
+int _odf_family_lock(odf_arena_t *a)
+{
+    int rc = pthread_mutex_lock(&a->ctl->lock);
+    if (rc == EOWNERDEAD) {
+        recover(a);
+        pthread_mutex_consistent(&a->ctl->lock);
+        rc = 0;
+    }
+    return rc;
+}
+
+void _odf_family_unlock(odf_arena_t *a) { pthread_mutex_unlock(&a->ctl->lock); }
+
+/* ---- slots (pre: family lock) ---- */
+
+int _odf_slot_alloc(odf_arena_t *a, uint32_t state, uint32_t *idx)
+{
+    odf_ctl_t *ctl = a->ctl;
+    uint32_t i;
+    for (int pass = 0; pass < 2; pass++) {
+        for (i = 0; i < ctl->slot_hwm; i++)
+            if (ODF_SG_STATE(atomic_load(&a->slots[i].sg)) == ODF_SLOT_FREE)
+                goto found;
+        if (ctl->slot_hwm < ctl->max_slots) {
+            i = ctl->slot_hwm++;
+            goto found;
+        }
+        _odf_reap_locked(a);
+    }
+    return EAGAIN;
+found:;
+    odf_slot_t *s = &a->slots[i];
+    uint32_t gen = ODF_SG_GEN(atomic_load(&s->sg)) + 1;
+    s->pid = 0;
+    s->hi = 0;
+    s->pin = 0;
+    s->owner = ODF_NONE;
+    s->owner_gen = 0;
+    s->born_ns = _odf_now_ns();
+    if (state != ODF_SLOT_SNAP)
+        _odf_slot_init_alive(s);
+    atomic_store(&s->sg, ODF_SG(gen, state));
+    *idx = i;
+    return 0;
+}
+
+/* Drop every reference the slot holds (and its snapshots'), then free it. */
+void _odf_slot_release(odf_arena_t *a, uint32_t idx)
+{
+    odf_slot_t *s = &a->slots[idx];
+    uint64_t v = atomic_load(&s->sg);
+    uint32_t gen = ODF_SG_GEN(v);
+    atomic_store(&s->sg, ODF_SG(gen, ODF_SLOT_DYING));
+    uint32_t *pt = ODF_PT(a, idx);
+    for (uint32_t c = 0; c < s->hi && c < a->nchunks; c++) {
+        if (pt[c]) {
+            uint32_t seg = pt[c] - 1;
+            pt[c] = 0;
+            seg_decref(a, seg);
+        }
+    }
+    if (s->pin) {
+        uint32_t seg = s->pin - 1;
+        s->pin = 0;
+        seg_decref(a, seg);
+    }
+    s->hi = 0;
+    s->pid = 0;
+    for (uint32_t j = 0; j < a->ctl->slot_hwm; j++) {
+        odf_slot_t *t = &a->slots[j];
+        if (ODF_SG_STATE(atomic_load(&t->sg)) == ODF_SLOT_SNAP && t->owner == idx &&
+            t->owner_gen == gen)
+            _odf_slot_release(a, j);
+    }
+    atomic_store(&s->sg, ODF_SG(gen, ODF_SLOT_FREE));
+}
+
+static int pid_is_dead(pid_t pid) { return kill(pid, 0) < 0 && errno == ESRCH; }
+
+void _odf_reap_locked(odf_arena_t *a)
+{
+    odf_ctl_t *ctl = a->ctl;
+    uint64_t now = 0;
+    int saved = errno;
+    for (uint32_t i = 0; i < ctl->slot_hwm; i++) {
+        if (i == a->self && !a->orphaned)
+            continue;
+        odf_slot_t *s = &a->slots[i];
+        uint64_t v = atomic_load(&s->sg);
+        switch (ODF_SG_STATE(v)) {
+        case ODF_SLOT_LIVE: {
+            int rc = pthread_mutex_trylock(&s->alive);
+            if (rc == EOWNERDEAD) {
+                pthread_mutex_consistent(&s->alive);
+                pthread_mutex_unlock(&s->alive);
+                _odf_slot_release(a, i);
+            } else if (rc == 0) { /* nobody holds it while LIVE: owner is gone */
+                pthread_mutex_unlock(&s->alive);
+                _odf_slot_release(a, i);
+            }
+            break;
+        }
+        case ODF_SLOT_PENDING:
+        case ODF_SLOT_CLAIMED: {
+            pid_t pid = atomic_load(&s->pid);
+            int dead;
+            if (pid)
+                dead = pid_is_dead(pid);
+            else {
+                if (!now)
+                    now = _odf_now_ns();
+                dead = now - s->born_ns > ODF_PENDING_TIMEOUT_NS;
+            }
+            /* The CAS takes the slot away from a child that might still claim it. */
+            if (dead && atomic_compare_exchange_strong(&s->sg, &v,
+                                                       ODF_SG(ODF_SG_GEN(v), ODF_SLOT_DYING)))
+                _odf_slot_release(a, i);
+            break;
+        }
+        case ODF_SLOT_SNAP: {
+            uint32_t o = s->owner;
+            uint64_t ov = o < ctl->slot_hwm ? atomic_load(&a->slots[o].sg) : 0;
+            if (ODF_SG_GEN(ov) != s->owner_gen || ODF_SG_STATE(ov) == ODF_SLOT_FREE)
+                _odf_slot_release(a, i);
+            break;
+        }
+        default:
+            break;
+        }
+    }
+    errno = saved;
+}
+
+/* ---- fault resolution ---- */
+
+static int copy_chunk(odf_arena_t *a, uintptr_t src, uint32_t dst_seg)
+{
+    /* pwrite lets the kernel allocate the pool pages as it copies: no zeroing
+     * and no 512 separate first-write faults (measured: README, Design). */
+    size_t done = 0;
+    off_t off = (off_t)dst_seg << ODF_CHUNK_SHIFT;
+    while (done < ODF_CHUNK_SIZE) {
+        ssize_t n = pwrite(a->pool_fd, (const char *)src + done, ODF_CHUNK_SIZE - done,
+                           off + (off_t)done);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        if (n == 0)
+            return EIO;
+        done += (size_t)n;
+    }
+    return 0;
+}
+
+/* pre: a->local held, signals blocked, chunk c is in the arena.
+ * Makes chunk c writable in this process, preserving its bytes. */
+int _odf_fault(odf_arena_t *a, uint32_t c)
+{
+    if (a->flags[c] & ODF_F_WRITABLE)
+        return 0; /* another thread of this process resolved it first */
+    uintptr_t addr = a->base + ((uintptr_t)c << ODF_CHUNK_SHIFT);
+    uintptr_t sh = a->shadow + ((uintptr_t)c << ODF_CHUNK_SHIFT);
+    odf_slot_t *me = &a->slots[a->self];
+    uint32_t seg, nseg;
+    int rc = _odf_family_lock(a);
+    if (rc)
+        return rc;
+    a->n_faults++;
+    uint32_t e = a->mypt[c];
+    if (e == 0) { /* first touch: a fresh (zero) segment */
+        if ((rc = seg_alloc(a, &nseg))) {
+            _odf_family_unlock(a);
+            return rc;
+        }
+        a->mypt[c] = nseg + 1;
+        if (c >= me->hi)
+            me->hi = a->hi = c + 1;
+        _odf_family_unlock(a);
+        if ((rc = _odf_map_seg(a, addr, nseg, PROT_READ | PROT_WRITE, 0))) {
+            _odf_family_lock(a);
+            a->mypt[c] = 0;
+            seg_decref(a, nseg);
+            _odf_family_unlock(a);
+            return rc;
+        }
+        a->flags[c] = ODF_F_WRITABLE;
+        return 0;
+    }
+    seg = e - 1;
+    if (a->refcnt[seg] > 1)
+        _odf_reap_locked(a); /* a sharer may have died: then it is ours alone */
+    if (a->refcnt[seg] == 1 || a->broken_cow) {
+        /* Ours alone; the count cannot rise again without this process
+         * (fork and snapshot take a->local, which we hold). */
+        _odf_family_unlock(a);
+        if (a->flags[c] & ODF_F_PARKED) {
+            void *p = mremap((void *)sh, ODF_CHUNK_SIZE, ODF_CHUNK_SIZE,
+                             MREMAP_MAYMOVE | MREMAP_FIXED, (void *)addr);
+            if (p == MAP_FAILED)
+                return errno;
+            a->flags[c] &= (uint8_t)~ODF_F_PARKED;
+            _odf_reserve(sh, ODF_CHUNK_SIZE);
+        } else if (mprotect((void *)addr, ODF_CHUNK_SIZE, PROT_READ | PROT_WRITE)) {
+            return errno;
+        }
+        a->flags[c] |= ODF_F_WRITABLE;
+        a->n_reuse++;
+        return 0;
+    }
+    /* Shared: copy into a new segment.  Our reference to the old one moves to
+     * the pin so it stays alive (and counted) while we read it unlocked. */
+    if ((rc = seg_alloc(a, &nseg))) {
+        _odf_family_unlock(a);
+        return rc;
+    }
+    a->mypt[c] = nseg + 1;
+    me->pin = seg + 1;
+    _odf_family_unlock(a);
+
+    rc = copy_chunk(a, (a->flags[c] & ODF_F_PARKED) ? sh : addr, nseg);
+    if (!rc)
+        rc = _odf_map_seg(a, addr, nseg, PROT_READ | PROT_WRITE, 1);
+    _odf_family_lock(a);
+    if (rc) { /* undo: chunk c still maps seg read-only */
+        a->mypt[c] = seg + 1;
+        me->pin = 0;
+        seg_decref(a, nseg);
+        _odf_family_unlock(a);
+        return rc;
+    }
+    me->pin = 0;
+    seg_decref(a, seg);
+    _odf_family_unlock(a);
+    if (a->flags[c] & ODF_F_PARKED)
+        _odf_reserve(sh, ODF_CHUNK_SIZE); /* the parked mapping showed seg: drop it */
+    a->flags[c] = ODF_F_WRITABLE;
+    a->n_cow++;
+    a->n_bytes += ODF_CHUNK_SIZE;
+    return 0;
+}
+
+/* ---- public operations ---- */
+
+#define WITH_LOCKS(a, body)                                                                        \
+    do {                                                                                           \
+        sigset_t old_;                                                                             \
+        _odf_block_signals(&old_);                                                                 \
+        pthread_mutex_lock(&(a)->local);                                                           \
+        int lrc_ = (a)->orphaned ? EOWNERDEAD : _odf_family_lock(a);                               \
+        if (lrc_ == 0) {                                                                           \
+            body;                                                                                  \
+            _odf_family_unlock(a);                                                                 \
+        }                                                                                          \
+        pthread_mutex_unlock(&(a)->local);                                                         \
+        _odf_restore_signals(&old_);                                                               \
+        if (lrc_)                                                                                  \
+            return lrc_;                                                                           \
+    } while (0)
+
+int odf_arena_reap(odf_arena_t *a)
+{
+    WITH_LOCKS(a, _odf_reap_locked(a));
+    return 0;
+}
+
+int odf_arena_stats(odf_arena_t *a, odf_stats_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    WITH_LOCKS(a, {
+        _odf_reap_locked(a);
+        out->chunks = a->nchunks;
+        for (uint32_t c = 0; c < a->hi; c++) {
+            if (a->mypt[c]) {
+                out->chunks_resident++;
+                if (a->refcnt[a->mypt[c] - 1] > 1)
+                    out->chunks_shared++;
+            }
+        }
+        out->faults = a->n_faults;
+        out->cow_copies = a->n_cow;
+        out->reuses = a->n_reuse;
+        out->bytes_copied = a->n_bytes;
+        out->forks = a->n_forks;
+        out->segments_live = a->ctl->segments_live;
+        out->segments_max = a->ctl->max_segs;
+        for (uint32_t i = 0; i < a->ctl->slot_hwm; i++)
+            if (ODF_SG_STATE(atomic_load(&a->slots[i].sg)) != ODF_SLOT_FREE)
+                out->slots_used++;
+    });
+    return 0;
+}
+
+static int check_locked(odf_arena_t *a, char *msg, size_t len)
+{
+    odf_ctl_t *ctl = a->ctl;
+    uint32_t nseg = ctl->seg_hwm;
+    if (ctl->magic != ODF_CTL_MAGIC)
+        return snprintf(msg, len, "control block magic is wrong"), EUCLEAN;
+    uint32_t *cnt = calloc(nseg ? nseg : 1, sizeof(uint32_t));
+    uint8_t *isfree = calloc(nseg ? nseg : 1, 1);
+    int rc = 0;
+    if (!cnt || !isfree) {
+        rc = ENOMEM;
+        goto out;
+    }
+    for (uint32_t i = 0; i < ctl->slot_hwm; i++) {
+        odf_slot_t *s = &a->slots[i];
+        uint32_t st = ODF_SG_STATE(atomic_load(&s->sg));
+        uint32_t *pt = ODF_PT(a, i);
+        if (st == ODF_SLOT_FREE || st == ODF_SLOT_DYING) {
+            for (uint32_t c = 0; c < ctl->nchunks; c++)
+                if (pt[c]) {
+                    snprintf(msg, len, "free slot %u holds chunk %u -> segment %u", i, c, pt[c] - 1);
+                    rc = EUCLEAN;
+                    goto out;
+                }
+            continue;
+        }
+        for (uint32_t c = 0; c < ctl->nchunks; c++) {
+            if (!pt[c])
+                continue;
+            if (c >= s->hi || pt[c] - 1 >= nseg) {
+                snprintf(msg, len, "slot %u chunk %u: entry %u out of range (hi %u, segments %u)",
+                         i, c, pt[c], s->hi, nseg);
+                rc = EUCLEAN;
+                goto out;
+            }
+            cnt[pt[c] - 1]++;
+        }
+        if (s->pin)
+            cnt[s->pin - 1]++;
+    }
+    for (uint32_t k = 0; k < ctl->nfree; k++) {
+        uint32_t s = a->freestack[k];
+        if (s >= nseg || isfree[s]) {
+            snprintf(msg, len, "free stack entry %u (segment %u) is out of range or repeated", k, s);
+            rc = EUCLEAN;
+            goto out;
+        }
+        isfree[s] = 1;
+    }
+    for (uint32_t s = 0; s < nseg; s++) {
+        if (cnt[s] != a->refcnt[s]) {
+            snprintf(msg, len, "segment %u: count %u but %u holders", s, a->refcnt[s], cnt[s]);
+            rc = EUCLEAN;
+            goto out;
+        }
+        if ((cnt[s] == 0) != isfree[s]) {
+            snprintf(msg, len, "segment %u: %u holders but %s the free stack", s, cnt[s],
+                     isfree[s] ? "on" : "not on");
+            rc = EUCLEAN;
+            goto out;
+        }
+    }
+    if (ctl->segments_live != (uint64_t)nseg - ctl->nfree) {
+        snprintf(msg, len, "segments_live %llu != %u allocated",
+                 (unsigned long long)ctl->segments_live, nseg - ctl->nfree);
+        rc = EUCLEAN;
+        goto out;
+    }
+    for (uint32_t c = 0; c < a->nchunks; c++) {
+        uint8_t f = a->flags[c];
+        uint32_t e = a->mypt[c];
+        if ((f & (ODF_F_WRITABLE | ODF_F_PARKED)) && !e) {
+            snprintf(msg, len, "chunk %u: mapped (flags %u) but not in the page table", c, f);
+            rc = EUCLEAN;
+            goto out;
+        }
+        if ((f & ODF_F_WRITABLE) && a->refcnt[e - 1] != 1) {
+            snprintf(msg, len, "chunk %u: writable while segment %u is shared (count %u)", c, e - 1,
+                     a->refcnt[e - 1]);
+            rc = EUCLEAN;
+            goto out;
+        }
+        if ((f & ODF_F_WRITABLE) && (f & ODF_F_PARKED)) {
+            snprintf(msg, len, "chunk %u: writable and parked", c);
+            rc = EUCLEAN;
+            goto out;
+        }
+    }
+out:
+    free(cnt);
+    free(isfree);
+    return rc;
+}
+
+int odf_arena_check(odf_arena_t *a, char *msg, size_t msglen)
+{
+    int rc = 0;
+    msg[0] = 0;
+    WITH_LOCKS(a, {
+        _odf_reap_locked(a);
+        rc = check_locked(a, msg, msglen);
+    });
+    return rc;
+}
+
+int odf_arena_prepare_write(odf_arena_t *a, uintptr_t addr, size_t len)
+{
+    if (len == 0)
+        return 0;
+    if (addr < a->base || addr + len > a->base + a->size || addr + len < addr)
+        return EINVAL;
+    uint32_t c0 = (uint32_t)((addr - a->base) >> ODF_CHUNK_SHIFT);
+    uint32_t c1 = (uint32_t)((addr + len - 1 - a->base) >> ODF_CHUNK_SHIFT);
+    sigset_t old;
+    int rc = 0;
+    _odf_block_signals(&old);
+    pthread_mutex_lock(&a->local);
+    if (a->orphaned)
+        rc = EOWNERDEAD;
+    for (uint32_t c = c0; c <= c1 && !rc; c++)
+        rc = _odf_fault(a, c);
+    pthread_mutex_unlock(&a->local);
+    _odf_restore_signals(&old);
+    return rc;
+}
+
+int _odf_debug_break(odf_arena_t *a, int what, uint32_t chunk)
+{
+    if (chunk >= a->nchunks)
+        return EINVAL;
+    if (what == 1) {
+        WITH_LOCKS(a, {
+            if (a->mypt[chunk])
+                a->refcnt[a->mypt[chunk] - 1]++;
+        });
+        return 0;
+    }
+    if (what == 2) {
+        a->broken_cow = 1;
+        return 0;
+    }
+    return EINVAL;
+}

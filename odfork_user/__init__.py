@@ -1,0 +1,11 @@
+"""odfork_user: on-demand fork in user space.
+
+Implementation is in submodules, but the public API is all here (see API.md).
+"""
+from odfork_user._errors import ChildError, CorruptionError, OdforkError
+from odfork_user._core import CHUNK_SIZE
+from odfork_user.arena import Arena, default_arena
+from odfork_user._forking import odfork
+
+__all__ = ["Arena", "default_arena", "odfork", "OdforkError", "CorruptionError", "ChildError", "CHUNK_SIZE"]
+__version__ = "0.1.0"

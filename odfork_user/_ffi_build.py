@@ -1,0 +1,39 @@
+"""cffi build script (out-of-line API mode) for the odfork_user C core.
+
+setup.py names ``odfork_user/_ffi_build.py:ffi``; ``python odfork_user/_ffi_build.py``
+builds the extension in place for development.  ``ODFORK_SANITIZE=address,undefined``
+adds sanitizer flags.
+"""
+import os
+import pathlib
+
+from cffi import FFI
+
+HERE = pathlib.Path(__file__).resolve().parent
+CSRC = HERE.parent / "csrc"
+SOURCES = ["region.c", "pagetable.c", "fault_sigsegv.c", "fork.c"]
+
+ffi = FFI()
+ffi.cdef((CSRC / "odfork_cdef.h").read_text())
+
+extra_compile = ["-std=gnu11", "-O2", "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+extra_link = []
+sanitize = os.environ.get("ODFORK_SANITIZE")
+if sanitize:
+    extra_compile += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-O1", "-g"]
+    extra_link += [f"-fsanitize={sanitize}"]
+
+ffi.set_source(
+    "odfork_user._ffi",
+    '#include "odfork.h"\n#include <string.h>\n',
+    # relative paths: setuptools builds from the project root (in-place builds chdir there)
+    sources=[f"csrc/{name}" for name in SOURCES],
+    include_dirs=["csrc"],
+    extra_compile_args=extra_compile,
+    extra_link_args=extra_link,
+    libraries=["pthread"],
+)
+
+if __name__ == "__main__":
+    os.chdir(HERE.parent)
+    ffi.compile(tmpdir=str(HERE.parent), verbose=True)
