@@ -103,7 +103,7 @@ int odf_handler_ensure(void);
 
 /* Debug/test hook: corrupt the family state on purpose (tests prove that
  * check() can fail).  what: 1 = bump a refcount, 2 = map a shared chunk
- * writable without copying (a broken COW). */
+ * writable without copying (a broken COW), 3 = undo 1. */
 int _odf_debug_break(odf_arena_t *a, int what, uint32_t chunk);
 
 #endif

@@ -582,6 +582,13 @@ int _odf_debug_break(odf_arena_t *a, int what, uint32_t chunk)
         });
         return 0;
     }
+    if (what == 3) { /* undo what == 1 */
+        WITH_LOCKS(a, {
+            if (a->mypt[chunk] && a->refcnt[a->mypt[chunk] - 1] > 1)
+                a->refcnt[a->mypt[chunk] - 1]--;
+        });
+        return 0;
+    }
     if (what == 2) {
         a->broken_cow = 1;
         return 0;
