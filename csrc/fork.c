@@ -159,7 +159,7 @@ static void parent(void)
 static void orphan(odf_arena_t *a)
 {
     a->orphaned = 1;
-    _odf_reserve(a->base, 2 * a->size);
+    _odf_reserve(a->base, a->shadow - a->base + a->size);
 }
 
 void _odf_child_setup(odf_arena_t *a)

@@ -9,7 +9,7 @@
  *                              - resident, read-only: MAP_SHARED of pool segment pt[c];
  *                              - resident, writable: same, PROT_READ|PROT_WRITE,
  *                                only while the segment's count is 1.
- *   [shadow, shadow+size)    the parking area.  shadow chunk c is either the
+ *   [shadow, shadow+size)    the parking area (shadow = base + size rounded up to 1 GiB).  shadow chunk c is either the
  *                            PROT_NONE reservation or, when PARKED, the
  *                            populated writable mapping of segment pt[c] that
  *                            a fork moved out of the arena (mremap moves the
@@ -55,6 +55,7 @@
 #include "odfork.h"
 
 #define ODF_MAX_ARENAS 64
+#define ODF_ALIGN ((size_t)1 << 30) /* arena and shadow alignment, see odf_arena_create */
 #define ODF_CTL_MAGIC 0x6f64666b63746c31ULL /* "odfkctl1" */
 #define ODF_NONE UINT32_MAX
 /* A slot reserved for a child that has not registered itself, and whose pid
@@ -105,7 +106,7 @@ typedef struct odf_ctl_s {
 } odf_ctl_t;
 
 struct odf_arena_s {
-    uintptr_t base, shadow;    /* 2 MiB aligned; shadow == base + size */
+    uintptr_t base, shadow;    /* 1 GiB aligned; shadow == base + size rounded up to 1 GiB */
     size_t size;
     uint32_t nchunks;
     int pool_fd, ctl_fd;
