@@ -350,8 +350,10 @@ def test_fds_are_close_on_exec(arena):
 # ---- signals ----------------------------------------------------------------
 
 def run_py(code, **kw):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+    # -P and PYTHONPATH: import the same odfork_user this test process imported,
+    # never a source folder that happens to be the current directory
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(ou.__file__)))
+    return subprocess.run([sys.executable, "-P", "-c", textwrap.dedent(code)], capture_output=True,
                           text=True, env=env, timeout=60, **kw)
 
 
