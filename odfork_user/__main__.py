@@ -43,6 +43,7 @@ def compare(args):
     print(f"# medians of {args.rounds} rounds, each in a fresh process; the parent writes one byte "
           "per 2 MiB before every fork")
     results = []
+    failed = 0
     for size in sizes:
         need = 2 * size + (256 << 20)
         if _free_bytes() < need:
@@ -51,10 +52,12 @@ def compare(args):
         row = {}
         for kind in kinds:
             print(f"  measuring {kind} at {_human(size)} ...", file=sys.stderr, flush=True)
-            out = subprocess.run([sys.executable, "-m", "odfork_user._measure", kind, str(size),
+            # -P: the child imports the same installed package, not a source folder in the cwd
+            out = subprocess.run([sys.executable, "-P", "-m", "odfork_user._measure", kind, str(size),
                                   str(args.rounds)], capture_output=True, text=True, check=False)
             if out.returncode:
                 print(f"{_human(size)} {kind}: failed\n{out.stderr}", file=sys.stderr)
+                failed += 1
                 continue
             row[kind] = json.loads(out.stdout)
             results.append(row[kind])
@@ -76,7 +79,7 @@ def compare(args):
             json.dump({"machine": {"kernel": platform.release(), "python": platform.python_version(),
                                    "cpus": os.cpu_count(), "thp": thp_state()},
                        "results": results}, f, indent=1)
-    return 0
+    return 1 if failed else 0
 
 
 def main(argv=None):
