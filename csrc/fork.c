@@ -55,7 +55,7 @@ static int park_run(odf_arena_t *a, uint32_t start, uint32_t n)
     return 0;
 }
 
-static int write_protect(odf_arena_t *a)
+int _odf_write_protect(odf_arena_t *a)
 {
     uint32_t c = 0;
     while (c < a->hi) {
@@ -99,7 +99,31 @@ static int share_with_child(odf_arena_t *a)
     s->hi = a->hi;
     a->child_slot = cs;
     a->child_gen = ODF_SG_GEN(atomic_load(&s->sg));
-    return write_protect(a);
+    if ((rc = _odf_write_protect(a)))
+        return rc;
+    /* The child inherits copies of this process's snapshots (same ids). */
+    uint64_t pv = atomic_load(&a->slots[a->self].sg);
+    for (uint32_t j = 0; j < a->ctl->slot_hwm; j++) {
+        odf_slot_t *t = &a->slots[j];
+        if (ODF_SG_STATE(atomic_load(&t->sg)) != ODF_SLOT_SNAP || t->owner != a->self ||
+            t->owner_gen != ODF_SG_GEN(pv))
+            continue;
+        uint32_t k;
+        if ((rc = _odf_slot_alloc(a, ODF_SLOT_SNAP, &k)))
+            return rc; /* the parent handler releases the child slot and its snapshots */
+        odf_slot_t *u = &a->slots[k];
+        uint32_t *src = ODF_PT(a, j), *dst = ODF_PT(a, k);
+        for (uint32_t c = 0; c < t->hi; c++) {
+            dst[c] = src[c];
+            if (src[c])
+                a->refcnt[src[c] - 1]++;
+        }
+        u->hi = t->hi;
+        u->snap_id = t->snap_id;
+        u->owner = cs;
+        u->owner_gen = a->child_gen;
+    }
+    return 0;
 }
 
 static void prepare(void)

@@ -91,6 +91,7 @@ typedef struct odf_slot_s {
     uint32_t pin;              /* seg+1 kept alive while this process copies from it, or 0 */
     uint32_t pad;
     uint64_t born_ns;          /* CLOCK_MONOTONIC when handed out */
+    uint64_t snap_id;          /* SNAP: family-unique id, kept by the copies a fork makes */
 } odf_slot_t;
 
 typedef struct odf_ctl_s {
@@ -102,6 +103,7 @@ typedef struct odf_ctl_s {
     uint32_t slot_hwm;         /* slots >= slot_hwm were never handed out */
     uint64_t segments_live;    /* seg_hwm - nfree */
     uint64_t recoveries;       /* times a dead lock holder's state was rebuilt */
+    uint64_t next_snap_id;     /* under the family lock */
     size_t off_refcnt, off_free, off_slots, off_pt, total;
 } odf_ctl_t;
 
@@ -145,6 +147,7 @@ void _odf_slot_init_alive(odf_slot_t *s);
 int _odf_slot_alloc(odf_arena_t *a, uint32_t state, uint32_t *idx); /* pre: family lock */
 void _odf_slot_release(odf_arena_t *a, uint32_t idx);                 /* pre: family lock */
 void _odf_reap_locked(odf_arena_t *a);                                /* pre: family lock */
+void _odf_seg_decref(odf_arena_t *a, uint32_t seg);                   /* pre: family lock */
 int _odf_ctl_init(odf_arena_t *a, uint32_t max_slots, uint32_t max_segs);
 /* Resolve a fault on chunk c (async-signal-safe).  0 = resolved. */
 int _odf_fault(odf_arena_t *a, uint32_t c);
@@ -157,6 +160,7 @@ void _odf_write_stderr(const char *msg);
 
 /* fork.c */
 int _odf_fork_handlers_install(void);
+int _odf_write_protect(odf_arena_t *a); /* pre: a->local held; parks every writable chunk */
 void _odf_child_setup(odf_arena_t *a); /* in the child of a fork */
 
 /* registry (region.c): lock-free reads from the handler, writes under a process mutex */
@@ -165,6 +169,23 @@ int _odf_registry_add(odf_arena_t *a);
 void _odf_registry_remove(odf_arena_t *a);
 odf_arena_t *_odf_registry_find(uintptr_t addr);
 extern pthread_mutex_t _odf_registry_lock;
+
+/* Run the statements after `rc` with signals blocked, a->local and the family
+ * lock held; rc is set to the locking error (EOWNERDEAD for a process that
+ * lost its arena), else left to the statements. */
+#define ODF_LOCKED(a, rc, ...)                                                                     \
+    do {                                                                                           \
+        sigset_t old_;                                                                             \
+        _odf_block_signals(&old_);                                                                 \
+        pthread_mutex_lock(&(a)->local);                                                           \
+        rc = (a)->orphaned ? EOWNERDEAD : _odf_family_lock(a);                                     \
+        if (rc == 0) {                                                                             \
+            __VA_ARGS__;                                                                           \
+            _odf_family_unlock(a);                                                                 \
+        }                                                                                          \
+        pthread_mutex_unlock(&(a)->local);                                                         \
+        _odf_restore_signals(&old_);                                                               \
+    } while (0)
 
 #define ODF_PT(a, slot) ((a)->pts + (size_t)(slot) * (a)->nchunks)
 #define ODF_SG(gen, st) (((uint64_t)(gen) << 32) | (uint32_t)(st))

@@ -101,6 +101,16 @@ int odf_fork_last_error(void);
  * whatever is installed now. */
 int odf_handler_ensure(void);
 
+/* Snapshots (snapshot.c): frozen copies of the whole arena inside this
+ * process, O(chunks), no data copied.  Identified by a family-unique id; a
+ * fork gives the child its own copies under the same ids.  ENOENT: no such
+ * snapshot in this process. */
+int odf_snapshot_take(odf_arena_t *a, uint64_t *id);
+int odf_snapshot_release(odf_arena_t *a, uint64_t id);
+int odf_snapshot_map(odf_arena_t *a, uint64_t id, uintptr_t *addr); /* read-only, size bytes */
+int odf_snapshot_unmap(odf_arena_t *a, uintptr_t addr);
+int odf_snapshot_restore(odf_arena_t *a, uint64_t id);
+
 /* Debug/test hook: corrupt the family state on purpose (tests prove that
  * check() can fail).  what: 1 = bump a refcount, 2 = map a shared chunk
  * writable without copying (a broken COW), 3 = undo 1. */

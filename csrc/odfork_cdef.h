@@ -35,3 +35,8 @@ int odf_fork_last_error(void);
 int odf_handler_ensure(void);
 int _odf_debug_break(odf_arena_t *a, int what, uint32_t chunk);
 void *memset(void *s, int c, size_t n);
+int odf_snapshot_take(odf_arena_t *a, uint64_t *id);
+int odf_snapshot_release(odf_arena_t *a, uint64_t id);
+int odf_snapshot_map(odf_arena_t *a, uint64_t id, uintptr_t *addr);
+int odf_snapshot_unmap(odf_arena_t *a, uintptr_t addr);
+int odf_snapshot_restore(odf_arena_t *a, uint64_t id);

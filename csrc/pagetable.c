@@ -109,7 +109,7 @@ static void seg_free(odf_arena_t *a, uint32_t s)
     a->freestack[a->ctl->nfree++] = s;
 }
 
-static void seg_decref(odf_arena_t *a, uint32_t s)
+void _odf_seg_decref(odf_arena_t *a, uint32_t s)
 {
     if (s >= a->ctl->seg_hwm || a->refcnt[s] == 0)
         return; /* corrupt entry: left for odf_arena_check to report */
@@ -209,13 +209,13 @@ void _odf_slot_release(odf_arena_t *a, uint32_t idx)
         if (pt[c]) {
             uint32_t seg = pt[c] - 1;
             pt[c] = 0;
-            seg_decref(a, seg);
+            _odf_seg_decref(a, seg);
         }
     }
     if (s->pin) {
         uint32_t seg = s->pin - 1;
         s->pin = 0;
-        seg_decref(a, seg);
+        _odf_seg_decref(a, seg);
     }
     s->hi = 0;
     s->pid = 0;
@@ -334,7 +334,7 @@ int _odf_fault(odf_arena_t *a, uint32_t c)
         if ((rc = _odf_map_seg(a, addr, nseg, PROT_READ | PROT_WRITE, 0))) {
             _odf_family_lock(a);
             a->mypt[c] = 0;
-            seg_decref(a, nseg);
+            _odf_seg_decref(a, nseg);
             _odf_family_unlock(a);
             return rc;
         }
@@ -379,12 +379,12 @@ int _odf_fault(odf_arena_t *a, uint32_t c)
     if (rc) { /* undo: chunk c still maps seg read-only */
         a->mypt[c] = seg + 1;
         me->pin = 0;
-        seg_decref(a, nseg);
+        _odf_seg_decref(a, nseg);
         _odf_family_unlock(a);
         return rc;
     }
     me->pin = 0;
-    seg_decref(a, seg);
+    _odf_seg_decref(a, seg);
     _odf_family_unlock(a);
     if (a->flags[c] & ODF_F_PARKED)
         _odf_reserve(sh, ODF_CHUNK_SIZE); /* the parked mapping showed seg: drop it */
@@ -396,32 +396,18 @@ int _odf_fault(odf_arena_t *a, uint32_t c)
 
 /* ---- public operations ---- */
 
-#define WITH_LOCKS(a, body)                                                                        \
-    do {                                                                                           \
-        sigset_t old_;                                                                             \
-        _odf_block_signals(&old_);                                                                 \
-        pthread_mutex_lock(&(a)->local);                                                           \
-        int lrc_ = (a)->orphaned ? EOWNERDEAD : _odf_family_lock(a);                               \
-        if (lrc_ == 0) {                                                                           \
-            body;                                                                                  \
-            _odf_family_unlock(a);                                                                 \
-        }                                                                                          \
-        pthread_mutex_unlock(&(a)->local);                                                         \
-        _odf_restore_signals(&old_);                                                               \
-        if (lrc_)                                                                                  \
-            return lrc_;                                                                           \
-    } while (0)
-
 int odf_arena_reap(odf_arena_t *a)
 {
-    WITH_LOCKS(a, _odf_reap_locked(a));
-    return 0;
+    int rc;
+    ODF_LOCKED(a, rc, _odf_reap_locked(a));
+    return rc;
 }
 
 int odf_arena_stats(odf_arena_t *a, odf_stats_t *out)
 {
+    int rc;
     memset(out, 0, sizeof(*out));
-    WITH_LOCKS(a, {
+    ODF_LOCKED(a, rc, {
         _odf_reap_locked(a);
         out->chunks = a->nchunks;
         for (uint32_t c = 0; c < a->hi; c++) {
@@ -442,7 +428,7 @@ int odf_arena_stats(odf_arena_t *a, odf_stats_t *out)
             if (ODF_SG_STATE(atomic_load(&a->slots[i].sg)) != ODF_SLOT_FREE)
                 out->slots_used++;
     });
-    return 0;
+    return rc;
 }
 
 static int check_locked(odf_arena_t *a, char *msg, size_t len)
@@ -541,9 +527,9 @@ out:
 
 int odf_arena_check(odf_arena_t *a, char *msg, size_t msglen)
 {
-    int rc = 0;
+    int rc;
     msg[0] = 0;
-    WITH_LOCKS(a, {
+    ODF_LOCKED(a, rc, {
         _odf_reap_locked(a);
         rc = check_locked(a, msg, msglen);
     });
@@ -575,19 +561,20 @@ int _odf_debug_break(odf_arena_t *a, int what, uint32_t chunk)
 {
     if (chunk >= a->nchunks)
         return EINVAL;
+    int rc;
     if (what == 1) {
-        WITH_LOCKS(a, {
+        ODF_LOCKED(a, rc, {
             if (a->mypt[chunk])
                 a->refcnt[a->mypt[chunk] - 1]++;
         });
-        return 0;
+        return rc;
     }
     if (what == 3) { /* undo what == 1 */
-        WITH_LOCKS(a, {
+        ODF_LOCKED(a, rc, {
             if (a->mypt[chunk] && a->refcnt[a->mypt[chunk] - 1] > 1)
                 a->refcnt[a->mypt[chunk] - 1]--;
         });
-        return 0;
+        return rc;
     }
     if (what == 2) {
         a->broken_cow = 1;

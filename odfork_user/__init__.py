@@ -6,6 +6,8 @@ from odfork_user._errors import ChildError, CorruptionError, OdforkError
 from odfork_user._core import CHUNK_SIZE
 from odfork_user.arena import Arena, default_arena
 from odfork_user._forking import odfork
+from odfork_user.process import Child, spawn
+from odfork_user.snapshot import Snapshot
 
-__all__ = ["Arena", "default_arena", "odfork", "OdforkError", "CorruptionError", "ChildError", "CHUNK_SIZE"]
+__all__ = ["Arena", "default_arena", "odfork", "spawn", "Child", "Snapshot", "OdforkError", "CorruptionError", "ChildError", "CHUNK_SIZE"]
 __version__ = "0.1.0"
