@@ -55,6 +55,11 @@
 #include "odfork.h"
 
 #define ODF_MAX_ARENAS 64
+/* Freed segments kept with their pages (not hole-punched) for reuse as copy
+ * destinations: a copy into resident pages is a memcpy (~0.25 ms per chunk
+ * here), into fresh ones it also allocates and zeroes them (~1 ms).  Bounded,
+ * so at most this many segments' memory is held back from the system. */
+#define ODF_DIRTY_MAX 32
 #define ODF_ALIGN ((size_t)1 << 30) /* arena and shadow alignment, see odf_arena_create */
 #define ODF_CTL_MAGIC 0x6f64666b63746c31ULL /* "odfkctl1" */
 #define ODF_NONE UINT32_MAX
@@ -99,11 +104,13 @@ typedef struct odf_ctl_s {
     pthread_mutex_t lock;      /* family lock */
     uint32_t nchunks, max_slots, max_segs;
     uint32_t seg_hwm;          /* segments >= seg_hwm were never handed out */
-    uint32_t nfree;            /* entries in the free stack */
+    uint32_t nfree;            /* entries in the free stack (hole-punched: read as zeros) */
     uint32_t slot_hwm;         /* slots >= slot_hwm were never handed out */
     uint64_t segments_live;    /* seg_hwm - nfree */
     uint64_t recoveries;       /* times a dead lock holder's state was rebuilt */
     uint64_t next_snap_id;     /* under the family lock */
+    uint32_t ndirty;           /* entries in dirty[]: free segments whose pages were kept */
+    uint32_t dirty[ODF_DIRTY_MAX];
     size_t off_refcnt, off_free, off_slots, off_pt, total;
 } odf_ctl_t;
 

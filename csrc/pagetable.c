@@ -84,15 +84,29 @@ int _odf_ctl_init(odf_arena_t *a, uint32_t max_slots, uint32_t max_segs)
 
 /* ---- segments (pre: family lock) ---- */
 
-static int seg_alloc(odf_arena_t *a, uint32_t *seg)
+static void punch(odf_arena_t *a, uint32_t s)
+{
+    fallocate(a->pool_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)s << ODF_CHUNK_SHIFT,
+              ODF_CHUNK_SIZE);
+}
+
+/* overwrite: the caller fills all 2 MiB (a copy), so a kept (dirty) segment
+ * will do; otherwise the segment must read as zeros. */
+static int seg_alloc(odf_arena_t *a, uint32_t *seg, int overwrite)
 {
     odf_ctl_t *ctl = a->ctl;
     uint32_t s;
-    if (ctl->nfree)
+    if (overwrite && ctl->ndirty)
+        s = ctl->dirty[--ctl->ndirty];
+    else if (ctl->nfree)
         s = a->freestack[--ctl->nfree];
     else if (ctl->seg_hwm < ctl->max_segs)
         s = ctl->seg_hwm++;
-    else
+    else if (ctl->ndirty) {
+        s = ctl->dirty[--ctl->ndirty];
+        if (!overwrite)
+            punch(a, s);
+    } else
         return ENOMEM;
     a->refcnt[s] = 1;
     ctl->segments_live++;
@@ -102,10 +116,13 @@ static int seg_alloc(odf_arena_t *a, uint32_t *seg)
 
 static void seg_free(odf_arena_t *a, uint32_t s)
 {
+    if (a->ctl->ndirty < ODF_DIRTY_MAX) {
+        a->ctl->dirty[a->ctl->ndirty++] = s;
+        return;
+    }
     /* Give the memory back before the segment can be handed out again: a
      * freed segment reads as zeros, which is what a fresh chunk must hold. */
-    fallocate(a->pool_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-              (off_t)s << ODF_CHUNK_SHIFT, ODF_CHUNK_SIZE);
+    punch(a, s);
     a->freestack[a->ctl->nfree++] = s;
 }
 
@@ -140,9 +157,13 @@ static void recover(odf_arena_t *a)
             a->refcnt[s->pin - 1]++;
     }
     ctl->nfree = 0;
-    for (uint32_t s = 0; s < ctl->seg_hwm; s++)
-        if (a->refcnt[s] == 0)
-            seg_free(a, s);
+    ctl->ndirty = 0;
+    for (uint32_t s = 0; s < ctl->seg_hwm; s++) {
+        if (a->refcnt[s] == 0) {
+            punch(a, s);
+            a->freestack[ctl->nfree++] = s;
+        }
+    }
     ctl->segments_live = ctl->seg_hwm - ctl->nfree;
     ctl->recoveries++;
     /* A release that its dead holder left half done is finished now. */
@@ -323,7 +344,7 @@ int _odf_fault(odf_arena_t *a, uint32_t c)
     a->n_faults++;
     uint32_t e = a->mypt[c];
     if (e == 0) { /* first touch: a fresh (zero) segment */
-        if ((rc = seg_alloc(a, &nseg))) {
+        if ((rc = seg_alloc(a, &nseg, 0))) {
             _odf_family_unlock(a);
             return rc;
         }
@@ -364,7 +385,7 @@ int _odf_fault(odf_arena_t *a, uint32_t c)
     }
     /* Shared: copy into a new segment.  Our reference to the old one moves to
      * the pin so it stays alive (and counted) while we read it unlocked. */
-    if ((rc = seg_alloc(a, &nseg))) {
+    if ((rc = seg_alloc(a, &nseg, 1))) {
         _odf_family_unlock(a);
         return rc;
     }
@@ -480,6 +501,15 @@ static int check_locked(odf_arena_t *a, char *msg, size_t len)
         }
         isfree[s] = 1;
     }
+    for (uint32_t k = 0; k < ctl->ndirty; k++) {
+        uint32_t s = ctl->dirty[k];
+        if (s >= nseg || isfree[s]) {
+            snprintf(msg, len, "kept-segment entry %u (segment %u) is out of range or repeated", k, s);
+            rc = EUCLEAN;
+            goto out;
+        }
+        isfree[s] = 1;
+    }
     for (uint32_t s = 0; s < nseg; s++) {
         if (cnt[s] != a->refcnt[s]) {
             snprintf(msg, len, "segment %u: count %u but %u holders", s, a->refcnt[s], cnt[s]);
@@ -493,9 +523,9 @@ static int check_locked(odf_arena_t *a, char *msg, size_t len)
             goto out;
         }
     }
-    if (ctl->segments_live != (uint64_t)nseg - ctl->nfree) {
+    if (ctl->segments_live != (uint64_t)nseg - ctl->nfree - ctl->ndirty) {
         snprintf(msg, len, "segments_live %llu != %u allocated",
-                 (unsigned long long)ctl->segments_live, nseg - ctl->nfree);
+                 (unsigned long long)ctl->segments_live, nseg - ctl->nfree - ctl->ndirty);
         rc = EUCLEAN;
         goto out;
     }
