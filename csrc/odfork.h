@@ -108,7 +108,7 @@ int odf_handler_ensure(void);
 int odf_snapshot_take(odf_arena_t *a, uint64_t *id);
 int odf_snapshot_release(odf_arena_t *a, uint64_t id);
 int odf_snapshot_map(odf_arena_t *a, uint64_t id, uintptr_t *addr); /* read-only, size bytes */
-int odf_snapshot_unmap(odf_arena_t *a, uintptr_t addr);
+int odf_snapshot_unmap(uintptr_t addr, size_t size);
 int odf_snapshot_restore(odf_arena_t *a, uint64_t id);
 
 /* Debug/test hook: corrupt the family state on purpose (tests prove that

@@ -104,9 +104,9 @@ int odf_snapshot_map(odf_arena_t *a, uint64_t id, uintptr_t *addr)
     return rc;
 }
 
-int odf_snapshot_unmap(odf_arena_t *a, uintptr_t addr)
+int odf_snapshot_unmap(uintptr_t addr, size_t size)
 {
-    return munmap((void *)addr, a->size) ? errno : 0;
+    return munmap((void *)addr, size) ? errno : 0;
 }
 
 /* Roll the arena back: every chunk whose segment differs from the snapshot's

@@ -3,6 +3,7 @@ import os
 import re
 import sys
 import threading
+import weakref
 
 from odfork_user._alloc import BlockAllocator
 from odfork_user._core import CHUNK_SIZE, ffi, lib
@@ -49,6 +50,7 @@ class Arena:
         self._alloc = BlockAllocator(self._size)
         self._blocks = {}  # offset -> [rounded size, exporter, nbytes]
         self._lock = threading.RLock()
+        self._snaps = weakref.WeakSet()
         self._closed = False
 
     # -- properties ---------------------------------------------------------
@@ -182,7 +184,9 @@ class Arena:
         with self._lock:
             out = ffi.new("uint64_t *")
             _check(lib.odf_snapshot_take(self._live(), out), "snapshot")
-            return Snapshot(self, int(out[0]))
+            snap = Snapshot(self, int(out[0]))
+            self._snaps.add(snap)
+            return snap
 
     def restore(self, snap):
         """Roll the arena back to `snap` in O(chunks); views already handed out
@@ -202,9 +206,11 @@ class Arena:
         with self._lock:
             if self._closed:
                 return
-            n = self._exports()
+            n = self._exports() + sum(1 for s in self._snaps if s._views_alive())
             if n:
                 raise BufferError(f"cannot close arena: {n} exported view(s) still alive")
+            for snap in list(self._snaps):  # their references go with the arena's slot
+                snap.close()
             self._closed = True
             self._blocks.clear()
             lib.odf_arena_close(self._h)

@@ -1,4 +1,5 @@
 """Snapshots: a frozen copy of an arena inside the same process, O(chunks), no copying."""
+import sys
 import threading
 
 from odfork_user._core import ffi, lib
@@ -64,16 +65,18 @@ class Snapshot:
                 raise ValueError("snapshot closed")
             _check(lib.odf_snapshot_restore(h, self._id), "restore")
 
+    def _views_alive(self):
+        return self._exporter is not None and sys.getrefcount(self._exporter) > 2
+
     def close(self):
         """Drop the snapshot's references.  Raises BufferError while views from buffer() are alive."""
         with self._lock:
             if self._closed:
                 return
             if self._exporter is not None:
-                import sys
-                if sys.getrefcount(self._exporter) > 2:
+                if self._views_alive():
                     raise BufferError("cannot close snapshot: views from buffer() are still alive")
-                lib.odf_snapshot_unmap(self._arena._h, self._addr)
+                lib.odf_snapshot_unmap(self._addr, self._arena.size)
                 self._exporter = None
             self._closed = True
             if not self._arena.closed:

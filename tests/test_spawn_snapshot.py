@@ -257,3 +257,20 @@ def test_snapshot_and_odfork_combined_counts_return(arena):
     snap.close()
     arena.check()
     assert arena.stats()["segments_live"] == base
+
+
+def test_arena_close_with_live_snapshot_view_is_buffer_error():
+    a = ou.Arena(2 * CH)
+    b = a.alloc(16)
+    b[0] = 1
+    snap = a.snapshot()
+    v = snap.buffer()
+    del b
+    with pytest.raises(BufferError):
+        a.close()
+    assert v[0] == 1
+    del v
+    a.close()
+    assert snap.closed
+    with pytest.raises(ValueError):
+        snap.buffer()
