@@ -113,7 +113,8 @@ int odf_snapshot_restore(odf_arena_t *a, uint64_t id);
 
 /* Debug/test hook: corrupt the family state on purpose (tests prove that
  * check() can fail).  what: 1 = bump a refcount, 2 = map a shared chunk
- * writable without copying (a broken COW), 3 = undo 1. */
+ * writable without copying (a broken COW), 3 = undo 1, 4 = die of SIGKILL
+ * holding the family lock with a count half updated. */
 int _odf_debug_break(odf_arena_t *a, int what, uint32_t chunk);
 
 #endif

@@ -606,6 +606,17 @@ int _odf_debug_break(odf_arena_t *a, int what, uint32_t chunk)
         });
         return rc;
     }
+    if (what == 4) { /* die of SIGKILL holding the family lock, mid-update */
+        sigset_t old;
+        _odf_block_signals(&old);
+        pthread_mutex_lock(&a->local);
+        _odf_family_lock(a);
+        if (a->mypt[chunk])
+            a->refcnt[a->mypt[chunk] - 1] += 5;
+        kill(getpid(), SIGKILL);
+        for (;;)
+            pause();
+    }
     if (what == 2) {
         a->broken_cow = 1;
         return 0;

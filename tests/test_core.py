@@ -268,6 +268,26 @@ def test_check_detects_a_wrong_count(arena):
     arena.check()
 
 
+def test_lock_holder_killed_mid_update_is_recovered(arena):
+    buf = arena.alloc(3 * CH)
+    buf[:] = b"h" * len(buf)
+    base = arena.stats()["segments_live"]
+
+    def child():
+        buf[CH] = 1                              # a private copy, then die inside the lock
+        lib._odf_debug_break(arena._h, 4, 1)
+
+    pid, r = start_child(child)
+    _, st = os.waitpid(pid, 0)
+    os.close(r)
+    assert os.WIFSIGNALED(st) and os.WTERMSIG(st) == signal.SIGKILL
+    arena.check()                                # takes the lock: EOWNERDEAD, recount, go on
+    assert arena.stats()["segments_live"] == base
+    assert bytes(buf[CH:CH + 2]) == b"hh"
+    buf[CH] = 2                                  # and the family keeps working
+    assert in_child(lambda: buf[CH]) == 2
+
+
 # ---- lifetime: dead processes give references back, nothing leaks ----------
 
 def test_killed_child_gives_references_back(arena):
