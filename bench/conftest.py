@@ -2,19 +2,12 @@ import os
 
 import pytest
 
+from odfork_user._measure import free_bytes
 from odfork_user.arena import parse_size
 
 
 def sizes():
     return [parse_size(s) for s in os.environ.get("ODFORK_BENCH_SIZES", "64M,256M,1G").split(",")]
-
-
-def free_bytes():
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def require_memory(size):

@@ -89,14 +89,7 @@ static int share_with_child(odf_arena_t *a)
     if (rc)
         return rc;
     odf_slot_t *s = &a->slots[cs];
-    uint32_t *cpt = ODF_PT(a, cs);
-    for (uint32_t c = 0; c < a->hi; c++) {
-        uint32_t e = a->mypt[c];
-        cpt[c] = e;
-        if (e)
-            a->refcnt[e - 1]++;
-    }
-    s->hi = a->hi;
+    _odf_slot_share(a, cs, a->mypt, a->hi);
     a->child_slot = cs;
     a->child_gen = ODF_SG_GEN(atomic_load(&s->sg));
     if ((rc = _odf_write_protect(a)))
@@ -112,13 +105,7 @@ static int share_with_child(odf_arena_t *a)
         if ((rc = _odf_slot_alloc(a, ODF_SLOT_SNAP, &k)))
             return rc; /* the parent handler releases the child slot and its snapshots */
         odf_slot_t *u = &a->slots[k];
-        uint32_t *src = ODF_PT(a, j), *dst = ODF_PT(a, k);
-        for (uint32_t c = 0; c < t->hi; c++) {
-            dst[c] = src[c];
-            if (src[c])
-                a->refcnt[src[c] - 1]++;
-        }
-        u->hi = t->hi;
+        _odf_slot_share(a, k, ODF_PT(a, j), t->hi);
         u->snap_id = t->snap_id;
         u->owner = cs;
         u->owner_gen = a->child_gen;

@@ -153,6 +153,7 @@ void _odf_family_unlock(odf_arena_t *a);
 void _odf_slot_init_alive(odf_slot_t *s);
 int _odf_slot_alloc(odf_arena_t *a, uint32_t state, uint32_t *idx); /* pre: family lock */
 void _odf_slot_release(odf_arena_t *a, uint32_t idx);                 /* pre: family lock */
+void _odf_slot_share(odf_arena_t *a, uint32_t dst, const uint32_t *pt, uint32_t hi); /* pre: family lock */
 void _odf_reap_locked(odf_arena_t *a);                                /* pre: family lock */
 void _odf_seg_decref(odf_arena_t *a, uint32_t seg);                   /* pre: family lock */
 int _odf_ctl_init(odf_arena_t *a, uint32_t max_slots, uint32_t max_segs);

@@ -218,6 +218,19 @@ found:;
     return 0;
 }
 
+/* Give slot `dst` (freshly handed out) the references in pt[0, hi):
+ * copy the entries and raise each segment's count.  O(hi). */
+void _odf_slot_share(odf_arena_t *a, uint32_t dst, const uint32_t *pt, uint32_t hi)
+{
+    uint32_t *out = ODF_PT(a, dst);
+    for (uint32_t c = 0; c < hi; c++) {
+        out[c] = pt[c];
+        if (pt[c])
+            a->refcnt[pt[c] - 1]++;
+    }
+    a->slots[dst].hi = hi;
+}
+
 /* Drop every reference the slot holds (and its snapshots'), then free it. */
 void _odf_slot_release(odf_arena_t *a, uint32_t idx)
 {

@@ -36,13 +36,7 @@ int odf_snapshot_take(odf_arena_t *a, uint64_t *id)
         rc = _odf_slot_alloc(a, ODF_SLOT_SNAP, &k);
         if (rc == 0) {
             odf_slot_t *s = &a->slots[k];
-            uint32_t *pt = ODF_PT(a, k);
-            for (uint32_t c = 0; c < a->hi; c++) {
-                pt[c] = a->mypt[c];
-                if (pt[c])
-                    a->refcnt[pt[c] - 1]++;
-            }
-            s->hi = a->hi;
+            _odf_slot_share(a, k, a->mypt, a->hi);
             s->owner = a->self;
             s->owner_gen = ODF_SG_GEN(atomic_load(&a->slots[a->self].sg));
             s->snap_id = *id = ++a->ctl->next_snap_id;

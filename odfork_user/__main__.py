@@ -6,7 +6,7 @@ import platform
 import subprocess
 import sys
 
-from odfork_user._measure import KINDS, thp_state
+from odfork_user._measure import KINDS, free_bytes, thp_state
 from odfork_user.arena import parse_size
 
 
@@ -25,14 +25,6 @@ def _available_kinds():
         return tuple(k for k in KINDS if k != "numpy-thp")
 
 
-def _free_bytes():
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def compare(args):
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     kinds = _available_kinds()
@@ -46,7 +38,7 @@ def compare(args):
     failed = 0
     for size in sizes:
         need = 2 * size + (256 << 20)
-        if _free_bytes() < need:
+        if free_bytes() < need:
             print(f"{_human(size):>6}: skipped, needs {_human(need)} free", flush=True)
             continue
         row = {}

@@ -20,6 +20,15 @@ KINDS = ("bytearray", "numpy-thp", "odfork", "odfork-empty")
 PAGE = 4096
 
 
+def free_bytes():
+    """MemAvailable from /proc/meminfo, in bytes."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def thp_state():
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
