@@ -108,6 +108,10 @@ static void odf_sigsegv(int sig, siginfo_t *si, void *uc)
                    addr, a->fork_err ? a->fork_err : EOWNERDEAD);
         } else {
             uint32_t c = (uint32_t)((addr - a->base) >> ODF_CHUNK_SHIFT);
+            if (a->crash_in_handler) { /* test hook: a bug inside the handler */
+                int *volatile bad = (int *)16;
+                *bad = 0;
+            }
             pthread_mutex_lock(&a->local);
             int rc = _odf_fault(a, c);
             pthread_mutex_unlock(&a->local);

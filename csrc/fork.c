@@ -90,6 +90,8 @@ static int share_with_child(odf_arena_t *a)
         return rc;
     odf_slot_t *s = &a->slots[cs];
     _odf_slot_share(a, cs, a->mypt, a->hi);
+    s->owner = a->self;
+    s->owner_gen = ODF_SG_GEN(atomic_load(&a->slots[a->self].sg));
     a->child_slot = cs;
     a->child_gen = ODF_SG_GEN(atomic_load(&s->sg));
     if ((rc = _odf_write_protect(a)))
@@ -184,6 +186,7 @@ void _odf_child_setup(odf_arena_t *a)
         return;
     }
     atomic_store(&s->pid, getpid());
+    s->owner = ODF_NONE;
     pthread_mutex_lock(&s->alive);
     atomic_store(&s->sg, ODF_SG(a->child_gen, ODF_SLOT_LIVE));
     a->self = a->child_slot;

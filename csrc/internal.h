@@ -69,6 +69,10 @@
  * stopped; in the latter case it finds its slot gone and loses its arenas
  * (a clear crash on access), never someone else's data. */
 #define ODF_PENDING_TIMEOUT_NS (10ULL * 1000000000ULL)
+/* A PENDING slot whose creator (the forking process) has died is reclaimed
+ * after this grace period: the fork either never happened (the creator died
+ * inside prepare) or its child had this long to run its first instructions. */
+#define ODF_PENDING_GRACE_NS (1ULL * 1000000000ULL)
 
 /* Slot states.  The state word is (gen << 32 | state) so that a late child
  * cannot claim a slot that was reclaimed and handed out again. */
@@ -90,8 +94,8 @@ typedef struct odf_slot_s {
     _Atomic uint64_t sg;       /* gen << 32 | state; CAS by the child (PENDING->CLAIMED->LIVE),
                                   otherwise written under the family lock */
     _Atomic int32_t pid;       /* 0 until known; written by the child or by the parent's note */
-    uint32_t owner;            /* SNAP: owning process slot */
-    uint32_t owner_gen;        /* SNAP: its generation */
+    uint32_t owner;            /* SNAP: owning process slot; PENDING: the forking process's slot */
+    uint32_t owner_gen;        /* its generation */
     uint32_t hi;               /* pt[c] == 0 for every c >= hi; under the family lock */
     uint32_t pin;              /* seg+1 kept alive while this process copies from it, or 0 */
     uint32_t pad;
@@ -140,6 +144,7 @@ struct odf_arena_s {
     /* stats, under a->local */
     uint64_t n_faults, n_cow, n_reuse, n_bytes, n_forks;
     int broken_cow;            /* test hook (_odf_debug_break): resolve shared faults without a copy */
+    int crash_in_handler;      /* test hook: fault inside the SIGSEGV handler */
 };
 
 /* region.c: mappings.  All are async-signal-safe (plain syscalls). */

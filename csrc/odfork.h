@@ -53,7 +53,7 @@ typedef struct odf_stats_s {
 
 /* Reserve an arena of `size` bytes (rounded up to whole chunks).
  * pre: size > 0.  max_slots == 0 picks ODF_DEFAULT_MAX_SLOTS; max_segs == 0
- * picks 8 segments per chunk.  Installs the SIGSEGV handler and the fork
+ * picks max_slots segments per chunk (the most a family can hold at once).  Installs the SIGSEGV handler and the fork
  * handlers on first use. */
 int odf_arena_create(size_t size, uint32_t max_slots, uint32_t max_segs, odf_arena_t **out);
 
@@ -114,7 +114,8 @@ int odf_snapshot_restore(odf_arena_t *a, uint64_t id);
 /* Debug/test hook: corrupt the family state on purpose (tests prove that
  * check() can fail).  what: 1 = bump a refcount, 2 = map a shared chunk
  * writable without copying (a broken COW), 3 = undo 1, 4 = die of SIGKILL
- * holding the family lock with a count half updated. */
+ * holding the family lock with a count half updated, 5 = fault inside the
+ * SIGSEGV handler on the next arena fault. */
 int _odf_debug_break(odf_arena_t *a, int what, uint32_t chunk);
 
 #endif

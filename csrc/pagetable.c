@@ -264,55 +264,58 @@ void _odf_slot_release(odf_arena_t *a, uint32_t idx)
 
 static int pid_is_dead(pid_t pid) { return kill(pid, 0) < 0 && errno == ESRCH; }
 
+static int slot_is_live(odf_arena_t *a, uint32_t idx, uint32_t gen)
+{
+    if (idx >= a->ctl->slot_hwm)
+        return 0;
+    uint64_t v = atomic_load(&a->slots[idx].sg);
+    return ODF_SG_GEN(v) == gen && ODF_SG_STATE(v) == ODF_SLOT_LIVE;
+}
+
+/* Two passes: dead processes (and their snapshots) first, so that a PENDING
+ * slot can then tell whether its creator is gone. */
 void _odf_reap_locked(odf_arena_t *a)
 {
     odf_ctl_t *ctl = a->ctl;
     uint64_t now = 0;
     int saved = errno;
-    for (uint32_t i = 0; i < ctl->slot_hwm; i++) {
-        if (i == a->self && !a->orphaned)
-            continue;
-        odf_slot_t *s = &a->slots[i];
-        uint64_t v = atomic_load(&s->sg);
-        switch (ODF_SG_STATE(v)) {
-        case ODF_SLOT_LIVE: {
-            int rc = pthread_mutex_trylock(&s->alive);
-            if (rc == EOWNERDEAD) {
-                pthread_mutex_consistent(&s->alive);
-                pthread_mutex_unlock(&s->alive);
-                _odf_slot_release(a, i);
-            } else if (rc == 0) { /* nobody holds it while LIVE: owner is gone */
-                pthread_mutex_unlock(&s->alive);
-                _odf_slot_release(a, i);
+    for (int pass = 0; pass < 2; pass++) {
+        for (uint32_t i = 0; i < ctl->slot_hwm; i++) {
+            if (i == a->self && !a->orphaned)
+                continue;
+            odf_slot_t *s = &a->slots[i];
+            uint64_t v = atomic_load(&s->sg);
+            uint32_t st = ODF_SG_STATE(v);
+            if (pass == 0 && st == ODF_SLOT_LIVE) {
+                int rc = pthread_mutex_trylock(&s->alive);
+                if (rc == EOWNERDEAD) {
+                    pthread_mutex_consistent(&s->alive);
+                    pthread_mutex_unlock(&s->alive);
+                    _odf_slot_release(a, i);
+                } else if (rc == 0) { /* nobody holds it while LIVE: owner is gone */
+                    pthread_mutex_unlock(&s->alive);
+                    _odf_slot_release(a, i);
+                }
+            } else if (pass == 0 && st == ODF_SLOT_SNAP) {
+                if (!slot_is_live(a, s->owner, s->owner_gen))
+                    _odf_slot_release(a, i);
+            } else if (pass == 1 && (st == ODF_SLOT_PENDING || st == ODF_SLOT_CLAIMED)) {
+                pid_t pid = atomic_load(&s->pid);
+                int dead;
+                if (pid) {
+                    dead = pid_is_dead(pid);
+                } else {
+                    if (!now)
+                        now = _odf_now_ns();
+                    uint64_t age = now - s->born_ns;
+                    dead = age > ODF_PENDING_TIMEOUT_NS ||
+                           (age > ODF_PENDING_GRACE_NS && !slot_is_live(a, s->owner, s->owner_gen));
+                }
+                /* The CAS takes the slot away from a child that might still claim it. */
+                if (dead && atomic_compare_exchange_strong(&s->sg, &v,
+                                                           ODF_SG(ODF_SG_GEN(v), ODF_SLOT_DYING)))
+                    _odf_slot_release(a, i);
             }
-            break;
-        }
-        case ODF_SLOT_PENDING:
-        case ODF_SLOT_CLAIMED: {
-            pid_t pid = atomic_load(&s->pid);
-            int dead;
-            if (pid)
-                dead = pid_is_dead(pid);
-            else {
-                if (!now)
-                    now = _odf_now_ns();
-                dead = now - s->born_ns > ODF_PENDING_TIMEOUT_NS;
-            }
-            /* The CAS takes the slot away from a child that might still claim it. */
-            if (dead && atomic_compare_exchange_strong(&s->sg, &v,
-                                                       ODF_SG(ODF_SG_GEN(v), ODF_SLOT_DYING)))
-                _odf_slot_release(a, i);
-            break;
-        }
-        case ODF_SLOT_SNAP: {
-            uint32_t o = s->owner;
-            uint64_t ov = o < ctl->slot_hwm ? atomic_load(&a->slots[o].sg) : 0;
-            if (ODF_SG_GEN(ov) != s->owner_gen || ODF_SG_STATE(ov) == ODF_SLOT_FREE)
-                _odf_slot_release(a, i);
-            break;
-        }
-        default:
-            break;
         }
     }
     errno = saved;
@@ -629,6 +632,10 @@ int _odf_debug_break(odf_arena_t *a, int what, uint32_t chunk)
         kill(getpid(), SIGKILL);
         for (;;)
             pause();
+    }
+    if (what == 5) {
+        a->crash_in_handler = 1;
+        return 0;
     }
     if (what == 2) {
         a->broken_cow = 1;

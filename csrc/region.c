@@ -109,8 +109,14 @@ int odf_arena_create(size_t size, uint32_t max_slots, uint32_t max_segs, odf_are
     size = nchunks << ODF_CHUNK_SHIFT;
     if (max_slots == 0)
         max_slots = ODF_DEFAULT_MAX_SLOTS;
-    if (max_segs == 0)
-        max_segs = nchunks * 8 > UINT32_MAX - 1 ? UINT32_MAX - 1 : (uint32_t)(nchunks * 8);
+    /* Default pool: one segment per chunk per slot, the most the family can
+     * ever hold at once, so a copy never finds the pool full.  It costs
+     * nothing until used: the pool memfd is sparse and the count and free
+     * arrays are only touched up to the high-water mark. */
+    if (max_segs == 0) {
+        uint64_t want = (uint64_t)nchunks * max_slots;
+        max_segs = want > UINT32_MAX - 1 ? UINT32_MAX - 1 : (uint32_t)want;
+    }
     if (max_segs < nchunks)
         return EINVAL;
 

@@ -35,7 +35,7 @@ class Arena:
 
     chunk_size = CHUNK_SIZE
 
-    def __init__(self, size, *, max_procs=None):
+    def __init__(self, size, *, max_procs=None, _max_segments=0):
         if not isinstance(size, int) or isinstance(size, bool):
             raise TypeError(f"Arena size must be an int, not {type(size).__name__}")
         if size <= 0:
@@ -43,7 +43,8 @@ class Arena:
         if max_procs is not None and (not isinstance(max_procs, int) or max_procs < 2):
             raise ValueError("max_procs must be an int >= 2")
         out = ffi.new("odf_arena_t **")
-        _check(lib.odf_arena_create(size, max_procs or 0, 0, out), f"cannot reserve an arena of {size} bytes")
+        _check(lib.odf_arena_create(size, max_procs or 0, _max_segments, out),
+               f"cannot reserve an arena of {size} bytes")
         self._h = out[0]
         self._base = lib.odf_arena_base(self._h)
         self._size = lib.odf_arena_size(self._h)
@@ -90,6 +91,7 @@ class Arena:
             raise ValueError(f"alloc size must be > 0, got {nbytes}")
         with self._lock:
             self._live()
+            lib.odf_handler_ensure()  # a SIGSEGV handler installed since: chain to it, stay on top
             got = self._alloc.alloc(nbytes)
             if got is None:
                 raise MemoryError(
@@ -183,6 +185,7 @@ class Arena:
         from odfork_user.snapshot import Snapshot
         with self._lock:
             out = ffi.new("uint64_t *")
+            lib.odf_handler_ensure()
             _check(lib.odf_snapshot_take(self._live(), out), "snapshot")
             snap = Snapshot(self, int(out[0]))
             self._snaps.add(snap)
