@@ -1,4 +1,4 @@
-"""Command line: python -m odfork_user compare [--sizes 64M,256M,1G] [--rounds N] [--json FILE]"""
+"""Command line: python -m odfork_user compare [--sizes 256M,1G] [--rounds N] [--json FILE] [--plot FILE.png]"""
 import argparse
 import json
 import os
@@ -8,6 +8,19 @@ import sys
 
 from odfork_user._measure import KINDS, free_bytes, thp_state
 from odfork_user.arena import parse_size
+
+METRICS = [
+    ("fork_ms", "fork returns (ms)"),
+    ("roundtrip_ms", "fork+exit+wait (ms)"),
+    ("first_write_parent_us", "first write, parent (us)"),
+    ("first_write_child_us", "first write, child (us)"),
+    ("dense_ms", "fork+child rewrites all (ms)"),
+    ("sparse_ms", "fork+child 1 B/2 MiB (ms)"),
+    ("read_parent_ms", "read all, parent (ms)"),
+    ("read_child_ms", "read all, child (ms)"),
+    ("dense_copied", "copied by dense (MiB)"),
+    ("sparse_copied", "copied by sparse (MiB)"),
+]
 
 
 def _human(n):
@@ -25,6 +38,53 @@ def _available_kinds():
         return tuple(k for k in KINDS if k != "numpy-thp")
 
 
+def _fmt(key, v):
+    if v is None:
+        return "-"
+    if key.endswith("_copied"):
+        return f"{v / (1 << 20):.1f}"
+    return f"{v:.3f}" if v < 10 else f"{v:.1f}"
+
+
+def print_table(size, row, out=sys.stdout):
+    kinds = list(row)
+    print(f"\nsize {_human(size)}", file=out)
+    print(f"  {'metric':<30}" + "".join(f"{k:>14}" for k in kinds) + f"{'os.fork/odfork':>16}", file=out)
+    for key, label in METRICS:
+        vals = [row[k].get(key) for k in kinds]
+        if all(v is None for v in vals):
+            continue
+        base, od = row.get("bytearray", {}).get(key), row.get("odfork", {}).get(key)
+        ratio = f"{base / od:.1f}x" if base and od else "-"
+        print(f"  {label:<30}" + "".join(f"{_fmt(key, v):>14}" for v in vals) + f"{ratio:>16}", file=out)
+    if "odfork" in row and "odfork-empty" in row:
+        print(f"  odfork written / empty arena, fork: "
+              f"{row['odfork']['fork_ms'] / row['odfork-empty']['fork_ms']:.2f}x", file=out)
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, title in ((axes[0], "fork_ms", "fork returns in the parent"),
+                           (axes[1], "roundtrip_ms", "fork + child exit + wait")):
+        for kind in KINDS:
+            pts = sorted((r["size"], r[key]) for r in results if r["kind"] == kind and key in r)
+            if pts:
+                ax.plot([p[0] / (1 << 30) for p in pts], [p[1] for p in pts], marker="o", label=kind)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("data size (GiB)")
+        ax.set_ylabel("ms (median)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"os.fork vs odfork, Linux {platform.release()}, {os.cpu_count()} CPUs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def compare(args):
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     kinds = _available_kinds()
@@ -32,58 +92,54 @@ def compare(args):
           f"{os.cpu_count()} CPUs, THP {thp_state()}")
     print("# bytearray = os.fork with 4 KiB pages; numpy-thp = os.fork with transparent huge pages;")
     print("# odfork = arena with every byte written; odfork-empty = arena with nothing written.")
-    print(f"# medians of {args.rounds} rounds, each in a fresh process; the parent writes one byte "
-          "per 2 MiB before every fork")
-    results = []
-    failed = 0
+    print(f"# medians: {args.rounds} forks for latency, {args.heavy_rounds} for the others; each kind in a "
+          "fresh process; the parent writes one byte per 2 MiB before every fork")
+    results, failed = [], 0
     for size in sizes:
         need = 2 * size + (256 << 20)
         if free_bytes() < need:
-            print(f"{_human(size):>6}: skipped, needs {_human(need)} free", flush=True)
+            print(f"\nsize {_human(size)}: skipped, needs {_human(need)} available, "
+                  f"{free_bytes() >> 20} MiB free", flush=True)
             continue
         row = {}
         for kind in kinds:
-            print(f"  measuring {kind} at {_human(size)} ...", file=sys.stderr, flush=True)
             # -P: the child imports the same installed package, not a source folder in the cwd
             out = subprocess.run([sys.executable, "-P", "-m", "odfork_user._measure", kind, str(size),
-                                  str(args.rounds)], capture_output=True, text=True, check=False)
+                                  str(args.rounds), str(args.heavy_rounds)],
+                                 stdout=subprocess.PIPE, stderr=None if args.progress else subprocess.DEVNULL,
+                                 text=True, check=False)
             if out.returncode:
-                print(f"{_human(size)} {kind}: failed\n{out.stderr}", file=sys.stderr)
+                print(f"{_human(size)} {kind}: measurement failed (exit {out.returncode})", file=sys.stderr)
                 failed += 1
                 continue
             row[kind] = json.loads(out.stdout)
             results.append(row[kind])
-        print(f"\nsize {_human(size)}")
-        print(f"  {'kind':<13} {'fork ms':>9} {'round trip ms':>14}")
-        for kind, r in row.items():
-            print(f"  {kind:<13} {r['fork_ms']:>9.3f} {r['roundtrip_ms']:>14.3f}")
-        if "odfork" in row:
-            od = row["odfork"]
-            for base in ("bytearray", "numpy-thp"):
-                if base in row:
-                    print(f"  speedup vs os.fork/{base}: fork {row[base]['fork_ms'] / od['fork_ms']:.1f}x, "
-                          f"round trip {row[base]['roundtrip_ms'] / od['roundtrip_ms']:.1f}x")
-            if "odfork-empty" in row:
-                print(f"  odfork written / odfork empty: fork {od['fork_ms'] / row['odfork-empty']['fork_ms']:.2f}x")
+        print_table(size, row)
         sys.stdout.flush()
+    machine = {"kernel": platform.release(), "python": platform.python_version(),
+               "cpus": os.cpu_count(), "thp": thp_state()}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": {"kernel": platform.release(), "python": platform.python_version(),
-                                   "cpus": os.cpu_count(), "thp": thp_state()},
-                       "results": results}, f, indent=1)
+            json.dump({"machine": machine, "results": results}, f, indent=1)
+    if args.plot and results:
+        plot(results, args.plot)
+        print(f"\nplot written to {args.plot}")
     return 1 if failed else 0
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m odfork_user", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("compare", help="odfork vs os.fork latency at a few sizes")
+    c = sub.add_parser("compare", help="odfork vs os.fork at a few sizes, every metric")
     c.add_argument("--sizes", default="64M,256M,1G", help="comma-separated sizes (default 64M,256M,1G)")
-    c.add_argument("--rounds", type=int, default=15, help="forks per measurement (median is printed)")
+    c.add_argument("--rounds", type=int, default=11, help="forks per latency measurement (default 11)")
+    c.add_argument("--heavy-rounds", type=int, default=3, help="rounds of the write and read metrics (default 3)")
     c.add_argument("--json", help="write the raw results to this file")
+    c.add_argument("--plot", help="write a log-log plot of latency vs size (PNG, needs matplotlib)")
+    c.add_argument("--no-progress", dest="progress", action="store_false", help="no progress lines on stderr")
     args = p.parse_args(argv)
-    if args.rounds < 1:
-        p.error("--rounds must be >= 1")
+    if args.rounds < 1 or args.heavy_rounds < 1:
+        p.error("--rounds and --heavy-rounds must be >= 1")
     return compare(args)
 
 

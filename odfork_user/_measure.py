@@ -1,23 +1,37 @@
 """Workloads shared by `python -m odfork_user compare` and bench/.
 
 A holder owns `size` bytes of written memory of one kind:
-  bytearray   ordinary heap memory, 4 KiB pages, forked with os.fork
-  numpy-thp   a numpy array (transparent huge pages where the kernel gives
-              them: THP 'madvise' mode + numpy's madvise), forked with os.fork
-  odfork      an arena block, forked with odfork
+  bytearray    ordinary heap memory, 4 KiB pages, forked with os.fork
+  numpy-thp    a numpy array (transparent huge pages where the kernel gives
+               them: THP 'madvise' mode + numpy's madvise), forked with os.fork
+  odfork       an arena block, forked with odfork
   odfork-empty an arena of the same size with nothing written, forked with odfork
+
+Metrics (all medians; one fork per round):
+  fork_ms             until fork returns in the parent
+  roundtrip_ms        fork, child _exit(0), waitpid
+  first_write_parent_us  the parent's first write to a chunk after the fork (child alive)
+  first_write_child_us   the child's first write, timed in the child
+  dense_ms            fork + the child rewrites every byte + exit + wait
+  sparse_ms           fork + the child writes one byte per 2 MiB + exit + wait
+  read_parent_ms      the parent reads everything after the fork (child alive)
+  read_child_ms       the child reads everything, timed in the child
+  dense_copied / sparse_copied   bytes the child's writes made private
+                      (its Private_Dirty growth in /proc/self/smaps_rollup)
 """
 import json
 import os
 import statistics
 import sys
 import time
+import zlib
 
 from odfork_user import Arena, odfork
 from odfork_user._core import CHUNK_SIZE
 
 KINDS = ("bytearray", "numpy-thp", "odfork", "odfork-empty")
 PAGE = 4096
+_BLOCK = b"\x02" * CHUNK_SIZE
 
 
 def free_bytes():
@@ -37,65 +51,150 @@ def thp_state():
         return "unknown"
 
 
+def private_dirty():
+    """Bytes of this process's memory that only it maps and has written."""
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Private_Dirty:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 class Holder:
     def __init__(self, kind, size):
         self.kind, self.size = kind, size
         self.arena = None
         self.fork = os.fork
+        self.data = None
         if kind == "bytearray":
             self.data = bytearray(size)
-            mv = memoryview(self.data)
-            for off in range(0, size, 1 << 26):  # write every page
-                n = min(1 << 26, size - off)
-                mv[off:off + n] = b"\x01" * n
         elif kind == "numpy-thp":
             import numpy as np
-            self.data = np.ones(size, dtype=np.uint8)
+            self.data = np.zeros(size, dtype=np.uint8)
         elif kind in ("odfork", "odfork-empty"):
             self.arena = Arena(size)
             self.fork = odfork
             if kind == "odfork":
                 self.data = self.arena.alloc(size)
-                for off in range(0, size, 1 << 26):
-                    n = min(1 << 26, size - off)
-                    self.data[off:off + n] = b"\x01" * n
-            else:
-                self.data = None
         else:
             raise ValueError(f"unknown kind {kind!r} (one of {', '.join(KINDS)})")
+        if self.data is not None:
+            self.view = memoryview(self.data).cast("B")
+            self.write_all(b"\x01")
+
+    def write_all(self, byte=None):
+        """Write every byte (2 MiB at a time)."""
+        block = _BLOCK if byte is None else byte * CHUNK_SIZE
+        v = self.view
+        for off in range(0, self.size, CHUNK_SIZE):
+            n = min(CHUNK_SIZE, self.size - off)
+            v[off:off + n] = block[:n]
 
     def touch(self, step=CHUNK_SIZE):
         """Write one byte per `step` (the parent keeps working between forks)."""
-        d = self.data
-        if d is None:
+        if self.data is None:
             return
+        v = self.view
         for off in range(0, self.size, step):
-            d[off] = (d[off] + 1) & 0xFF
+            v[off] = (v[off] + 1) & 0xFF
+
+    def read_all(self):
+        return zlib.crc32(self.view) if self.data is not None else 0
 
     def close(self):
+        self.view = None
         self.data = None
         if self.arena is not None:
             self.arena.close()
 
 
-def fork_once(fork):
-    """Fork; the child leaves at once.  Returns (pid, seconds until fork returned)."""
+class WaitingChild:
+    """A forked child that runs commands from the parent: ('w', offset) writes one
+    byte and answers how long it took, ('r',) reads everything, ('q',) exits."""
+
+    def __init__(self, holder):
+        self.cmd_r, self.cmd_w = os.pipe()
+        self.ans_r, self.ans_w = os.pipe()
+        self.pid = holder.fork()
+        if self.pid == 0:
+            try:
+                self._serve(holder)
+            finally:
+                os._exit(0)
+        os.close(self.cmd_r)
+        os.close(self.ans_w)
+
+    def _serve(self, h):
+        while True:
+            cmd = os.read(self.cmd_r, 9)
+            if not cmd or cmd[:1] == b"q":
+                return
+            t0 = time.perf_counter()
+            if cmd[:1] == b"w":
+                off = int.from_bytes(cmd[1:9], "little")
+                h.view[off] = (h.view[off] + 1) & 0xFF
+            elif cmd[:1] == b"r":
+                h.read_all()
+            elif cmd[:1] == b"d":  # report Private_Dirty
+                os.write(self.ans_w, private_dirty().to_bytes(8, "little"))
+                continue
+            dt = time.perf_counter() - t0
+            os.write(self.ans_w, int(dt * 1e9).to_bytes(8, "little"))
+
+    def ask(self, cmd, arg=0):
+        os.write(self.cmd_w, cmd + arg.to_bytes(8, "little"))
+        return int.from_bytes(os.read(self.ans_r, 8), "little")
+
+    def close(self):
+        try:
+            os.write(self.cmd_w, b"q" + bytes(8))
+        except OSError:
+            pass
+        os.waitpid(self.pid, 0)
+        os.close(self.cmd_w)
+        os.close(self.ans_r)
+
+
+def child_pattern(h, pattern):
+    """Fork; the child writes `pattern` ('dense' or 'sparse') and exits.
+    Returns (seconds for fork+writes+exit+wait, bytes the writes made private)."""
+    r, w = os.pipe()
     t0 = time.perf_counter()
-    pid = fork()
+    pid = h.fork()
     if pid == 0:
+        before = private_dirty()
+        if pattern == "dense":
+            h.write_all()
+        else:
+            h.touch(CHUNK_SIZE)
+        os.write(w, max(private_dirty() - before, 0).to_bytes(8, "little"))
         os._exit(0)
-    return pid, time.perf_counter() - t0
+    copied = int.from_bytes(os.read(r, 8), "little")
+    os.waitpid(pid, 0)
+    dt = time.perf_counter() - t0
+    os.close(r)
+    os.close(w)
+    return dt, copied
 
 
-def measure(kind, size, rounds):
+def measure(kind, size, rounds, heavy_rounds=3, progress=None):
+    def say(what):
+        if progress:
+            print(f"  {kind} {size >> 20}M: {what}", file=progress, flush=True)
+
     h = Holder(kind, size)
-    lat, rt = [], []
+    out = {"kind": kind, "size": size}
     try:
+        say("fork latency and round trip")
+        lat, rt = [], []
         for _ in range(rounds):
             h.touch()
-            pid, t = fork_once(h.fork)
+            t0 = time.perf_counter()
+            pid = h.fork()
+            if pid == 0:
+                os._exit(0)
+            lat.append(time.perf_counter() - t0)
             os.waitpid(pid, 0)
-            lat.append(t)
             h.touch()
             t0 = time.perf_counter()
             pid = h.fork()
@@ -103,13 +202,49 @@ def measure(kind, size, rounds):
                 os._exit(0)
             os.waitpid(pid, 0)
             rt.append(time.perf_counter() - t0)
+        out["fork_ms"] = statistics.median(lat) * 1e3
+        out["roundtrip_ms"] = statistics.median(rt) * 1e3
+        if h.data is None:
+            return out
+        say("first writes and reads after the fork")
+        fwp, fwc, rp, rc = [], [], [], []
+        for i in range(heavy_rounds):
+            h.touch()
+            c = WaitingChild(h)
+            try:
+                nch = max(h.size // CHUNK_SIZE, 1)
+                off = (i * 7 % nch) * CHUNK_SIZE + 123        # the child's chunk
+                poff = ((i * 7 + 1) % nch) * CHUNK_SIZE + 321  # another one for the parent
+                fwc.append(c.ask(b"w", off) / 1e9)
+                t0 = time.perf_counter()
+                h.view[poff] ^= 1
+                fwp.append(time.perf_counter() - t0)
+                rc.append(c.ask(b"r") / 1e9)
+                t0 = time.perf_counter()
+                h.read_all()
+                rp.append(time.perf_counter() - t0)
+            finally:
+                c.close()
+        out["first_write_parent_us"] = statistics.median(fwp) * 1e6
+        out["first_write_child_us"] = statistics.median(fwc) * 1e6
+        out["read_parent_ms"] = statistics.median(rp) * 1e3
+        out["read_child_ms"] = statistics.median(rc) * 1e3
+        for pattern in ("dense", "sparse"):
+            say(f"{pattern} writes in the child")
+            ts, cp = [], []
+            for _ in range(heavy_rounds):
+                h.touch()
+                t, copied = child_pattern(h, pattern)
+                ts.append(t)
+                cp.append(copied)
+            out[f"{pattern}_ms"] = statistics.median(ts) * 1e3
+            out[f"{pattern}_copied"] = statistics.median(cp)
     finally:
         h.close()
-    return {"kind": kind, "size": size, "rounds": rounds,
-            "fork_ms": statistics.median(lat) * 1e3, "roundtrip_ms": statistics.median(rt) * 1e3,
-            "fork_all_ms": [x * 1e3 for x in lat], "roundtrip_all_ms": [x * 1e3 for x in rt]}
+    return out
 
 
-if __name__ == "__main__":  # python -m odfork_user._measure KIND SIZE ROUNDS -> JSON on stdout
+if __name__ == "__main__":  # python -m odfork_user._measure KIND SIZE ROUNDS [HEAVY] -> JSON on stdout
     kind, size, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    json.dump(measure(kind, size, rounds), sys.stdout)
+    heavy = int(sys.argv[4]) if len(sys.argv) > 4 else 3
+    json.dump(measure(kind, size, rounds, heavy, progress=sys.stderr), sys.stdout)

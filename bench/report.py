@@ -1,0 +1,215 @@
+"""Turn a pytest-benchmark JSON file into bench/RESULTS.md and PNG plots.
+
+    python bench/report.py bench/results.json bench/RESULTS.md
+
+Run by bench/run.sh after the suite; nothing here is measured, only summarised.
+"""
+import json
+import os
+import platform
+import statistics
+import sys
+from collections import defaultdict
+
+KINDS = ("bytearray", "numpy-thp", "odfork", "odfork-empty")
+METRICS = [  # group prefix, title, unit
+    ("1-fork-latency", "1. Fork latency (until fork returns in the parent)", "ms"),
+    ("2-roundtrip", "2. Round trip (fork, child _exit, waitpid)", "ms"),
+    ("3-first-write-parent", "3a. First write after the fork, in the parent (child alive)", "us"),
+    ("3-first-write-child", "3b. First write after the fork, in the child (asked over a pipe, ~20 us of it)", "us"),
+    ("4-dense-writes", "4. Dense rewrite: fork + the child rewrites every byte + exit + wait", "ms"),
+    ("5-sparse-writes", "5. Sparse writes: fork + the child writes one byte per 2 MiB + exit + wait", "ms"),
+    ("6-read-parent", "6a. Read everything after the fork, in the parent (child alive)", "ms"),
+    ("6-read-child", "6b. Read everything after the fork, in the child (asked over a pipe)", "ms"),
+]
+SCALE = {"ms": 1e3, "us": 1e6}
+
+# What would close a goal this design does not meet (kept here so the report says it every time).
+CLOSE = {
+    "fork-1G": "Two floors: the interpreter's own fork (odfork-empty: 0.3 ms in a lean process, 0.7 ms in "
+               "this pytest process) and an extra cost that grows with the written arena inside clone() itself "
+               "(+0.5 ms at 1 GiB, +0.9 ms at 16 GiB here; +0.06-0.15 ms in the lean `compare` process).  A C "
+               "program that puts the same mappings through the same states (populated, parked, moved back "
+               "chunk by chunk, parked again) forks in under 0.1 ms, so the cause is not yet found: the next "
+               "step is `perf record` of clone() in this process.  The Python-objects issue lowers the first floor.",
+    "fork-16G": "The same two floors as at 1 GiB; the os.fork baseline grows linearly, odfork by 0.9 ms.",
+    "flat": "odfork-empty is flat (0.73-0.78 ms); the written arena's extra cost inside clone() (see fork-1G) "
+            "is what grows from 64 MiB to 16 GiB.",
+    "roundtrip-1G": "The same clone() cost as fork-1G, plus the interpreter's exit; the arena adds O(chunks) "
+                    "for the slot's release.",
+    "dense": "A copy into fresh memory costs ~1 ms per 2 MiB here (page allocation and zeroing in a VM), "
+             "4x a memcpy into resident pages.  Keeping a pool of pre-allocated segments filled off the "
+             "critical path (a helper thread), or hugetlb-backed segments, would bring the copy to memcpy speed.",
+    "sparse": "A chunk is copied whole on its first write: one byte per 2 MiB copies 512x the bytes that "
+              "os.fork copies (and THP memory under os.fork copies 4 KiB too).  The fix is page-granular "
+              "copy on write for sparse chunks: map a shared chunk MAP_PRIVATE on first write (the kernel "
+              "copies only the pages written) and fold it back into a segment when it turns dense or its "
+              "count drops to 1, off the fork path.",
+    "read": "Reads after the fork take minor faults on the fresh read-only mapping (~0.35 us per 4 KiB "
+            "page) where os.fork's parent keeps its page tables.",
+}
+
+
+def load(path):
+    with open(path) as f:
+        data = json.load(f)
+    rows = defaultdict(dict)  # (metric, size) -> kind -> (median seconds, extra)
+    for b in data["benchmarks"]:
+        group = b["group"] or ""
+        for prefix, _, _ in METRICS:
+            if group.startswith(prefix + "-"):
+                size = b["extra_info"]["size"]
+                rows[(prefix, size)][b["extra_info"]["kind"]] = (b["stats"]["median"], b["extra_info"])
+    return data, rows
+
+
+def human(n):
+    return f"{n >> 30} GiB" if n >= 1 << 30 else f"{n >> 20} MiB"
+
+
+def ratio(rows, metric, size, base="bytearray", other="odfork"):
+    r = rows.get((metric, size), {})
+    if base in r and other in r and r[other][0] > 0:
+        return r[base][0] / r[other][0]
+    return None
+
+
+def goals(rows, sizes):
+    out = []
+
+    def add(key, text, value, ok, unit="x"):
+        out.append((key, text, "-" if value is None else f"{value:.2f}{unit}", ok))
+
+    for size, key, want in ((1 << 30, "fork-1G", 65), (16 << 30, "fork-16G", 300)):
+        v = ratio(rows, "1-fork-latency", size)
+        add(key, f"fork latency os.fork/odfork >= {want}x at {human(size)}", v, v is not None and v >= want)
+    lat = [rows[("1-fork-latency", s)]["odfork"][0] for s in sizes if "odfork" in rows.get(("1-fork-latency", s), {})]
+    flat = max(lat) / min(lat) if lat else None
+    add("flat", f"odfork latency flat within 1.5x over {human(min(sizes))}..{human(max(sizes))} measured",
+        flat, flat is not None and flat <= 1.5)
+    v = ratio(rows, "2-roundtrip", 1 << 30)
+    add("roundtrip-1G", "round trip os.fork/odfork >= 20x at 1 GiB", v, v is not None and v >= 20)
+    big = max((s for s in sizes if ("4-dense-writes", s) in rows), default=None)
+    if big:
+        v = ratio(rows, "4-dense-writes", big, "odfork", "bytearray")
+        add("dense", f"dense rewrite total odfork/os.fork <= 0.5x ({human(big)})", v, v is not None and v <= 0.5)
+        v = ratio(rows, "5-sparse-writes", big, "odfork", "bytearray")
+        r = rows[("5-sparse-writes", big)]
+        mem = (r["odfork"][1].get("copied", 0) / max(r["bytearray"][1].get("copied", 1), 1)
+               if "odfork" in r and "bytearray" in r else None)
+        add("sparse", f"sparse writes total odfork/os.fork <= 1x ({human(big)})", v, v is not None and v <= 1)
+        add("sparse", f"sparse writes extra memory odfork/os.fork <= 4x ({human(big)})", mem,
+            mem is not None and mem <= 4)
+        for who in ("parent", "child"):
+            v = ratio(rows, f"6-read-{who}", big, "odfork", "bytearray")
+            add("read", f"read after fork, {who}, odfork/os.fork <= 2x ({human(big)})", v, v is not None and v <= 2)
+    return out
+
+
+def plots(rows, sizes, outdir):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    made = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, metric, title in ((axes[0], "1-fork-latency", "fork latency"), (axes[1], "2-roundtrip", "round trip")):
+        for kind in KINDS:
+            pts = [(s, rows[(metric, s)][kind][0] * 1e3) for s in sizes if kind in rows.get((metric, s), {})]
+            if pts:
+                ax.plot([p[0] / (1 << 30) for p in pts], [p[1] for p in pts], marker="o", label=kind)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("data size (GiB)")
+        ax.set_ylabel("median (ms)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path = os.path.join(outdir, "latency.png")
+    fig.savefig(path, dpi=100)
+    made.append("latency.png")
+    big = max((s for s in sizes if ("4-dense-writes", s) in rows), default=None)
+    if big:
+        fig, ax = plt.subplots(figsize=(11, 4.2))
+        metrics = [m for m in METRICS if m[0].startswith(("3", "4", "5", "6"))]
+        kinds = ("bytearray", "numpy-thp", "odfork")
+        width = 0.27
+        for i, kind in enumerate(kinds):
+            vals = [rows.get((m[0], big), {}).get(kind, (0,))[0] * 1e3 for m in metrics]
+            ax.bar([j + (i - 1) * width for j in range(len(metrics))], vals, width, label=kind)
+        ax.set_xticks(range(len(metrics)))
+        ax.set_xticklabels([m[0][2:] for m in metrics], rotation=20)
+        ax.set_yscale("log")
+        ax.set_ylabel("median (ms)")
+        ax.set_title(f"after the fork, {human(big)}")
+        ax.legend()
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(os.path.join(outdir, "after_fork.png"), dpi=100)
+        made.append("after_fork.png")
+    return made
+
+
+def main(src, dst):
+    data, rows = load(src)
+    sizes = sorted({s for (_, s) in rows})
+    mi = data.get("machine_info", {})
+    extra = next(iter(data["benchmarks"]), {}).get("extra_info", {})
+    lines = ["# odfork_user benchmark results", "",
+             "Generated by `bash bench/run.sh` (pytest-benchmark JSON -> `bench/report.py`); do not edit by hand.", "",
+             f"- machine: {mi.get('cpu', {}).get('brand_raw', mi.get('processor', '?'))}, {os.cpu_count()} CPUs "
+             f"(this run's host: {platform.node() or '?'})",
+             f"- kernel {extra.get('kernel', platform.release())}, Python {mi.get('python_version', '?')}, "
+             f"THP: `{extra.get('thp', '?')}`, chunk 2 MiB",
+             f"- date: {data.get('datetime', '?')}",
+             "- memory kinds: **bytearray** = os.fork, heap memory in 4 KiB pages (the baseline of every ratio); "
+             "**numpy-thp** = os.fork, numpy array in transparent huge pages; **odfork** = the same bytes in an "
+             "arena; **odfork-empty** = an arena with nothing written.",
+             "- every number is the median of the rounds pytest-benchmark ran (shown), measured side by side in "
+             "one run; the parent writes one byte per 2 MiB before each round.", ""]
+    for prefix, title, unit in METRICS:
+        present = [s for s in sizes if (prefix, s) in rows]
+        if not present:
+            continue
+        kinds = [k for k in KINDS if any(k in rows[(prefix, s)] for s in present)]
+        lines += [f"## {title}", "", "| size | " + " | ".join(f"{k} ({unit})" for k in kinds)
+                  + " | os.fork(bytearray)/odfork | os.fork(numpy-thp)/odfork |",
+                  "|---" * (len(kinds) + 3) + "|"]
+        for s in present:
+            r = rows[(prefix, s)]
+            cells = [f"{r[k][0] * SCALE[unit]:.3g}" if k in r else "-" for k in kinds]
+            r1, r2 = ratio(rows, prefix, s), ratio(rows, prefix, s, "numpy-thp")
+            lines.append(f"| {human(s)} | " + " | ".join(cells)
+                         + f" | {'-' if r1 is None else f'{r1:.2f}x'} | {'-' if r2 is None else f'{r2:.2f}x'} |")
+        if prefix in ("4-dense-writes", "5-sparse-writes"):
+            lines += ["", "Extra memory (the child's Private_Dirty growth, MiB):", "",
+                      "| size | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+            for s in present:
+                r = rows[(prefix, s)]
+                lines.append(f"| {human(s)} | " + " | ".join(
+                    f"{r[k][1].get('copied', 0) / (1 << 20):.1f}" if k in r else "-" for k in kinds) + " |")
+        lines.append("")
+    lines += ["## Goals (os.fork = the bytearray baseline)", "", "| goal | measured | met |", "|---|---|---|"]
+    unmet = []
+    for key, text, value, ok in goals(rows, sizes):
+        lines.append(f"| {text} | {value} | {'yes' if ok else '**no**'} |")
+        if not ok and key not in unmet:
+            unmet.append(key)
+    lines.append("")
+    if unmet:
+        lines += ["### Goals not met, and what would close them", ""]
+        lines += [f"- **{k}**: {CLOSE[k]}" for k in unmet]
+        lines.append("")
+    made = plots(rows, sizes, os.path.dirname(os.path.abspath(dst)))
+    if made:
+        lines += ["## Plots", ""] + [f"![{m}]({m})" for m in made] + [""]
+    with open(dst, "w") as f:
+        f.write("\n".join(lines))
+    print(f"wrote {dst} ({len(rows)} tables' rows, plots: {', '.join(made) or 'none'})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "bench/RESULTS.md")

@@ -1,0 +1,168 @@
+"""os.fork vs odfork, side by side, one pytest-benchmark group per metric and size.
+
+Run (one command regenerates bench/RESULTS.md and the plots):  bash bench/run.sh
+By hand:  pytest bench/ --benchmark-only --benchmark-group-by=group
+Sizes:    ODFORK_BENCH_SIZES=64M,256M,1G,4G,16G (a size is skipped, with the reason,
+          when the memory it needs is not available: 1.3x the size for the latency
+          groups, 2.3x for the write and read groups).
+
+Kinds of memory (odfork_user/_measure.py):
+  bytearray    os.fork, ordinary heap memory in 4 KiB pages (the baseline)
+  numpy-thp    os.fork, a numpy array in transparent huge pages
+  odfork       odfork, the same bytes in an arena
+  odfork-empty odfork, an arena of the same size with nothing written (latency groups only)
+Before every round the parent writes one byte per 2 MiB (untimed): the state of a
+process that keeps working between forks.  Timings are never asserted; results are.
+"""
+import os
+
+import pytest
+
+from conftest import make_holder, sizes
+from odfork_user._measure import KINDS, WaitingChild, child_pattern, thp_state
+
+np = pytest.importorskip("numpy")  # the THP baseline needs numpy
+CH = 1 << 21
+WRITE_KINDS = ("bytearray", "numpy-thp", "odfork")
+
+
+def _extra(benchmark, h, **kw):
+    benchmark.extra_info.update(kind=h.kind, size=h.size, thp=thp_state(), kernel=os.uname().release,
+                                chunk_size=CH, **kw)
+
+
+@pytest.fixture(params=sizes(), ids=lambda s: f"{s >> 20}M")
+def size(request):
+    return request.param
+
+
+@pytest.fixture(params=KINDS)
+def holder(request, size):
+    h = make_holder(request.param, size, 1.3)
+    yield h
+    h.close()
+
+
+@pytest.fixture(params=WRITE_KINDS)
+def writer(request, size):
+    h = make_holder(request.param, size, 2.3)  # a dense rewrite doubles the data
+    yield h
+    h.close()
+
+
+# 1. fork latency ---------------------------------------------------------------
+def test_fork_latency(benchmark, holder):
+    benchmark.group = f"1-fork-latency-{holder.size >> 20}M"
+    _extra(benchmark, holder)
+    pending = []
+
+    def setup():
+        while pending:
+            os.waitpid(pending.pop(), 0)
+        holder.touch()
+
+    def target():
+        pid = holder.fork()
+        if pid == 0:
+            os._exit(0)
+        pending.append(pid)
+
+    benchmark.pedantic(target, setup=setup, rounds=15, warmup_rounds=1)
+    setup()
+    if holder.arena is not None:
+        holder.arena.check()
+
+
+# 2. round trip ------------------------------------------------------------------
+def test_fork_roundtrip(benchmark, holder):
+    benchmark.group = f"2-roundtrip-{holder.size >> 20}M"
+    _extra(benchmark, holder)
+
+    def target():
+        pid = holder.fork()
+        if pid == 0:
+            os._exit(0)
+        return os.waitpid(pid, 0)[1]
+
+    assert benchmark.pedantic(target, setup=holder.touch, rounds=15, warmup_rounds=1) == 0
+
+
+# 3. fault handling: the first write after the fork ------------------------------
+@pytest.mark.parametrize("who", ["parent", "child"])
+def test_first_write(benchmark, writer, who):
+    """parent: one write to a chunk it shares with a live child.  child: the
+    child's first write, asked over a pipe (the round trip, ~20 us, is included
+    for every kind alike)."""
+    benchmark.group = f"3-first-write-{who}-{writer.size >> 20}M"
+    _extra(benchmark, writer, who=who)
+    state = {"i": 0, "child": None}
+    nch = max(writer.size // CH, 1)
+
+    def setup():
+        if state["child"]:
+            state["child"].close()
+        writer.touch()
+        state["child"] = WaitingChild(writer)
+        state["child"].ask(b"d")  # the child is up and waiting: only the write is timed
+        state["i"] += 1
+
+    def target():
+        off = (state["i"] * 5 % nch) * CH + 77
+        if who == "parent":
+            writer.view[off] ^= 1
+        else:
+            state["child"].ask(b"w", off)
+
+    try:
+        benchmark.pedantic(target, setup=setup, rounds=10, warmup_rounds=1)
+    finally:
+        if state["child"]:
+            state["child"].close()
+
+
+# 4 and 5. write patterns: dense rewrite, sparse writes (7. memory in extra_info) ----
+@pytest.mark.parametrize("pattern", ["dense", "sparse"])
+def test_child_writes(benchmark, writer, pattern):
+    """fork + the child rewrites every byte (dense) or one byte per 2 MiB (sparse) + exit + wait.
+    extra_info['copied'] is the child's Private_Dirty growth: the extra memory the pattern cost."""
+    benchmark.group = f"{4 if pattern == 'dense' else 5}-{pattern}-writes-{writer.size >> 20}M"
+    _extra(benchmark, writer, pattern=pattern)
+    copied = []
+
+    def target():
+        t, c = child_pattern(writer, pattern)
+        copied.append(c)
+
+    benchmark.pedantic(target, setup=writer.touch, rounds=3 if writer.size > (256 << 20) else 5,
+                       warmup_rounds=0)
+    benchmark.extra_info["copied"] = sorted(copied)[len(copied) // 2]
+    if pattern == "dense":  # every page was written: all of it is private now
+        assert benchmark.extra_info["copied"] >= writer.size * 0.9
+
+
+# 6. read after fork ---------------------------------------------------------------
+@pytest.mark.parametrize("who", ["parent", "child"])
+def test_read_after_fork(benchmark, writer, who):
+    benchmark.group = f"6-read-{who}-{writer.size >> 20}M"
+    _extra(benchmark, writer, who=who)
+    state = {"child": None}
+
+    def setup():
+        if state["child"]:
+            state["child"].close()
+        writer.touch()
+        state["child"] = WaitingChild(writer)
+        state["child"].ask(b"d")
+
+    def target():
+        if who == "parent":
+            writer.read_all()
+        else:
+            state["child"].ask(b"r")
+
+    try:
+        benchmark.pedantic(target, setup=setup, rounds=3 if writer.size > (256 << 20) else 5,
+                           warmup_rounds=0)
+    finally:
+        if state["child"]:
+            state["child"].close()

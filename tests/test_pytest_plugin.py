@@ -1,0 +1,110 @@
+"""The pytest plugin (`pytest --odfork`): reports as pytest-forked gives them, and isolation."""
+import importlib.metadata
+import os
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+SUITE = '''
+import os, signal, sys
+import pytest
+import odfork_user as ou
+
+SETUPS = os.environ["SETUP_LOG"]
+
+@pytest.fixture(scope="session")
+def data():
+    with open(SETUPS, "a") as f:
+        f.write("setup\\n")
+    arena = ou.Arena(8 << 20)
+    buf = arena.alloc(4 << 20)
+    buf[:] = b"s" * len(buf)
+    yield buf
+    assert bytes(buf[:4]) == b"ssss"     # no test's write reached the parent
+    with open(SETUPS, "a") as f:
+        f.write("teardown ok\\n")
+
+def test_pass(data):
+    assert data[0] == ord("s")
+
+def test_write_a(data):
+    data[:4] = b"AAAA"
+    assert bytes(data[:4]) == b"AAAA"
+
+def test_write_b_sees_original(data):
+    assert bytes(data[:4]) == b"ssss"
+    data[:4] = b"BBBB"
+
+def test_fail(data):
+    print("visible output")
+    assert data[0] == 0, "expected failure"
+
+@pytest.mark.skip(reason="skipped on purpose")
+def test_skip():
+    pass
+
+@pytest.mark.xfail(reason="known")
+def test_xfail():
+    assert False
+
+@pytest.mark.xfail(strict=True, reason="strict")
+def test_xpass_strict():
+    pass
+
+def test_crash():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def test_pid_differs():
+    assert os.getpid() != int(os.environ["PYTEST_PARENT"])
+'''
+
+
+def _plugin_args():
+    names = {ep.name for ep in importlib.metadata.entry_points(group="pytest11")}
+    return [] if "odfork" in names else ["-p", "odfork_user.pytest_plugin"]
+
+
+@pytest.fixture
+def run_suite(pytester, tmp_path, monkeypatch):
+    pytester.makepyfile(test_suite=SUITE)
+    log = tmp_path / "setups.log"
+    monkeypatch.setenv("SETUP_LOG", str(log))
+
+    def run(*args):
+        # the child pytest is a subprocess: PYTEST_PARENT is its own pid only in the parent process
+        # of the tests, so give it the pid through a conftest instead
+        pytester.makeconftest("import os\nos.environ['PYTEST_PARENT'] = str(os.getpid())\n")
+        return pytester.runpytest_subprocess(*_plugin_args(), *args, "-rA"), log
+    return run
+
+
+def test_outcomes_match_pytest_forked_conventions(run_suite):
+    result, log = run_suite("--odfork")
+    result.assert_outcomes(passed=4, failed=3, skipped=1, xfailed=1)
+    out = result.stdout.str()
+    assert "visible output" in out                       # captured output of a failing test
+    assert "killed by signal 9 (SIGKILL)" in out          # a crashing child is a failure, not a hang
+    assert "XPASS(strict)" in out or "[XPASS(strict)]" in out
+    assert log.read_text() == "setup\nteardown ok\n"     # the session fixture was built once, in the parent
+
+
+def test_without_the_flag_tests_run_in_process(run_suite):
+    result, _ = run_suite()
+    # no fork: test_pid_differs fails, test_write_b sees test_write_a's write, the crash kills pytest
+    out = result.stdout.str()
+    assert "test_pid_differs" in out and result.ret != 0
+
+
+def test_marker_selects_single_tests(pytester):
+    pytester.makepyfile(test_m='''
+import os, pytest
+PARENT = os.getpid()
+@pytest.mark.odfork
+def test_forked():
+    assert os.getpid() != PARENT
+def test_not_forked():
+    assert os.getpid() == PARENT
+''')
+    result = pytester.runpytest_subprocess(*_plugin_args())
+    result.assert_outcomes(passed=2)
