@@ -1,0 +1,29 @@
+"""Quick mode of the real workloads (bench/workloads.py): they run, agree with each other, and
+every mode of each produces its result (timings are reported, never asserted)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import odfork_user as ou
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "bench", "workloads.py")), reason="no bench/ folder")
+def test_workloads_quick(tmp_path):
+    pytest.importorskip("pytest_forked")
+    out = tmp_path / "w.json"
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(ou.__file__)))
+    p = subprocess.run([sys.executable, "-P", os.path.join(ROOT, "bench", "workloads.py"), "--quick",
+                        "--json", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p
+    res = json.loads(out.read_text())
+    assert all(r["ok"] and r["tests"] == 20 for r in res["plugin"]["results"].values())
+    fuzz = res["fuzz"]["results"]
+    assert set(fuzz) == {"os.fork", "odfork", "snapshot"} and all(r["crashes"] == 1 for r in fuzz.values())
+    kv = res["kv"]["results"]
+    assert set(kv) == {"os.fork", "odfork", "snapshot"}
+    assert all(r["requests"] > 100 and r["snapshots"] >= 1 for r in kv.values())
