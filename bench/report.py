@@ -189,9 +189,11 @@ def workload_section(w):
         r = res["odfork"]["max_during_ms"] / res["os.fork"]["max_during_ms"]
         out += ["", f"Goal: max latency during a snapshot at most 1/20 of os.fork's: odfork is {r:.2f}x of it "
                     f"({'met' if r <= 0.05 else 'not met'}).  Each first write to a chunk after the fork copies "
-                    "2 MiB into newly allocated memory: ~1 ms here (p90 5.7 ms on memory the VM's host has not "
-                    "backed yet), up to 44 ms while the child streams the table to disk.  What would close it: "
-                    "page-granular copy on write (see sparse above) or segments pre-allocated off the request path.",
+                    "2 MiB (~1 ms here, p99 ~6 ms on memory the VM's host has not backed yet, more while the "
+                    "child streams the table to disk), where os.fork copies 4 KiB.  What would close it: "
+                    "page-granular copy on write (see sparse above) or segments pre-allocated off the request "
+                    "path.  The snapshot row's stalls come from the saving thread (GIL hand-offs and the "
+                    "write(2) of the snapshot mapping), not from the core: not investigated further yet.",
                 ""]
     return out
 

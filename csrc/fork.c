@@ -236,6 +236,7 @@ int odf_fork_check(void)
         pthread_mutex_lock(&a->local);
         if ((rc = _odf_family_lock(a)) == 0) {
             _odf_reap_locked(a);
+            _odf_trim_locked(a, ODF_TRIM_STEP);
             odf_ctl_t *ctl = a->ctl;
             int free_slot = ctl->slot_hwm < ctl->max_slots;
             for (uint32_t k = 0; k < ctl->slot_hwm && !free_slot; k++)

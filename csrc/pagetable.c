@@ -34,7 +34,8 @@ int _odf_ctl_init(odf_arena_t *a, uint32_t max_slots, uint32_t max_segs)
 {
     size_t off_refcnt = ALIGN_UP(sizeof(odf_ctl_t), 4096);
     size_t off_free = off_refcnt + ALIGN_UP((size_t)max_segs * 4, 4096);
-    size_t off_slots = off_free + ALIGN_UP((size_t)max_segs * 4, 4096);
+    size_t off_dirty = off_free + ALIGN_UP((size_t)max_segs * 4, 4096);
+    size_t off_slots = off_dirty + ALIGN_UP((size_t)max_segs * 4, 4096);
     size_t off_pt = off_slots + ALIGN_UP((size_t)max_slots * sizeof(odf_slot_t), 4096);
     size_t total = off_pt + ALIGN_UP((size_t)max_slots * a->nchunks * 4, 4096);
 
@@ -50,11 +51,13 @@ int _odf_ctl_init(odf_arena_t *a, uint32_t max_slots, uint32_t max_segs)
     ctl->max_segs = max_segs;
     ctl->off_refcnt = off_refcnt;
     ctl->off_free = off_free;
+    ctl->off_dirty = off_dirty;
     ctl->off_slots = off_slots;
     ctl->off_pt = off_pt;
     ctl->total = total;
     a->refcnt = (uint32_t *)((char *)p + off_refcnt);
     a->freestack = (uint32_t *)((char *)p + off_free);
+    a->dirty = (uint32_t *)((char *)p + off_dirty);
     a->slots = (odf_slot_t *)((char *)p + off_slots);
     a->pts = (uint32_t *)((char *)p + off_pt);
 
@@ -97,13 +100,13 @@ static int seg_alloc(odf_arena_t *a, uint32_t *seg, int overwrite)
     odf_ctl_t *ctl = a->ctl;
     uint32_t s;
     if (overwrite && ctl->ndirty)
-        s = ctl->dirty[--ctl->ndirty];
+        s = a->dirty[--ctl->ndirty];
     else if (ctl->nfree)
         s = a->freestack[--ctl->nfree];
     else if (ctl->seg_hwm < ctl->max_segs)
         s = ctl->seg_hwm++;
     else if (ctl->ndirty) {
-        s = ctl->dirty[--ctl->ndirty];
+        s = a->dirty[--ctl->ndirty];
         if (!overwrite)
             punch(a, s);
     } else
@@ -116,14 +119,20 @@ static int seg_alloc(odf_arena_t *a, uint32_t *seg, int overwrite)
 
 static void seg_free(odf_arena_t *a, uint32_t s)
 {
-    if (a->ctl->ndirty < ODF_DIRTY_MAX) {
-        a->ctl->dirty[a->ctl->ndirty++] = s;
-        return;
+    a->dirty[a->ctl->ndirty++] = s; /* O(1); see ODF_KEEP */
+}
+
+/* Punch up to `budget` kept segments beyond ODF_KEEP, oldest first, back to
+ * the system; a punched segment reads as zeros, as a fresh chunk must. */
+void _odf_trim_locked(odf_arena_t *a, uint32_t budget)
+{
+    odf_ctl_t *ctl = a->ctl;
+    while (ctl->ndirty > ODF_KEEP && budget--) {
+        uint32_t s = a->dirty[0];
+        a->dirty[0] = a->dirty[--ctl->ndirty];
+        punch(a, s);
+        a->freestack[ctl->nfree++] = s;
     }
-    /* Give the memory back before the segment can be handed out again: a
-     * freed segment reads as zeros, which is what a fresh chunk must hold. */
-    punch(a, s);
-    a->freestack[a->ctl->nfree++] = s;
 }
 
 void _odf_seg_decref(odf_arena_t *a, uint32_t s)
@@ -358,6 +367,7 @@ int _odf_fault(odf_arena_t *a, uint32_t c)
     if (rc)
         return rc;
     a->n_faults++;
+    _odf_trim_locked(a, ODF_TRIM_STEP);
     uint32_t e = a->mypt[c];
     if (e == 0) { /* first touch: a fresh (zero) segment */
         if ((rc = seg_alloc(a, &nseg, 0))) {
@@ -436,7 +446,7 @@ int _odf_fault(odf_arena_t *a, uint32_t c)
 int odf_arena_reap(odf_arena_t *a)
 {
     int rc;
-    ODF_LOCKED(a, rc, _odf_reap_locked(a));
+    ODF_LOCKED(a, rc, _odf_reap_locked(a); _odf_trim_locked(a, UINT32_MAX));
     return rc;
 }
 
@@ -446,6 +456,7 @@ int odf_arena_stats(odf_arena_t *a, odf_stats_t *out)
     memset(out, 0, sizeof(*out));
     ODF_LOCKED(a, rc, {
         _odf_reap_locked(a);
+        _odf_trim_locked(a, UINT32_MAX);
         out->chunks = a->nchunks;
         for (uint32_t c = 0; c < a->hi; c++) {
             if (a->mypt[c]) {
@@ -518,7 +529,7 @@ static int check_locked(odf_arena_t *a, char *msg, size_t len)
         isfree[s] = 1;
     }
     for (uint32_t k = 0; k < ctl->ndirty; k++) {
-        uint32_t s = ctl->dirty[k];
+        uint32_t s = a->dirty[k];
         if (s >= nseg || isfree[s]) {
             snprintf(msg, len, "kept-segment entry %u (segment %u) is out of range or repeated", k, s);
             rc = EUCLEAN;
@@ -577,6 +588,7 @@ int odf_arena_check(odf_arena_t *a, char *msg, size_t msglen)
     msg[0] = 0;
     ODF_LOCKED(a, rc, {
         _odf_reap_locked(a);
+        _odf_trim_locked(a, UINT32_MAX);
         rc = check_locked(a, msg, msglen);
     });
     return rc;

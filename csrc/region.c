@@ -186,6 +186,7 @@ int odf_arena_close(odf_arena_t *a)
         /* DYING first: a reaper must not trylock the mutex we are about to drop. */
         atomic_store(&me->sg, ODF_SG(ODF_SG_GEN(atomic_load(&me->sg)), ODF_SLOT_DYING));
         _odf_slot_release(a, a->self);
+        _odf_trim_locked(a, UINT32_MAX);
         pthread_mutex_unlock(&me->alive);
         _odf_family_unlock(a);
     }
