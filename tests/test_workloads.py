@@ -21,7 +21,10 @@ def test_workloads_quick(tmp_path):
                         "--json", str(out)], capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p
     res = json.loads(out.read_text())
-    assert all(r["ok"] and r["tests"] == 20 for r in res["plugin"]["results"].values())
+    plugin = res["plugin"]["results"]
+    assert all(r["ok"] and r["tests"] == 20 for r in plugin.values())
+    # our runners always run; pytest-forked may be unavailable (it breaks under some pytest versions)
+    assert all("unavailable" not in r for k, r in plugin.items() if "--odfork" in k)
     fuzz = res["fuzz"]["results"]
     assert set(fuzz) == {"os.fork", "odfork", "snapshot"} and all(r["crashes"] == 1 for r in fuzz.values())
     kv = res["kv"]["results"]
