@@ -102,8 +102,8 @@ def test_spawn_from_threads_and_dropped_children_are_reaped(arena):
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            return False  # reaped
+        except (FileNotFoundError, ProcessLookupError):
+            return False  # reaped (possibly between the open and the read)
         return int(fields[1]) == os.getpid()  # still our child (running or a zombie)
 
     deadline = time.time() + 10
