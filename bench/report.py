@@ -26,17 +26,16 @@ SCALE = {"ms": 1e3, "us": 1e6}
 
 # What would close a goal this design does not meet (kept here so the report says it every time).
 CLOSE = {
-    "fork-1G": "Two floors: the interpreter's own fork (odfork-empty: 0.3 ms in a lean process, 0.7 ms in "
-               "this pytest process) and an extra cost that grows with the written arena inside clone() itself "
-               "(+0.5 ms at 1 GiB, +0.9 ms at 16 GiB here; +0.06-0.15 ms in the lean `compare` process).  A C "
-               "program that puts the same mappings through the same states (populated, parked, moved back "
-               "chunk by chunk, parked again) forks in under 0.1 ms, so the cause is not yet found: the next "
-               "step is `perf record` of clone() in this process.  The Python-objects issue lowers the first floor.",
-    "fork-16G": "The same two floors as at 1 GiB; the os.fork baseline grows linearly, odfork by 0.9 ms.",
-    "flat": "odfork-empty is flat (0.73-0.78 ms); the written arena's extra cost inside clone() (see fork-1G) "
-            "is what grows from 64 MiB to 16 GiB.",
-    "roundtrip-1G": "The same clone() cost as fork-1G, plus the interpreter's exit; the arena adds O(chunks) "
-                    "for the slot's release.",
+    "fork-1G": "The floor is the interpreter's own fork: odfork-empty, which runs the same Python loop "
+               "between forks, costs 0.3 ms in a lean process and ~0.8 ms in this pytest process, and the arena "
+               "adds ~0.1-0.5 ms at 1 GiB.  perf shows the floor is copy_page_range over the interpreter's heap: "
+               "the loop between forks dirties heap pages that every fork must write-protect again.  Moving the "
+               "interpreter's heap into the arena (the Python-objects issue) is what lowers it.",
+    "fork-16G": "The same floor as at 1 GiB; the os.fork baseline grows linearly with the size.",
+    "flat": "The floor is flat; what grows from 64 MiB to 16 GiB is the O(chunks) part: copying the page "
+            "table into the child's slot and raising every chunk's count (8192 chunks at 16 GiB), plus parking.",
+    "roundtrip-1G": "The same floor as fork-1G, plus the interpreter's exit; the arena adds O(chunks) for the "
+                    "slot's release.",
     "dense": "A copy into fresh memory costs ~1 ms per 2 MiB here (page allocation and zeroing in a VM), "
              "4x a memcpy into resident pages.  Keeping a pool of pre-allocated segments filled off the "
              "critical path (a helper thread), or hugetlb-backed segments, would bring the copy to memcpy speed.",

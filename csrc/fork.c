@@ -10,7 +10,7 @@
  *   make the emptied arena range read-only (mprotect of a range with no page
  *   table entries, O(1)).  Nothing is done per page.
  * parent: release the locks; on a failed prepare give the child slot back.
- * child: claim the slot (CAS PENDING -> CLAIMED, pid, lock `alive`, LIVE),
+ * child: claim the slot (CAS PENDING -> CLAIMED, pid, liveness lock, LIVE),
  *   drop the inherited shadow (no page table entries: cheap), clear the
  *   private flags.  If prepare failed or the slot was reclaimed, the child
  *   loses the arena: all of it becomes PROT_NONE and any access crashes with
@@ -187,7 +187,13 @@ void _odf_child_setup(odf_arena_t *a)
     }
     atomic_store(&s->pid, getpid());
     s->owner = ODF_NONE;
-    pthread_mutex_lock(&s->alive);
+    if (_odf_slot_hold_alive(a, a->child_slot, 1)) {
+        /* Cannot prove we are alive: stay CLAIMED (reclaimed by pid once we
+         * exit) and lose the arena rather than risk a premature release. */
+        a->fork_err = ENOLCK;
+        orphan(a);
+        return;
+    }
     atomic_store(&s->sg, ODF_SG(a->child_gen, ODF_SLOT_LIVE));
     a->self = a->child_slot;
     a->mypt = ODF_PT(a, a->self);

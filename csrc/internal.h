@@ -36,8 +36,14 @@
  *              that dies leaves EOWNERDEAD: the next locker recomputes the
  *              counts from the page tables (_odf_recover) before going on.
  *              Held across fork() by the parent (prepare -> parent handler).
- *   slot->alive robust, locked for life by the process that owns the slot;
- *              trylock returning EOWNERDEAD means that process died.
+ *   liveness   not a lock that orders anything: each process holds a POSIX
+ *              record lock (fcntl F_SETLK) on one byte of the control memfd,
+ *              at offset total + slot, for as long as it owns the slot.  The
+ *              kernel drops it when the process exits or execs, a fork child
+ *              does not inherit it, and F_GETLK from any other process tells
+ *              whether it is still held.  A robust mutex would not do: robust
+ *              futexes belong to threads, so an arena created by a thread that
+ *              later exits would make a live process look dead.
  * Code holding either lock never writes arena memory, so it cannot fault.
  */
 #ifndef ODF_INTERNAL_H
@@ -83,8 +89,8 @@
 enum {
     ODF_SLOT_FREE = 0,
     ODF_SLOT_PENDING = 1, /* filled by a parent in fork prepare; child not yet in */
-    ODF_SLOT_CLAIMED = 2, /* child won the CAS, is locking `alive` */
-    ODF_SLOT_LIVE = 3,    /* child (or creator) holds `alive` */
+    ODF_SLOT_CLAIMED = 2, /* child won the CAS, is taking its liveness lock */
+    ODF_SLOT_LIVE = 3,    /* child (or creator) holds its liveness lock */
     ODF_SLOT_SNAP = 4,    /* snapshot owned by process slot `owner` */
     ODF_SLOT_DYING = 5,   /* being released; never claimed or trylocked */
 };
@@ -94,7 +100,6 @@ enum {
 #define ODF_F_PARKED 2u   /* shadow chunk holds the populated mapping of pt[c] */
 
 typedef struct odf_slot_s {
-    pthread_mutex_t alive;     /* see locking rules; initialised by whoever hands the slot out */
     _Atomic uint64_t sg;       /* gen << 32 | state; CAS by the child (PENDING->CLAIMED->LIVE),
                                   otherwise written under the family lock */
     _Atomic int32_t pid;       /* 0 until known; written by the child or by the parent's note */
@@ -159,7 +164,8 @@ uint64_t _odf_now_ns(void);
 /* pagetable.c: family state.  pre: a->local held (signals blocked) unless noted. */
 int _odf_family_lock(odf_arena_t *a);
 void _odf_family_unlock(odf_arena_t *a);
-void _odf_slot_init_alive(odf_slot_t *s);
+int _odf_slot_hold_alive(odf_arena_t *a, uint32_t idx, int hold); /* take (1) or drop (0) */
+int _odf_slot_is_alive(odf_arena_t *a, uint32_t idx);            /* held by another process */
 int _odf_slot_alloc(odf_arena_t *a, uint32_t state, uint32_t *idx); /* pre: family lock */
 void _odf_slot_release(odf_arena_t *a, uint32_t idx);                 /* pre: family lock */
 void _odf_slot_share(odf_arena_t *a, uint32_t dst, const uint32_t *pt, uint32_t hi); /* pre: family lock */

@@ -20,14 +20,22 @@
 
 #define ALIGN_UP(x, a) (((x) + (a) - 1) & ~((size_t)(a) - 1))
 
-void _odf_slot_init_alive(odf_slot_t *s)
+/* Liveness locks (see internal.h): byte `total + idx` of the control memfd,
+ * past its end (record locks need no data there).  Async-signal-safe. */
+int _odf_slot_hold_alive(odf_arena_t *a, uint32_t idx, int hold)
 {
-    pthread_mutexattr_t at;
-    pthread_mutexattr_init(&at);
-    pthread_mutexattr_setpshared(&at, PTHREAD_PROCESS_SHARED);
-    pthread_mutexattr_setrobust(&at, PTHREAD_MUTEX_ROBUST);
-    pthread_mutex_init(&s->alive, &at);
-    pthread_mutexattr_destroy(&at);
+    struct flock fl = {.l_type = (short)(hold ? F_WRLCK : F_UNLCK), .l_whence = SEEK_SET,
+                       .l_start = (off_t)(a->ctl->total + idx), .l_len = 1};
+    return fcntl(a->ctl_fd, F_SETLK, &fl) < 0 ? errno : 0;
+}
+
+int _odf_slot_is_alive(odf_arena_t *a, uint32_t idx)
+{
+    struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET,
+                       .l_start = (off_t)(a->ctl->total + idx), .l_len = 1};
+    if (fcntl(a->ctl_fd, F_GETLK, &fl) < 0)
+        return 1; /* cannot tell: never release a live process's references */
+    return fl.l_type != F_UNLCK;
 }
 
 int _odf_ctl_init(odf_arena_t *a, uint32_t max_slots, uint32_t max_segs)
@@ -75,9 +83,10 @@ int _odf_ctl_init(odf_arena_t *a, uint32_t max_slots, uint32_t max_segs)
     if (rc)
         return rc;
     rc = _odf_slot_alloc(a, ODF_SLOT_LIVE, &idx);
+    if (rc == 0)
+        rc = _odf_slot_hold_alive(a, idx, 1);
     if (rc == 0) {
         a->slots[idx].pid = getpid();
-        pthread_mutex_lock(&a->slots[idx].alive);
         a->self = idx;
         a->mypt = ODF_PT(a, idx);
     }
@@ -220,8 +229,6 @@ found:;
     s->owner = ODF_NONE;
     s->owner_gen = 0;
     s->born_ns = _odf_now_ns();
-    if (state != ODF_SLOT_SNAP)
-        _odf_slot_init_alive(s);
     atomic_store(&s->sg, ODF_SG(gen, state));
     *idx = i;
     return 0;
@@ -296,15 +303,8 @@ void _odf_reap_locked(odf_arena_t *a)
             uint64_t v = atomic_load(&s->sg);
             uint32_t st = ODF_SG_STATE(v);
             if (pass == 0 && st == ODF_SLOT_LIVE) {
-                int rc = pthread_mutex_trylock(&s->alive);
-                if (rc == EOWNERDEAD) {
-                    pthread_mutex_consistent(&s->alive);
-                    pthread_mutex_unlock(&s->alive);
+                if (!_odf_slot_is_alive(a, i))
                     _odf_slot_release(a, i);
-                } else if (rc == 0) { /* nobody holds it while LIVE: owner is gone */
-                    pthread_mutex_unlock(&s->alive);
-                    _odf_slot_release(a, i);
-                }
             } else if (pass == 0 && st == ODF_SLOT_SNAP) {
                 if (!slot_is_live(a, s->owner, s->owner_gen))
                     _odf_slot_release(a, i);

@@ -17,6 +17,7 @@
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
+#include <fcntl.h>
 
 odf_arena_t *_Atomic _odf_registry[ODF_MAX_ARENAS];
 pthread_mutex_t _odf_registry_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -182,12 +183,9 @@ int odf_arena_close(odf_arena_t *a)
     _odf_block_signals(&old);
     pthread_mutex_lock(&a->local);
     if (!a->orphaned && _odf_family_lock(a) == 0) {
-        odf_slot_t *me = &a->slots[a->self];
-        /* DYING first: a reaper must not trylock the mutex we are about to drop. */
-        atomic_store(&me->sg, ODF_SG(ODF_SG_GEN(atomic_load(&me->sg)), ODF_SLOT_DYING));
         _odf_slot_release(a, a->self);
         _odf_trim_locked(a, UINT32_MAX);
-        pthread_mutex_unlock(&me->alive);
+        _odf_slot_hold_alive(a, a->self, 0);
         _odf_family_unlock(a);
     }
     pthread_mutex_unlock(&a->local);

@@ -76,6 +76,8 @@ class Holder:
             self.fork = odfork
             if kind == "odfork":
                 self.data = self.arena.alloc(size)
+            else:
+                self._scratch = bytearray(max(size // CHUNK_SIZE, 1))
         else:
             raise ValueError(f"unknown kind {kind!r} (one of {', '.join(KINDS)})")
         if self.data is not None:
@@ -91,8 +93,17 @@ class Holder:
             v[off:off + n] = block[:n]
 
     def touch(self, step=CHUNK_SIZE):
-        """Write one byte per `step` (the parent keeps working between forks)."""
+        """Write one byte per `step` (the parent keeps working between forks).
+
+        With nothing to write (odfork-empty) the same Python loop runs over a
+        scratch buffer: the loop itself dirties interpreter heap pages that the
+        next fork must write-protect again (perf: copy_page_range), and the
+        empty baseline must pay that as the others do."""
         if self.data is None:
+            scratch = self._scratch
+            for off in range(0, self.size, step):
+                j = (off // step) % len(scratch)
+                scratch[j] = (scratch[j] + 1) & 0xFF
             return
         v = self.view
         for off in range(0, self.size, step):

@@ -442,3 +442,36 @@ def test_orphaned_access_message_not_silent_corruption(arena):
     assert "status 11" in p.stdout and "parent 1" in p.stdout, p
     assert "odfork refused 11" in p.stdout, p
     assert "not available in this process" in p.stderr, p
+
+
+def test_arena_created_by_a_thread_that_exits_stays_alive_for_the_family():
+    # liveness must be per process: a thread that created the arena and then
+    # exited must not make the process look dead to its children
+    holder = {}
+
+    def make():
+        a = ou.Arena(4 * CH)
+        b = a.alloc(2 * CH)
+        b[:] = b"t" * len(b)
+        holder["a"], holder["b"] = a, b
+
+    t = threading.Thread(target=make)
+    t.start()
+    t.join()
+    a, b = holder["a"], holder["b"]
+    try:
+        def child():
+            a.stats()          # reaps: the parent's slot must survive it
+            a.check()
+            b[0] = ord("c")
+            return bytes(b[:2])
+
+        assert in_child(child) == b"ct"
+        assert bytes(b[:2]) == b"tt"
+        assert a.stats()["slots_used"] == 1
+        a.check()
+        b[1] = ord("p")                       # the parent still owns its chunks: reuse, no copy
+        assert bytes(b[:2]) == b"tp"
+    finally:
+        del b, holder["b"]
+        a.close()
