@@ -23,6 +23,25 @@
 static struct sigaction odf_prev;
 static pthread_mutex_t install_lock = PTHREAD_MUTEX_INITIALIZER;
 static _Atomic int installed;
+/* When the core chained a fault and the previous handler re-raises the
+ * signal "to its own previous handler" (faulthandler does: it restores its
+ * previous handler, which is the core when it was enabled after the core, and
+ * calls raise()), the core must not chain again: the two would call each other
+ * for ever.  A self-sent SIGSEGV within this long of a chain takes the default
+ * action instead. */
+#define CHAIN_LOOP_NS (1000ULL * 1000000ULL)
+static _Atomic uint64_t last_chain_ns;
+
+static void die_by_default(int sig, siginfo_t *si)
+{
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof(dfl));
+    dfl.sa_handler = SIG_DFL;
+    sigaction(sig, &dfl, NULL);
+    if (si->si_code <= 0)
+        raise(sig); /* pending until we return, then fatal */
+    /* a kernel fault: the instruction faults again, now with no handler */
+}
 
 void _odf_block_signals(sigset_t *old)
 {
@@ -79,22 +98,23 @@ static void report(const char *what, uintptr_t addr, int err)
 static void chain(int sig, siginfo_t *si, void *uc)
 {
     struct sigaction prev = odf_prev;
+    if (si->si_code <= 0 && si->si_pid == getpid() &&
+        _odf_now_ns() - atomic_load(&last_chain_ns) < CHAIN_LOOP_NS) {
+        die_by_default(sig, si); /* the previous handler re-raised to us: see CHAIN_LOOP_NS */
+        return;
+    }
     if ((prev.sa_flags & SA_SIGINFO) && prev.sa_sigaction) {
+        atomic_store(&last_chain_ns, _odf_now_ns());
         prev.sa_sigaction(sig, si, uc);
         return;
     }
     if (!(prev.sa_flags & SA_SIGINFO) && prev.sa_handler != SIG_DFL && prev.sa_handler != SIG_IGN) {
+        atomic_store(&last_chain_ns, _odf_now_ns());
         prev.sa_handler(sig);
         return;
     }
-    /* Default action: let the fault happen again with no handler, so the
-     * process dies of SIGSEGV as it would have without us. */
-    struct sigaction dfl;
-    memset(&dfl, 0, sizeof(dfl));
-    dfl.sa_handler = SIG_DFL;
-    sigaction(sig, &dfl, NULL);
-    if (si->si_code <= 0)
-        raise(sig); /* sent by kill(): pending until we return, then fatal */
+    /* Default action: the process dies of SIGSEGV as it would have without us. */
+    die_by_default(sig, si);
 }
 
 static void odf_sigsegv(int sig, siginfo_t *si, void *uc)

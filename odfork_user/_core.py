@@ -13,3 +13,27 @@ except ImportError as exc:  # pragma: no cover - build problem
     ) from exc
 
 CHUNK_SIZE = lib.ODF_CHUNK_SIZE
+
+
+def _keep_handler_on_top():
+    """faulthandler.enable() after an arena exists would put faulthandler in
+    front of the core's SIGSEGV handler, and the next copy-on-write fault would
+    be reported as a crash.  Re-take the front after it (chaining to it)."""
+    import faulthandler
+    import functools
+
+    enable = faulthandler.enable
+    if getattr(enable, "_odfork_wrapped", False):
+        return
+
+    @functools.wraps(enable)
+    def enable_then_chain(*args, **kwargs):
+        result = enable(*args, **kwargs)
+        lib.odf_handler_ensure()
+        return result
+
+    enable_then_chain._odfork_wrapped = True
+    faulthandler.enable = enable_then_chain
+
+
+_keep_handler_on_top()

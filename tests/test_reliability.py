@@ -176,3 +176,20 @@ def test_c_core_is_clean_under_valgrind(tmp_path):
     p = subprocess.run(["valgrind", "-q", "--error-exitcode=99", "--leak-check=full", "--trace-children=yes",
                         str(exe)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "c core test: ok" in p.stdout, p
+
+
+def test_faulthandler_enabled_after_the_arena_neither_breaks_cow_nor_loops_on_a_crash():
+    p = run_py("""
+        import os, faulthandler, ctypes, odfork_user as ou
+        a = ou.Arena(1 << 22); b = a.alloc(10); b[0] = 1
+        faulthandler.enable()                  # after the arena: must not see copy-on-write faults
+        pid = ou.odfork()
+        if pid == 0:
+            b[0] = 2
+            os._exit(0 if b[0] == 2 else 1)
+        print("child status", os.waitpid(pid, 0)[1], flush=True)
+        def crash_here(): ctypes.string_at(16)
+        crash_here()                           # a real crash: one traceback, then death (no loop)
+    """, timeout=30)
+    assert "child status 0" in p.stdout, p
+    assert p.returncode == -signal.SIGSEGV and "crash_here" in p.stderr, p
