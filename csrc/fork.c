@@ -197,7 +197,8 @@ void _odf_child_setup(odf_arena_t *a)
     atomic_store(&s->sg, ODF_SG(a->child_gen, ODF_SLOT_LIVE));
     a->self = a->child_slot;
     a->mypt = ODF_PT(a, a->self);
-    memset(a->flags, 0, a->nchunks);
+    for (uint32_t c = 0; c < a->nchunks; c++) /* private mappings are inherited as they are */
+        a->flags[c] &= ODF_F_PRIVATE;
     _odf_reserve(a->shadow, a->size); /* inherited parked mappings: no PTEs here */
     a->n_faults = a->n_cow = a->n_reuse = a->n_bytes = a->n_forks = 0;
 }

@@ -98,6 +98,9 @@ enum {
 /* Per-chunk process-private flags (a->flags). */
 #define ODF_F_WRITABLE 1u /* arena chunk mapped PROT_READ|PROT_WRITE */
 #define ODF_F_PARKED 2u   /* shadow chunk holds the populated mapping of pt[c] */
+#define ODF_F_PRIVATE 4u  /* page mode: arena chunk is a MAP_PRIVATE mapping of pt[c]; the kernel
+                             copies the pages written.  pt[c] is never written by anyone while
+                             referenced, so the unwritten pages stay the chunk's bytes. */
 
 typedef struct odf_slot_s {
     _Atomic uint64_t sg;       /* gen << 32 | state; CAS by the child (PENDING->CLAIMED->LIVE),
@@ -153,6 +156,7 @@ struct odf_arena_s {
     /* stats, under a->local */
     uint64_t n_faults, n_cow, n_reuse, n_bytes, n_forks;
     int broken_cow;            /* test hook (_odf_debug_break): resolve shared faults without a copy */
+    int page_cow;              /* copy mode, see odf_arena_set_page_cow */
     int crash_in_handler;      /* test hook: fault inside the SIGSEGV handler */
 };
 
@@ -175,6 +179,9 @@ void _odf_trim_locked(odf_arena_t *a, uint32_t budget);               /* pre: fa
 int _odf_ctl_init(odf_arena_t *a, uint32_t max_slots, uint32_t max_segs);
 /* Resolve a fault on chunk c (async-signal-safe).  0 = resolved. */
 int _odf_fault(odf_arena_t *a, uint32_t c);
+/* Page mode: turn PRIVATE chunk c back into an exclusive segment (a copy).
+ * pre: a->local and the family lock held. */
+int _odf_fold_locked(odf_arena_t *a, uint32_t c);
 
 /* fault_sigsegv.c */
 int _odf_handler_install(void);

@@ -57,6 +57,13 @@ typedef struct odf_stats_s {
  * handlers on first use. */
 int odf_arena_create(size_t size, uint32_t max_slots, uint32_t max_segs, odf_arena_t **out);
 
+/* Copy mode of this process's future first writes to shared chunks (children
+ * inherit it): 0 = copy the whole 2 MiB chunk (default); 1 = map the chunk
+ * MAP_PRIVATE so the kernel copies only the 4 KiB pages written (cheap for
+ * sparse writers; the written pages are then copied page by page by later
+ * forks, and a snapshot first folds such chunks back into segments). */
+int odf_arena_set_page_cow(odf_arena_t *a, int on);
+
 /* Give this process's references back and unmap.  The caller guarantees no
  * live pointers into the arena remain.  Other processes are unaffected. */
 int odf_arena_close(odf_arena_t *a);

@@ -40,3 +40,4 @@ int odf_snapshot_release(odf_arena_t *a, uint64_t id);
 int odf_snapshot_map(odf_arena_t *a, uint64_t id, uintptr_t *addr);
 int odf_snapshot_unmap(uintptr_t addr, size_t size);
 int odf_snapshot_restore(odf_arena_t *a, uint64_t id);
+int odf_arena_set_page_cow(odf_arena_t *a, int on);

@@ -409,6 +409,20 @@ int _odf_fault(odf_arena_t *a, uint32_t c)
         a->n_reuse++;
         return 0;
     }
+    if (a->page_cow) {
+        /* Page mode: a private mapping of the shared segment; the write that
+         * faulted is retried and the kernel copies that one page. */
+        _odf_family_unlock(a);
+        void *p = mmap((void *)addr, ODF_CHUNK_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED,
+                       a->pool_fd, (off_t)seg << ODF_CHUNK_SHIFT);
+        if (p == MAP_FAILED)
+            return errno;
+        if (a->flags[c] & ODF_F_PARKED)
+            _odf_reserve(sh, ODF_CHUNK_SIZE);
+        a->flags[c] = ODF_F_PRIVATE;
+        a->n_cow++;
+        return 0;
+    }
     /* Shared: copy into a new segment.  Our reference to the old one moves to
      * the pin so it stays alive (and counted) while we read it unlocked. */
     if ((rc = seg_alloc(a, &nseg, 1))) {
@@ -438,6 +452,31 @@ int _odf_fault(odf_arena_t *a, uint32_t c)
     a->flags[c] = ODF_F_WRITABLE;
     a->n_cow++;
     a->n_bytes += ODF_CHUNK_SIZE;
+    return 0;
+}
+
+int _odf_fold_locked(odf_arena_t *a, uint32_t c)
+{
+    uintptr_t addr = a->base + ((uintptr_t)c << ODF_CHUNK_SHIFT);
+    uint32_t seg = a->mypt[c] - 1, nseg;
+    int rc = seg_alloc(a, &nseg, 1);
+    if (rc)
+        return rc;
+    /* pwrite reads the private view: written pages from memory, the rest from seg */
+    if ((rc = copy_chunk(a, addr, nseg)) || (rc = _odf_map_seg(a, addr, nseg, PROT_READ | PROT_WRITE, 1))) {
+        _odf_seg_decref(a, nseg);
+        return rc;
+    }
+    a->mypt[c] = nseg + 1;
+    _odf_seg_decref(a, seg);
+    a->flags[c] = ODF_F_WRITABLE;
+    a->n_bytes += ODF_CHUNK_SIZE;
+    return 0;
+}
+
+int odf_arena_set_page_cow(odf_arena_t *a, int on)
+{
+    a->page_cow = on ? 1 : 0;
     return 0;
 }
 
@@ -559,7 +598,7 @@ static int check_locked(odf_arena_t *a, char *msg, size_t len)
     for (uint32_t c = 0; c < a->nchunks; c++) {
         uint8_t f = a->flags[c];
         uint32_t e = a->mypt[c];
-        if ((f & (ODF_F_WRITABLE | ODF_F_PARKED)) && !e) {
+        if ((f & (ODF_F_WRITABLE | ODF_F_PARKED | ODF_F_PRIVATE)) && !e) {
             snprintf(msg, len, "chunk %u: mapped (flags %u) but not in the page table", c, f);
             rc = EUCLEAN;
             goto out;

@@ -33,7 +33,12 @@ int odf_snapshot_take(odf_arena_t *a, uint64_t *id)
     int rc;
     ODF_LOCKED(a, rc, {
         uint32_t k;
-        rc = _odf_slot_alloc(a, ODF_SLOT_SNAP, &k);
+        /* a private chunk's bytes are not in its segment: fold them in first */
+        for (uint32_t c = 0; c < a->hi && !rc; c++)
+            if (a->flags[c] & ODF_F_PRIVATE)
+                rc = _odf_fold_locked(a, c);
+        if (rc == 0)
+            rc = _odf_slot_alloc(a, ODF_SLOT_SNAP, &k);
         if (rc == 0) {
             odf_slot_t *s = &a->slots[k];
             _odf_slot_share(a, k, a->mypt, a->hi);
@@ -119,8 +124,8 @@ int odf_snapshot_restore(odf_arena_t *a, uint64_t id)
             uint32_t hi = a->hi > s->hi ? a->hi : s->hi;
             for (uint32_t c = 0; c < hi && !rc; c++) {
                 uint32_t want = c < s->hi ? spt[c] : 0, have = a->mypt[c];
-                if (want == have)
-                    continue;
+                if (want == have && !(a->flags[c] & ODF_F_PRIVATE))
+                    continue; /* a private chunk differs from its segment: remap it too */
                 uintptr_t addr = a->base + ((uintptr_t)c << ODF_CHUNK_SHIFT);
                 rc = want ? _odf_map_seg(a, addr, want - 1, PROT_READ, 0)
                           : _odf_reserve(addr, ODF_CHUNK_SIZE);

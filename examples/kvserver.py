@@ -159,7 +159,7 @@ def summarize(samples, windows):
             "snapshot_s": statistics.median([b - a for a, b in windows]) if windows else 0.0}
 
 
-def run(size, seconds, interval):
+def run(size, seconds, interval, cow="chunk"):
     nkeys = size // REC
     out = {}
     with tempfile.TemporaryDirectory() as d:
@@ -169,7 +169,7 @@ def run(size, seconds, interval):
         out["os.fork"] = summarize(*serve("os.fork", table, None, nkeys, seconds, interval, path))
         del table
         for mode in ("odfork", "snapshot"):
-            with ou.Arena(nkeys * REC) as arena:
+            with ou.Arena(nkeys * REC, cow=cow) as arena:
                 table = arena.alloc(nkeys * REC)
                 fill(table, nkeys)
                 out[mode] = summarize(*serve(mode, table, arena, nkeys, seconds, interval, path))
@@ -183,10 +183,11 @@ def main(argv=None):
     p.add_argument("--size", default="2G")
     p.add_argument("--seconds", type=float, default=12)
     p.add_argument("--interval", type=float, default=None, help="seconds between snapshots (default seconds/4)")
+    p.add_argument("--cow", choices=("chunk", "page"), default="chunk", help="the arena's copy mode")
     p.add_argument("--json")
     a = p.parse_args(argv)
     size = parse_size(a.size)
-    res = run(size, a.seconds, a.interval or a.seconds / 4)
+    res = run(size, a.seconds, a.interval or a.seconds / 4, a.cow)
     print(f"kv server, {size >> 20} MiB of data, {a.seconds:g} s of load per mode")
     for name, r in res.items():
         print(f"  {name:<9} {r['requests']:7d} requests  p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  "

@@ -30,6 +30,7 @@ from odfork_user import Arena, odfork
 from odfork_user._core import CHUNK_SIZE
 
 KINDS = ("bytearray", "numpy-thp", "odfork", "odfork-empty")
+EXTRA_KINDS = ("odfork-page",)  # Arena(cow="page"), measured on request
 PAGE = 4096
 _BLOCK = b"\x02" * CHUNK_SIZE
 
@@ -71,15 +72,15 @@ class Holder:
         elif kind == "numpy-thp":
             import numpy as np
             self.data = np.zeros(size, dtype=np.uint8)
-        elif kind in ("odfork", "odfork-empty"):
-            self.arena = Arena(size)
+        elif kind in ("odfork", "odfork-empty", "odfork-page"):
+            self.arena = Arena(size, cow="page" if kind == "odfork-page" else "chunk")
             self.fork = odfork
-            if kind == "odfork":
+            if kind in ("odfork", "odfork-page"):
                 self.data = self.arena.alloc(size)
             else:
                 self._scratch = bytearray(max(size // CHUNK_SIZE, 1))
         else:
-            raise ValueError(f"unknown kind {kind!r} (one of {', '.join(KINDS)})")
+            raise ValueError(f"unknown kind {kind!r} (one of {', '.join(KINDS + EXTRA_KINDS)})")
         if self.data is not None:
             self.view = memoryview(self.data).cast("B")
             self.write_all(b"\x01")

@@ -26,6 +26,11 @@ class Arena:
     Args:
         size: bytes to reserve, rounded up to whole chunks.  Virtual until written.
         max_procs: processes (and snapshots) a family can hold at once (default 1024).
+        cow: "chunk" (default) copies a whole 2 MiB chunk on its first write while
+            shared; "page" (experimental) maps it privately so the kernel copies
+            only the 4 KiB pages written: cheap for sparse writers, but those pages
+            are then copied page by page by later forks.  stats()["cow_copies"]
+            counts chunks made private; their pages are not in "bytes_copied".
 
     Raises:
         TypeError: size is not an int.
@@ -35,17 +40,20 @@ class Arena:
 
     chunk_size = CHUNK_SIZE
 
-    def __init__(self, size, *, max_procs=None, _max_segments=0):
+    def __init__(self, size, *, max_procs=None, cow="chunk", _max_segments=0):
         if not isinstance(size, int) or isinstance(size, bool):
             raise TypeError(f"Arena size must be an int, not {type(size).__name__}")
         if size <= 0:
             raise ValueError(f"Arena size must be > 0, got {size}")
         if max_procs is not None and (not isinstance(max_procs, int) or max_procs < 2):
             raise ValueError("max_procs must be an int >= 2")
+        if cow not in ("chunk", "page"):
+            raise ValueError(f"cow must be 'chunk' or 'page', not {cow!r}")
         out = ffi.new("odf_arena_t **")
         _check(lib.odf_arena_create(size, max_procs or 0, _max_segments, out),
                f"cannot reserve an arena of {size} bytes")
         self._h = out[0]
+        lib.odf_arena_set_page_cow(self._h, cow == "page")
         self._base = lib.odf_arena_base(self._h)
         self._size = lib.odf_arena_size(self._h)
         self._alloc = BlockAllocator(self._size)

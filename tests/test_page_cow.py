@@ -1,0 +1,145 @@
+"""cow="page" (experimental): first writes to shared chunks map them MAP_PRIVATE and the
+kernel copies only the pages written.  Same isolation promises as the default mode."""
+import hashlib
+import os
+import random
+import threading
+
+import pytest
+
+import odfork_user as ou
+from conftest import CH, finish_child, in_child, start_child
+
+
+@pytest.fixture
+def parena():
+    a = ou.Arena(16 * CH, cow="page")
+    yield a
+    try:
+        a.check()
+    finally:
+        import gc
+        gc.collect()
+        a.close()
+
+
+def test_bad_mode():
+    with pytest.raises(ValueError):
+        ou.Arena(CH, cow="pages")
+
+
+@pytest.mark.parametrize("pattern", ["dense", "sparse"])
+def test_isolation_both_ways(parena, pattern):
+    buf = parena.alloc(6 * CH)
+    buf[:] = random.Random(1).randbytes(len(buf))
+    before = hashlib.sha256(buf).hexdigest()
+    go_r, go_w = os.pipe()
+
+    def child():
+        if pattern == "dense":
+            buf[:] = b"c" * len(buf)
+        else:
+            for off in range(0, len(buf), CH):
+                buf[off + 9] ^= 0xFF
+        mine = hashlib.sha256(buf).hexdigest()
+        os.read(go_r, 1)                     # the parent writes meanwhile
+        return mine == hashlib.sha256(buf).hexdigest(), parena.stats()
+
+    pid, r = start_child(child)
+    for off in range(0, len(buf), CH):
+        buf[off + 100] ^= 0x55
+    os.write(go_w, b"x")
+    stable, st = finish_child(pid, r)
+    assert stable
+    assert st["cow_copies"] == 6 and st["bytes_copied"] == 0   # 6 chunks made private, no chunk copied
+    for off in range(0, len(buf), CH):
+        buf[off + 100] ^= 0x55
+    assert hashlib.sha256(buf).hexdigest() == before
+
+
+def test_fork_of_a_process_with_private_chunks(parena):
+    buf = parena.alloc(2 * CH)
+    buf[:] = b"a" * len(buf)
+
+    def child():
+        buf[10] = ord("b")                   # private chunk in the child
+        def grandchild():
+            seen = bytes(buf[9:12])
+            buf[10] = ord("g")
+            return seen, bytes(buf[9:12])
+        out = in_child(grandchild)
+        parena.check()
+        return out, bytes(buf[9:12])
+
+    (seen, gc_view), child_view = in_child(child)
+    assert seen == b"aba" and gc_view == b"aga" and child_view == b"aba"
+    assert bytes(buf[9:12]) == b"aaa"
+
+
+def test_snapshot_folds_private_chunks_and_restore_drops_private_pages(parena):
+    buf = parena.alloc(3 * CH)
+    buf[:] = b"0" * len(buf)
+
+    def child():
+        buf[5] = ord("1")                    # private chunk
+        with parena.snapshot() as snap:      # folds it: the snapshot must hold "1"
+            buf[5] = ord("2")
+            buf[CH + 5] = ord("3")
+            assert bytes(snap.buffer()[4:7]) == b"010"
+            parena.restore(snap)
+            parena.check()
+            return bytes(buf[4:7]), bytes(buf[CH + 4:CH + 7])
+
+    # the chunks are shared with the child while it runs: its first writes go private
+    assert in_child(child) == (b"010", b"000")
+    assert bytes(buf[4:7]) == b"000"
+
+
+def test_restore_remaps_a_chunk_made_private_after_the_snapshot(parena):
+    buf = parena.alloc(CH)
+    buf[:4] = b"base"
+    snap = parena.snapshot()                 # now shared with the snapshot
+    buf[:4] = b"priv"                        # first write: the chunk goes private (same segment)
+    parena.restore(snap)
+    assert bytes(buf[:4]) == b"base"
+    parena.check()
+    snap.close()
+
+
+def test_kernel_writes_work_after_the_chunk_went_private(parena, tmp_path):
+    src = tmp_path / "s"
+    src.write_bytes(b"K" * 100)
+    buf = parena.alloc(CH)
+    buf[:] = b"p" * CH
+
+    def child():
+        buf[0] = ord("x")                    # private now: the kernel can write it too
+        with open(src, "rb", buffering=0) as f:
+            n = f.readinto(buf[200:300])
+        return n, bytes(buf[199:202])
+
+    assert in_child(child) == (100, b"pKK")
+    assert bytes(buf[199:202]) == b"ppp"
+
+
+def test_threads_make_one_private_mapping(parena):
+    buf = parena.alloc(CH)
+    buf[:] = b"\x00" * CH
+
+    def child():
+        barrier = threading.Barrier(6)
+        s0 = parena.stats()["cow_copies"]
+
+        def w(i):
+            barrier.wait()
+            for k in range(100):
+                buf[i * 4096 + k] = i + 1
+        ts = [threading.Thread(target=w, args=(i,)) for i in range(6)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        lost = sum(buf[i * 4096 + k] != i + 1 for i in range(6) for k in range(100))
+        return parena.stats()["cow_copies"] - s0, lost
+
+    assert in_child(child) == (1, 0)
