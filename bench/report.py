@@ -112,24 +112,12 @@ def plots(rows, sizes, outdir):
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    made = []
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, metric, title in ((axes[0], "1-fork-latency", "fork latency"), (axes[1], "2-roundtrip", "round trip")):
-        for kind in KINDS:
-            pts = [(s, rows[(metric, s)][kind][0] * 1e3) for s in sizes if kind in rows.get((metric, s), {})]
-            if pts:
-                ax.plot([p[0] / (1 << 30) for p in pts], [p[1] for p in pts], marker="o", label=kind)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("data size (GiB)")
-        ax.set_ylabel("median (ms)")
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    path = os.path.join(outdir, "latency.png")
-    fig.savefig(path, dpi=100)
-    made.append("latency.png")
+    from odfork_user._measure import plot_latency
+    panels = [(title, {k: [(s, rows[(metric, s)][k][0] * 1e3) for s in sizes if k in rows.get((metric, s), {})]
+                       for k in KINDS})
+              for metric, title in (("1-fork-latency", "fork latency"), ("2-roundtrip", "round trip"))]
+    plot_latency(panels, os.path.join(outdir, "latency.png"))
+    made = ["latency.png"]
     big = max((s for s in sizes if ("4-dense-writes", s) in rows), default=None)
     if big:
         fig, ax = plt.subplots(figsize=(11, 4.2))

@@ -6,7 +6,7 @@ import platform
 import subprocess
 import sys
 
-from odfork_user._measure import KINDS, free_bytes, thp_state
+from odfork_user._measure import KINDS, free_bytes, plot_latency, thp_state
 from odfork_user.arena import parse_size
 
 METRICS = [
@@ -63,26 +63,10 @@ def print_table(size, row, out=sys.stdout):
 
 
 def plot(results, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, title in ((axes[0], "fork_ms", "fork returns in the parent"),
-                           (axes[1], "roundtrip_ms", "fork + child exit + wait")):
-        for kind in KINDS:
-            pts = sorted((r["size"], r[key]) for r in results if r["kind"] == kind and key in r)
-            if pts:
-                ax.plot([p[0] / (1 << 30) for p in pts], [p[1] for p in pts], marker="o", label=kind)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("data size (GiB)")
-        ax.set_ylabel("ms (median)")
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"os.fork vs odfork, Linux {platform.release()}, {os.cpu_count()} CPUs")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    panels = [(title, {k: [(r["size"], r[key]) for r in results if r["kind"] == k and key in r] for k in KINDS})
+              for key, title in (("fork_ms", "fork returns in the parent"),
+                                 ("roundtrip_ms", "fork + child exit + wait"))]
+    plot_latency(panels, path, f"os.fork vs odfork, Linux {platform.release()}, {os.cpu_count()} CPUs")
 
 
 def compare(args):

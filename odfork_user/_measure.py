@@ -31,7 +31,6 @@ from odfork_user._core import CHUNK_SIZE
 
 KINDS = ("bytearray", "numpy-thp", "odfork", "odfork-empty")
 EXTRA_KINDS = ("odfork-page",)  # Arena(cow="page"), measured on request
-PAGE = 4096
 _BLOCK = b"\x02" * CHUNK_SIZE
 
 
@@ -50,6 +49,31 @@ def thp_state():
             return f.read().strip()
     except OSError:
         return "unknown"
+
+
+def plot_latency(panels, path, title=None):
+    """Log-log plot of median milliseconds against data size, one panel per
+    metric: panels = [(panel title, {kind: [(size bytes, ms), ...]}), ...]."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (panel, series) in zip(axes[0], panels):
+        for kind, pts in series.items():
+            pts = sorted(pts)
+            if pts:
+                ax.plot([p[0] / (1 << 30) for p in pts], [p[1] for p in pts], marker="o", label=kind)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("data size (GiB)")
+        ax.set_ylabel("median (ms)")
+        ax.set_title(panel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def private_dirty():

@@ -7,6 +7,7 @@ import traceback
 
 from odfork_user._errors import ChildError
 from odfork_user._forking import odfork
+from odfork_user._pipes import read_to_eof, write_all
 
 
 def _child_main(w, fn, args, kwargs):
@@ -22,9 +23,7 @@ def _child_main(w, fn, args, kwargs):
         except Exception as exc:
             data = pickle.dumps(("unpicklable", f"{type(exc).__name__}: {exc}", None))
             code = 1
-        view = memoryview(data)
-        while view:
-            view = view[os.write(w, view):]
+        write_all(w, data)
     finally:
         try:
             import sys
@@ -50,13 +49,8 @@ class Child:
         threading.Thread(target=self._reap, args=(r,), name=f"odfork-child-{pid}", daemon=True).start()
 
     def _reap(self, r):
-        chunks = []
         try:
-            while True:
-                b = os.read(r, 1 << 20)
-                if not b:
-                    break
-                chunks.append(b)
+            data = read_to_eof(r)
         finally:
             os.close(r)
         try:
@@ -66,7 +60,7 @@ class Child:
             code = None
         with self._lock:
             self._exitcode = code
-            self._data = b"".join(chunks)
+            self._data = data
             os.close(self._pidfd)
             self._pidfd = None
         self._done.set()

@@ -20,6 +20,7 @@ import pytest
 from _pytest.runner import call_and_report
 
 from odfork_user._forking import odfork
+from odfork_user._pipes import read_to_eof, write_all
 
 
 def pytest_addoption(parser):
@@ -53,26 +54,20 @@ def _call_in_child(item):
         try:
             os.close(r)
             rep = call_and_report(item, "call", log=False)
-            data = pickle.dumps(item.config.hook.pytest_report_to_serializable(config=item.config, report=rep))
-            view = memoryview(data)
-            while view:
-                view = view[os.write(w, view):]
+            write_all(w, pickle.dumps(item.config.hook.pytest_report_to_serializable(config=item.config,
+                                                                                    report=rep)))
         except BaseException:
             code = 70
         finally:
             os._exit(code)
     os.close(w)
-    chunks = []
-    with os.fdopen(r, "rb") as f:
-        while True:
-            b = f.read(1 << 16)
-            if not b:
-                break
-            chunks.append(b)
+    try:
+        data = read_to_eof(r)
+    finally:
+        os.close(r)
     _, status = os.waitpid(pid, 0)
-    if chunks and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
-        data = pickle.loads(b"".join(chunks))
-        return item.config.hook.pytest_report_from_serializable(config=item.config, data=data)
+    if data and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+        return item.config.hook.pytest_report_from_serializable(config=item.config, data=pickle.loads(data))
     return _crash_report(item, status)
 
 
