@@ -38,11 +38,19 @@ static int park_run(odf_arena_t *a, uint32_t start, uint32_t n)
 {
     uintptr_t off = (uintptr_t)start << ODF_CHUNK_SHIFT;
     size_t len = (size_t)n << ODF_CHUNK_SHIFT;
+    /* userfaultfd arena: register first, so that from the moment the entries
+     * are gone every access (another thread's, the kernel's) is a userfault,
+     * which waits for a->local; the range stays writable and registered. */
+    int registered = a->uffd && _odf_uffd_register(a->base + off, len) == 0;
     void *p = mremap((void *)(a->base + off), len, len,
                      MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP, (void *)(a->shadow + off));
-    if (p == MAP_FAILED)
-        return errno;
-    if (mprotect((void *)(a->base + off), len, PROT_READ) < 0) {
+    if (p == MAP_FAILED) {
+        int rc = errno;
+        if (registered)
+            _odf_uffd_unregister(a->base + off, len);
+        return rc;
+    }
+    if (!registered && mprotect((void *)(a->base + off), len, PROT_READ) < 0) {
         int rc = errno;
         /* Never leave a writable mapping of a shared segment behind. */
         for (uint32_t c = start; c < start + n; c++)
@@ -73,9 +81,9 @@ int _odf_write_protect(odf_arena_t *a)
         for (uint32_t k = start; k < c; k++) {
             if (park_run(a, k, 1) == 0)
                 continue;
-            if (mprotect((void *)(a->base + ((uintptr_t)k << ODF_CHUNK_SHIFT)), ODF_CHUNK_SIZE,
-                         PROT_READ) < 0)
-                return errno;
+            int rc = _odf_protect(a, a->base + ((uintptr_t)k << ODF_CHUNK_SHIFT), ODF_CHUNK_SIZE);
+            if (rc)
+                return rc;
             a->flags[k] = 0;
         }
     }
@@ -200,7 +208,7 @@ void _odf_child_setup(odf_arena_t *a)
     for (uint32_t c = 0; c < a->nchunks; c++) /* private mappings are inherited as they are */
         a->flags[c] &= ODF_F_PRIVATE;
     _odf_reserve(a->shadow, a->size); /* inherited parked mappings: no PTEs here */
-    a->n_faults = a->n_cow = a->n_reuse = a->n_bytes = a->n_forks = 0;
+    a->n_faults = a->n_cow = a->n_reuse = a->n_bytes = a->n_forks = a->n_uffd = 0;
 }
 
 static void child(void)
@@ -219,6 +227,7 @@ static void child(void)
         }
         a->child_slot = a->last_child_slot = ODF_NONE;
     }
+    _odf_uffd_child();
     _odf_restore_signals(&fork_saved_mask);
 }
 

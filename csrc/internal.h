@@ -8,7 +8,12 @@
  *                              - not resident: PROT_NONE anonymous reservation;
  *                              - resident, read-only: MAP_SHARED of pool segment pt[c];
  *                              - resident, writable: same, PROT_READ|PROT_WRITE,
- *                                only while the segment's count is 1.
+ *                                only while the segment's count is 1;
+ *                              - userfaultfd arenas (a->uffd, see fault_uffd.c)
+ *                                use instead of read-only: PROT_READ|PROT_WRITE
+ *                                but registered, with no page-table entries or
+ *                                only write-protected ones (ODF_F_WPMAP), so
+ *                                that writes by the kernel trap too.
  *   [shadow, shadow+size)    the parking area (shadow = base + size rounded up to 1 GiB).  shadow chunk c is either the
  *                            PROT_NONE reservation or, when PARKED, the
  *                            populated writable mapping of segment pt[c] that
@@ -98,6 +103,8 @@ enum {
 /* Per-chunk process-private flags (a->flags). */
 #define ODF_F_WRITABLE 1u /* arena chunk mapped PROT_READ|PROT_WRITE */
 #define ODF_F_PARKED 2u   /* shadow chunk holds the populated mapping of pt[c] */
+#define ODF_F_WPMAP 8u    /* userfaultfd arena: the arena chunk's entries were installed
+                             write-protected (UFFDIO_CONTINUE_MODE_WP) */
 #define ODF_F_PRIVATE 4u  /* page mode: arena chunk is a MAP_PRIVATE mapping of pt[c]; the kernel
                              copies the pages written.  pt[c] is never written by anyone while
                              referenced, so the unwritten pages stay the chunk's bytes. */
@@ -154,9 +161,10 @@ struct odf_arena_s {
     /* last fork, for odf_fork_note_child / odf_fork_abort in the parent */
     uint32_t last_child_slot, last_child_gen;
     /* stats, under a->local */
-    uint64_t n_faults, n_cow, n_reuse, n_bytes, n_forks;
+    uint64_t n_faults, n_cow, n_reuse, n_bytes, n_forks, n_uffd;
     int broken_cow;            /* test hook (_odf_debug_break): resolve shared faults without a copy */
     int page_cow;              /* copy mode, see odf_arena_set_page_cow */
+    int uffd;                  /* shared chunks are registered with this process's userfaultfd */
     int crash_in_handler;      /* test hook: fault inside the SIGSEGV handler */
 };
 
@@ -188,6 +196,22 @@ int _odf_handler_install(void);
 void _odf_block_signals(sigset_t *old);
 void _odf_restore_signals(const sigset_t *old);
 void _odf_write_stderr(const char *msg);
+
+/* fault_uffd.c: the userfaultfd path.  All but _odf_uffd_start and
+ * _odf_uffd_child are plain syscalls. */
+int _odf_uffd_wanted(void);
+int _odf_uffd_start(void);
+int _odf_uffd_register(uintptr_t addr, size_t len);
+int _odf_uffd_unregister(uintptr_t addr, size_t len);
+int _odf_uffd_wp(uintptr_t addr, size_t len);
+void _odf_uffd_wake(int fd, uintptr_t addr, size_t len);
+int _odf_uffd_map_wp(odf_arena_t *a, uintptr_t addr, uint32_t seg); /* pre: a->local */
+void _odf_uffd_child(void);
+/* pagetable.c: resolve a userfault at addr (the handler thread; takes the locks). */
+void _odf_uffd_fault(int fd, uintptr_t addr, int write);
+/* Make [addr, addr+len) of arena chunks trap writes: read-only, or registered
+ * and write-protected in a userfaultfd arena.  pre: a->local. */
+int _odf_protect(odf_arena_t *a, uintptr_t addr, size_t len);
 
 /* fork.c */
 int _odf_fork_handlers_install(void);

@@ -49,6 +49,8 @@ typedef struct odf_stats_s {
     uint64_t segments_live;   /* family-wide allocated segments */
     uint64_t segments_max;    /* pool capacity in segments */
     uint64_t slots_used;      /* family-wide process + snapshot slots in use */
+    uint64_t uffd_faults;     /* faults (reads and writes, by user code or the kernel)
+                                 resolved through userfaultfd for this process */
 } odf_stats_t;
 
 /* Reserve an arena of `size` bytes (rounded up to whole chunks).
@@ -67,6 +69,23 @@ int odf_arena_set_page_cow(odf_arena_t *a, int on);
 /* Give this process's references back and unmap.  The caller guarantees no
  * live pointers into the arena remain.  Other processes are unaffected. */
 int odf_arena_close(odf_arena_t *a);
+
+/* Kernel writes (read(2), recv_into, ... into shared chunks), fault_uffd.c.
+ * odf_uffd_probe: 0 if this process can have a full userfaultfd with the
+ * features the core uses, else the errno that says why not (EPERM: no
+ * privilege; EOPNOTSUPP/ENOSYS: kernel).  odf_uffd_enable(1): arenas created
+ * from now on use it (their shared chunks take kernel writes); (0): they use
+ * read-only chunks, where a kernel write fails with EFAULT unless
+ * odf_arena_prepare_write made the range private first.  odf_arena_uffd: which
+ * one this arena uses in this process. */
+int odf_uffd_probe(void);
+int odf_uffd_enable(int on);
+int odf_arena_uffd(const odf_arena_t *a);
+
+/* Make every chunk of [addr, addr+len) resident (fresh chunks get a zero
+ * segment, mapped but not populated), so that a kernel write into newly
+ * allocated memory finds a mapping.  Shared chunks are left shared. */
+int odf_arena_populate(odf_arena_t *a, uintptr_t addr, size_t len);
 
 uintptr_t odf_arena_base(const odf_arena_t *a);
 size_t odf_arena_size(const odf_arena_t *a);

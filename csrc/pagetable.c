@@ -353,6 +353,33 @@ static int copy_chunk(odf_arena_t *a, uintptr_t src, uint32_t dst_seg)
     return 0;
 }
 
+/* Copy segment `src` into `dst` inside the pool (no user mapping is read, so
+ * this never faults: a userfaultfd arena's shared chunk may have no entries). */
+static int copy_seg(odf_arena_t *a, uint32_t src, uint32_t dst)
+{
+    loff_t in = (loff_t)src << ODF_CHUNK_SHIFT, out = (loff_t)dst << ODF_CHUNK_SHIFT;
+    size_t left = ODF_CHUNK_SIZE;
+    while (left) {
+        ssize_t n = copy_file_range(a->pool_fd, &in, a->pool_fd, &out, left, 0);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        if (n == 0)
+            return EIO;
+        left -= (size_t)n;
+    }
+    return 0;
+}
+
+int _odf_protect(odf_arena_t *a, uintptr_t addr, size_t len)
+{
+    if (a->uffd && _odf_uffd_register(addr, len) == 0 && _odf_uffd_wp(addr, len) == 0)
+        return 0;
+    return mprotect((void *)addr, len, PROT_READ) < 0 ? errno : 0;
+}
+
 /* pre: a->local held, signals blocked, chunk c is in the arena.
  * Makes chunk c writable in this process, preserving its bytes. */
 int _odf_fault(odf_arena_t *a, uint32_t c)
@@ -402,10 +429,13 @@ int _odf_fault(odf_arena_t *a, uint32_t c)
                 return errno;
             a->flags[c] &= (uint8_t)~ODF_F_PARKED;
             _odf_reserve(sh, ODF_CHUNK_SIZE);
-        } else if (mprotect((void *)addr, ODF_CHUNK_SIZE, PROT_READ | PROT_WRITE)) {
-            return errno;
+        } else {
+            if (a->uffd) /* a plain writable mapping again (error: it was not registered) */
+                _odf_uffd_unregister(addr, ODF_CHUNK_SIZE);
+            if (mprotect((void *)addr, ODF_CHUNK_SIZE, PROT_READ | PROT_WRITE))
+                return errno;
         }
-        a->flags[c] |= ODF_F_WRITABLE;
+        a->flags[c] = ODF_F_WRITABLE;
         a->n_reuse++;
         return 0;
     }
@@ -433,11 +463,16 @@ int _odf_fault(odf_arena_t *a, uint32_t c)
     me->pin = seg + 1;
     _odf_family_unlock(a);
 
-    rc = copy_chunk(a, (a->flags[c] & ODF_F_PARKED) ? sh : addr, nseg);
+    if (a->flags[c] & ODF_F_PARKED)
+        rc = copy_chunk(a, sh, nseg);
+    else if (a->uffd)
+        rc = copy_seg(a, seg, nseg);
+    else
+        rc = copy_chunk(a, addr, nseg);
     if (!rc)
         rc = _odf_map_seg(a, addr, nseg, PROT_READ | PROT_WRITE, 1);
     _odf_family_lock(a);
-    if (rc) { /* undo: chunk c still maps seg read-only */
+    if (rc) { /* undo: chunk c still maps seg, write-protected */
         a->mypt[c] = seg + 1;
         me->pin = 0;
         _odf_seg_decref(a, nseg);
@@ -453,6 +488,48 @@ int _odf_fault(odf_arena_t *a, uint32_t c)
     a->n_cow++;
     a->n_bytes += ODF_CHUNK_SIZE;
     return 0;
+}
+
+void _odf_uffd_fault(int fd, uintptr_t addr, int write)
+{
+    odf_arena_t *a = _odf_registry_find(addr);
+    if (!a) { /* not ours (an arena closed meanwhile): let it retry */
+        _odf_uffd_wake(fd, addr & ~(uintptr_t)4095, 4096);
+        return;
+    }
+    uint32_t c = (uint32_t)((addr - a->base) >> ODF_CHUNK_SHIFT);
+    uintptr_t ca = a->base + ((uintptr_t)c << ODF_CHUNK_SHIFT);
+    int rc = 0;
+    pthread_mutex_lock(&a->local); /* this thread runs with every signal blocked */
+    uint32_t e = a->mypt[c];
+    /* Resolved meanwhile (another thread's fault, a SIGSEGV, prepare_write)
+     * or no longer resident: the retry finds out. */
+    if (!a->orphaned && e && !(a->flags[c] & (ODF_F_WRITABLE | ODF_F_PRIVATE))) {
+        a->n_uffd++;
+        if (!write) {
+            if ((rc = _odf_family_lock(a)) == 0) {
+                if (a->refcnt[e - 1] > 1)
+                    _odf_reap_locked(a);
+                write = a->refcnt[e - 1] == 1 || a->broken_cow; /* ours alone: reuse it now */
+                _odf_family_unlock(a);
+            }
+            if (!rc && !write && !(a->flags[c] & ODF_F_WPMAP) &&
+                (rc = _odf_uffd_map_wp(a, ca, e - 1)) == 0)
+                a->flags[c] |= ODF_F_WPMAP;
+        }
+        if (!rc && write)
+            rc = _odf_fault(a, c);
+        if (rc) {
+            /* Cannot resolve here: read-only and unregistered, so a user
+             * write takes the SIGSEGV path (which reports and dies) and a
+             * kernel write fails with EFAULT; nobody else's data is touched. */
+            _odf_uffd_unregister(ca, ODF_CHUNK_SIZE);
+            mprotect((void *)ca, ODF_CHUNK_SIZE, PROT_READ);
+            a->flags[c] &= (uint8_t)~ODF_F_WPMAP;
+        }
+    }
+    pthread_mutex_unlock(&a->local);
+    _odf_uffd_wake(fd, ca, ODF_CHUNK_SIZE);
 }
 
 int _odf_fold_locked(odf_arena_t *a, uint32_t c)
@@ -509,6 +586,7 @@ int odf_arena_stats(odf_arena_t *a, odf_stats_t *out)
         out->reuses = a->n_reuse;
         out->bytes_copied = a->n_bytes;
         out->forks = a->n_forks;
+        out->uffd_faults = a->n_uffd;
         out->segments_live = a->ctl->segments_live;
         out->segments_max = a->ctl->max_segs;
         for (uint32_t i = 0; i < a->ctl->slot_hwm; i++)
@@ -598,7 +676,7 @@ static int check_locked(odf_arena_t *a, char *msg, size_t len)
     for (uint32_t c = 0; c < a->nchunks; c++) {
         uint8_t f = a->flags[c];
         uint32_t e = a->mypt[c];
-        if ((f & (ODF_F_WRITABLE | ODF_F_PARKED | ODF_F_PRIVATE)) && !e) {
+        if ((f & (ODF_F_WRITABLE | ODF_F_PARKED | ODF_F_PRIVATE | ODF_F_WPMAP)) && !e) {
             snprintf(msg, len, "chunk %u: mapped (flags %u) but not in the page table", c, f);
             rc = EUCLEAN;
             goto out;
@@ -649,6 +727,28 @@ int odf_arena_prepare_write(odf_arena_t *a, uintptr_t addr, size_t len)
         rc = EOWNERDEAD;
     for (uint32_t c = c0; c <= c1 && !rc; c++)
         rc = _odf_fault(a, c);
+    pthread_mutex_unlock(&a->local);
+    _odf_restore_signals(&old);
+    return rc;
+}
+
+int odf_arena_populate(odf_arena_t *a, uintptr_t addr, size_t len)
+{
+    if (len == 0)
+        return 0;
+    if (addr < a->base || addr + len > a->base + a->size || addr + len < addr)
+        return EINVAL;
+    uint32_t c0 = (uint32_t)((addr - a->base) >> ODF_CHUNK_SHIFT);
+    uint32_t c1 = (uint32_t)((addr + len - 1 - a->base) >> ODF_CHUNK_SHIFT);
+    sigset_t old;
+    int rc = 0;
+    _odf_block_signals(&old);
+    pthread_mutex_lock(&a->local);
+    if (a->orphaned)
+        rc = EOWNERDEAD;
+    for (uint32_t c = c0; c <= c1 && !rc; c++)
+        if (!a->mypt[c])
+            rc = _odf_fault(a, c);
     pthread_mutex_unlock(&a->local);
     _odf_restore_signals(&old);
     return rc;

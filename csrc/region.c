@@ -133,6 +133,13 @@ int odf_arena_create(size_t size, uint32_t max_slots, uint32_t max_segs, odf_are
     a->size = size;
     a->nchunks = (uint32_t)nchunks;
     pthread_mutex_init(&a->local, NULL);
+    if (_odf_uffd_wanted()) {
+        if ((rc = _odf_uffd_start())) {
+            free(a);
+            return rc;
+        }
+        a->uffd = 1;
+    }
 
     /* Arena and shadow both start on a 1 GiB boundary: mremap then moves
      * whole page-table pages (a PUD entry per GiB, else a PMD entry per

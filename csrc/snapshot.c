@@ -129,6 +129,9 @@ int odf_snapshot_restore(odf_arena_t *a, uint64_t id)
                 uintptr_t addr = a->base + ((uintptr_t)c << ODF_CHUNK_SHIFT);
                 rc = want ? _odf_map_seg(a, addr, want - 1, PROT_READ, 0)
                           : _odf_reserve(addr, ODF_CHUNK_SIZE);
+                /* userfaultfd arena: registered while still read-only, then writable */
+                if (!rc && want && a->uffd && _odf_uffd_register(addr, ODF_CHUNK_SIZE) == 0)
+                    mprotect((void *)addr, ODF_CHUNK_SIZE, PROT_READ | PROT_WRITE);
                 if (rc)
                     break;
                 if (a->flags[c] & ODF_F_PARKED)

@@ -3,11 +3,12 @@
 Implementation is in submodules, but the public API is all here (see API.md).
 """
 from odfork_user._errors import ChildError, CorruptionError, OdforkError
-from odfork_user._core import CHUNK_SIZE
+from odfork_user._core import CHUNK_SIZE, KERNEL_WRITES, explain_efault
 from odfork_user.arena import Arena, default_arena
 from odfork_user._forking import odfork
 from odfork_user.process import Child, spawn
 from odfork_user.snapshot import Snapshot
 
-__all__ = ["Arena", "default_arena", "odfork", "spawn", "Child", "Snapshot", "OdforkError", "CorruptionError", "ChildError", "CHUNK_SIZE"]
+__all__ = ["Arena", "default_arena", "odfork", "spawn", "Child", "Snapshot", "OdforkError", "CorruptionError", "ChildError", "CHUNK_SIZE",
+           "KERNEL_WRITES", "explain_efault"]
 __version__ = "0.1.0"

@@ -11,7 +11,7 @@ from odfork_user._errors import CorruptionError, _check
 
 _STATS_KEYS = (
     "chunks", "chunks_resident", "chunks_shared", "faults", "cow_copies", "reuses",
-    "bytes_copied", "forks", "segments_live", "segments_max", "slots_used",
+    "bytes_copied", "forks", "segments_live", "segments_max", "slots_used", "uffd_faults",
 )
 
 
@@ -73,6 +73,13 @@ class Arena:
         return self._closed
 
     @property
+    def kernel_writes(self):
+        """How this arena takes writes the kernel makes into shared chunks in
+        this process: "userfaultfd" (they just work) or "signal" (they fail
+        with EFAULT unless prepare_write() made the range private first)."""
+        return "userfaultfd" if lib.odf_arena_uffd(self._live()) else "signal"
+
+    @property
     def address(self):
         """Address of the first byte (the same in every process of the family)."""
         return self._base
@@ -108,6 +115,12 @@ class Arena:
                 )
             off, rounded, dirty_end = got
             addr = self._base + off
+            # Map the block's fresh chunks now (zero segments, not populated) so
+            # that a kernel write into new memory finds a mapping.
+            rc = lib.odf_arena_populate(self._h, addr, nbytes)
+            if rc:
+                self._alloc.free(off, rounded)
+                _check(rc, f"cannot map {nbytes} bytes of the arena")
             if dirty_end > off:  # reused space: zero what an earlier block left
                 lib.memset(ffi.cast("void *", addr), 0, dirty_end - off)
             exporter = ffi.buffer(ffi.cast("char *", addr), nbytes)
@@ -176,10 +189,13 @@ class Arena:
             _check(rc, "check")
 
     def prepare_write(self, view, nbytes=None):
-        """Make the memory of `view` private and writable now.
+        """Make the memory of `view` private and writable now (copying its
+        shared chunks).
 
-        A write the kernel makes into arena memory (read(2), recv_into, readinto)
-        cannot be trapped by the signal handler; calling this first makes it safe.
+        Needed only where kernel_writes == "signal": there a write the kernel
+        makes into a shared chunk (read(2), recv_into, readinto) fails with
+        EFAULT, because no signal handler sees it; calling this first makes it
+        work.  With userfaultfd such writes are trapped and this is optional.
         """
         with self._lock:
             ptr = ffi.from_buffer(view)

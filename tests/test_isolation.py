@@ -256,36 +256,3 @@ def test_two_arenas_fork_together():
         a1.check()
         a2.check()
         del b1, b2
-
-
-def test_kernel_write_needs_prepare_write_and_stays_isolated(arena, tmp_path):
-    # A write the kernel makes (readinto) into a still-shared chunk cannot be
-    # trapped by the SIGSEGV handler: it fails with EFAULT (documented limit).
-    # prepare_write() makes the range private first; then it works, isolated.
-    src = tmp_path / "src.bin"
-    src.write_bytes(b"K" * 10000)
-    buf = arena.alloc(2 * CH)
-    buf[:] = b"p" * len(buf)
-    view = buf[CH - 5000:CH + 5000]           # straddles a chunk boundary
-
-    def child():
-        import errno
-        with open(src, "rb", buffering=0) as f:
-            try:
-                f.readinto(view)
-                failed = None
-            except OSError as e:
-                failed = e.errno
-        arena.prepare_write(view)
-        with open(src, "rb", buffering=0) as f:
-            n = f.readinto(view)
-        return failed == errno.EFAULT, n, bytes(view[:3]), bytes(buf[:3])
-
-    efault, n, got, elsewhere = in_child(child)
-    assert efault and n == 10000 and got == b"KKK" and elsewhere == b"ppp"
-    assert bytes(view[:3]) == b"ppp"            # the parent never sees the child's read
-    arena.prepare_write(view)                   # in the parent too, then a read lands
-    with open(src, "rb", buffering=0) as f:
-        assert f.readinto(view) == 10000
-    assert bytes(buf[CH - 5001:CH - 4998]) == b"pKK"
-    del view

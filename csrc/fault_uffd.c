@@ -1,0 +1,298 @@
+/* fault_uffd.c - faults taken by the kernel on a process's behalf (read(2),
+ * recv_into, readv into arena memory), delivered through userfaultfd.
+ *
+ * Why: a shared chunk mapped PROT_READ traps user-space writes with SIGSEGV,
+ * but a write the kernel makes (copy_to_user) into a read-only VMA fails with
+ * EFAULT before any handler runs.  With userfaultfd a shared chunk stays
+ * PROT_READ|PROT_WRITE and is *registered* instead (MISSING | MINOR | WP):
+ *   - it has no page-table entries after a fork (parking moved them away, a
+ *     child inherits none), so the first access of any kind, by user code or
+ *     by the kernel, is a userfault;
+ *   - a read is resolved by UFFDIO_CONTINUE of the whole chunk in
+ *     write-protect mode (its 512 entries installed read-only in one call,
+ *     measured ~150 us per chunk, the same as 512 read faults);
+ *   - a write (or a write-protect fault on those entries) is resolved by
+ *     _odf_fault, the same copy-on-write or reuse as the SIGSEGV path, which
+ *     leaves a plain writable mapping (a new VMA, not registered);
+ *   - then UFFDIO_WAKE: the faulting thread retries, in user or kernel mode.
+ * A userfault is served by one handler thread per process (every signal
+ * blocked), which takes a->local and the family lock like the SIGSEGV
+ * handler does.  Code that holds a->local never touches arena memory, not
+ * even through the kernel (copies go pool fd to pool fd), so the handler
+ * thread never waits for a thread that waits for it.
+ *
+ * Fork: registrations are per address space and are dropped in a child (we
+ * do not ask for UFFD_FEATURE_EVENT_FORK: its descriptor would go to the
+ * parent's handler, which cannot map anything in the child).  The child's
+ * at-fork handler opens its own descriptor, starts its own thread and
+ * registers every resident chunk before fork() returns; until then only the
+ * forking thread exists and it runs nothing but the at-fork handlers.  If
+ * any of that fails the child's chunks are made PROT_READ instead (the
+ * SIGSEGV path; kernel writes then fail with EFAULT, never leak).
+ *
+ * Needs a full userfaultfd: a UFFD_USER_MODE_ONLY one never sees faults
+ * taken inside system calls.  odf_uffd_probe() says whether this process can
+ * have one (root, CAP_SYS_PTRACE, /dev/userfaultfd access, or
+ * vm.unprivileged_userfaultfd=1) with the features used here.
+ */
+#include "internal.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <poll.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* Newer than some installed kernel headers; values from the kernel ABI. */
+#ifndef USERFAULTFD_IOC_NEW
+#define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
+#endif
+#ifndef UFFDIO_CONTINUE_MODE_WP
+#define UFFDIO_CONTINUE_MODE_WP ((__u64)1 << 1)
+#endif
+#ifndef UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+#define UFFD_FEATURE_WP_HUGETLBFS_SHMEM (1 << 12)
+#endif
+#define NEEDED_FEATURES                                                                            \
+    (UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_MINOR_SHMEM | UFFD_FEATURE_WP_HUGETLBFS_SHMEM |      \
+     UFFD_FEATURE_PAGEFAULT_FLAG_WP)
+#define REG_MODES (UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR | UFFDIO_REGISTER_MODE_WP)
+#define PAGE 4096UL
+
+static int uffd = -1;     /* this process's descriptor, or -1 */
+static int uffd_wanted;   /* arenas created from now on use it (odf_uffd_enable) */
+static pthread_mutex_t start_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* A full (kernel-fault) userfaultfd, handshaken for NEEDED_FEATURES; -errno. */
+static int open_full(void)
+{
+    int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) {
+        int err = errno;
+        int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+        if (dev < 0)
+            return -(err == ENOSYS ? ENOSYS : EPERM);
+        fd = ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
+        err = errno;
+        close(dev);
+        if (fd < 0)
+            return -err;
+    }
+    struct uffdio_api api = {.api = UFFD_API, .features = NEEDED_FEATURES};
+    if (ioctl(fd, UFFDIO_API, &api) < 0) {
+        int err = errno;
+        close(fd);
+        return -(err == EINVAL ? EOPNOTSUPP : err);
+    }
+    return fd;
+}
+
+int odf_uffd_probe(void)
+{
+    int fd = open_full();
+    if (fd < 0)
+        return -fd;
+    /* Register one page of shmem the way arenas do; the kernel answers with
+     * the operations the range supports. */
+    int rc = 0, mfd = memfd_create("odfork-probe", MFD_CLOEXEC);
+    void *p = MAP_FAILED;
+    if (mfd < 0 || ftruncate(mfd, PAGE) < 0 ||
+        (p = mmap(NULL, PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, mfd, 0)) == MAP_FAILED) {
+        rc = errno;
+    } else {
+        struct uffdio_register r = {.range = {(uintptr_t)p, PAGE}, .mode = REG_MODES};
+        if (ioctl(fd, UFFDIO_REGISTER, &r) < 0)
+            rc = errno == EINVAL ? EOPNOTSUPP : errno;
+        else if (!(r.ioctls & ((__u64)1 << _UFFDIO_CONTINUE)) ||
+                 !(r.ioctls & ((__u64)1 << _UFFDIO_WRITEPROTECT)))
+            rc = EOPNOTSUPP;
+    }
+    if (p != MAP_FAILED)
+        munmap(p, PAGE);
+    if (mfd >= 0)
+        close(mfd);
+    close(fd);
+    return rc;
+}
+
+int odf_uffd_enable(int on)
+{
+    if (on) {
+        int rc = odf_uffd_probe();
+        if (rc)
+            return rc;
+    }
+    uffd_wanted = on ? 1 : 0;
+    return 0;
+}
+
+int _odf_uffd_wanted(void) { return uffd_wanted; }
+
+int odf_arena_uffd(const odf_arena_t *a) { return a->uffd; }
+
+/* ---- the handler thread ---- */
+
+static void *serve(void *arg)
+{
+    int fd = (int)(intptr_t)arg;
+    struct uffd_msg msgs[16];
+    for (;;) {
+        struct pollfd pfd = {.fd = fd, .events = POLLIN};
+        if (poll(&pfd, 1, -1) < 0 && errno != EINTR)
+            return NULL;
+        if (pfd.revents & (POLLERR | POLLNVAL))
+            return NULL; /* descriptor closed: a newer one has its own thread */
+        ssize_t n = read(fd, msgs, sizeof(msgs));
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                continue;
+            return NULL;
+        }
+        for (size_t i = 0; i < (size_t)n / sizeof(msgs[0]); i++) {
+            if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
+                continue;
+            uint64_t fl = msgs[i].arg.pagefault.flags;
+            _odf_uffd_fault(fd, (uintptr_t)msgs[i].arg.pagefault.address,
+                            (fl & (UFFD_PAGEFAULT_FLAG_WRITE | UFFD_PAGEFAULT_FLAG_WP)) != 0);
+        }
+    }
+}
+
+/* Open this process's descriptor and start its thread, once.  pre: none. */
+int _odf_uffd_start(void)
+{
+    int rc = 0;
+    pthread_mutex_lock(&start_lock);
+    if (uffd < 0) {
+        int fd = open_full();
+        if (fd < 0) {
+            rc = -fd;
+        } else {
+            pthread_t t;
+            pthread_attr_t at;
+            sigset_t all, old;
+            pthread_attr_init(&at);
+            pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+            pthread_attr_setstacksize(&at, 256 * 1024);
+            sigfillset(&all);
+            pthread_sigmask(SIG_BLOCK, &all, &old); /* the thread starts with every signal blocked */
+            rc = pthread_create(&t, &at, serve, (void *)(intptr_t)fd);
+            pthread_sigmask(SIG_SETMASK, &old, NULL);
+            pthread_attr_destroy(&at);
+            if (rc)
+                close(fd);
+            else
+                uffd = fd;
+        }
+    }
+    pthread_mutex_unlock(&start_lock);
+    return rc;
+}
+
+/* ---- operations used by the fault and fork code (async-signal-safe) ---- */
+
+int _odf_uffd_register(uintptr_t addr, size_t len)
+{
+    struct uffdio_register r = {.range = {addr, len}, .mode = REG_MODES};
+    return ioctl(uffd, UFFDIO_REGISTER, &r) < 0 ? errno : 0;
+}
+
+int _odf_uffd_unregister(uintptr_t addr, size_t len)
+{
+    struct uffdio_range r = {addr, len};
+    return ioctl(uffd, UFFDIO_UNREGISTER, &r) < 0 ? errno : 0;
+}
+
+/* Write-protect the entries present in a registered range (a fallback; the
+ * normal path has none present). */
+int _odf_uffd_wp(uintptr_t addr, size_t len)
+{
+    struct uffdio_writeprotect w = {.range = {addr, len}, .mode = UFFDIO_WRITEPROTECT_MODE_WP};
+    return ioctl(uffd, UFFDIO_WRITEPROTECT, &w) < 0 ? errno : 0;
+}
+
+void _odf_uffd_wake(int fd, uintptr_t addr, size_t len)
+{
+    struct uffdio_range r = {addr, len};
+    ioctl(fd, UFFDIO_WAKE, &r);
+}
+
+/* Install the entries of chunk `addr` (segment `seg`) write-protected.
+ * Pages some entry already maps are skipped; holes of the segment are
+ * allocated first (as zeros: a MINOR continue needs a page to map). */
+int _odf_uffd_map_wp(odf_arena_t *a, uintptr_t addr, uint32_t seg)
+{
+    size_t pos = 0;
+    int filled = 0;
+    while (pos < ODF_CHUNK_SIZE) {
+        struct uffdio_continue cc = {.range = {addr + pos, ODF_CHUNK_SIZE - pos},
+                                     .mode = UFFDIO_CONTINUE_MODE_WP};
+        if (ioctl(uffd, UFFDIO_CONTINUE, &cc) == 0)
+            return 0;
+        int err = errno;
+        if (cc.mapped > 0)
+            pos += (size_t)cc.mapped;
+        if (err == EAGAIN)
+            continue;
+        if (err == EEXIST) {
+            pos += PAGE;
+            continue;
+        }
+        if ((err == EFAULT || err == ENOENT) && !filled) {
+            filled = 1;
+            if (fallocate(a->pool_fd, 0, ((off_t)seg << ODF_CHUNK_SHIFT) + (off_t)pos,
+                          (off_t)(ODF_CHUNK_SIZE - pos)) < 0)
+                return errno;
+            continue;
+        }
+        return err;
+    }
+    return 0;
+}
+
+/* In a fork child, before fork() returns: a descriptor and thread of our own,
+ * and every resident shared chunk of every userfaultfd arena registered. */
+void _odf_uffd_child(void)
+{
+    int any = 0;
+    for (int i = 0; i < ODF_MAX_ARENAS; i++) {
+        odf_arena_t *a = atomic_load(&_odf_registry[i]);
+        any |= a && !a->orphaned && a->uffd;
+    }
+    if (uffd >= 0)
+        close(uffd); /* the parent's: its registrations are not ours */
+    uffd = -1;
+    pthread_mutex_init(&start_lock, NULL);
+    if (!any)
+        return;
+    int rc = _odf_uffd_start();
+    for (int i = 0; i < ODF_MAX_ARENAS; i++) {
+        odf_arena_t *a = atomic_load(&_odf_registry[i]);
+        if (!a || a->orphaned || !a->uffd)
+            continue;
+        uint32_t c = 0;
+        while (c < a->hi) {
+            if (!a->mypt[c] || (a->flags[c] & ODF_F_PRIVATE)) {
+                c++;
+                continue;
+            }
+            uint32_t start = c;
+            while (c < a->hi && a->mypt[c] && !(a->flags[c] & ODF_F_PRIVATE))
+                c++;
+            uintptr_t addr = a->base + ((uintptr_t)start << ODF_CHUNK_SHIFT);
+            size_t len = (size_t)(c - start) << ODF_CHUNK_SHIFT;
+            /* Without a registration: read-only chunks (the SIGSEGV path). */
+            if ((rc || _odf_uffd_register(addr, len)) && mprotect((void *)addr, len, PROT_READ) < 0) {
+                a->orphaned = 1;
+                _odf_reserve(a->base, a->shadow - a->base + a->size);
+                break;
+            }
+        }
+        if (rc)
+            a->uffd = 0;
+    }
+}
