@@ -11,7 +11,7 @@ import statistics
 import sys
 from collections import defaultdict
 
-KINDS = ("bytearray", "numpy-thp", "odfork", "odfork-empty")
+KINDS = ("bytearray", "numpy-thp", "odfork", "odfork-empty", "odfork-signal")
 METRICS = [  # group prefix, title, unit
     ("1-fork-latency", "1. Fork latency (until fork returns in the parent)", "ms"),
     ("2-roundtrip", "2. Round trip (fork, child _exit, waitpid)", "ms"),
@@ -21,6 +21,8 @@ METRICS = [  # group prefix, title, unit
     ("5-sparse-writes", "5. Sparse writes: fork + the child writes one byte per 2 MiB + exit + wait", "ms"),
     ("6-read-parent", "6a. Read everything after the fork, in the parent (child alive)", "ms"),
     ("6-read-child", "6b. Read everything after the fork, in the child (asked over a pipe)", "ms"),
+    ("8-kernel-write-parent", "8. Kernel write (os.preadv of 4 KiB) into memory shared with a live child, "
+     "in the parent; odfork-signal must call prepare_write first (timed)", "us"),
 ]
 SCALE = {"ms": 1e3, "us": 1e6}
 

@@ -11,6 +11,9 @@ Kinds of memory (odfork_user/_measure.py):
   numpy-thp    os.fork, a numpy array in transparent huge pages
   odfork       odfork, the same bytes in an arena
   odfork-empty odfork, an arena of the same size with nothing written (latency groups only)
+  odfork-signal odfork on the fallback mechanism (read-only shared chunks, SIGSEGV
+               only), next to odfork (userfaultfd where available) in the groups where
+               the mechanism matters: 3 first write, 6 read after fork, 8 kernel write
 Before every round the parent writes one byte per 2 MiB (untimed): the state of a
 process that keeps working between forks.  Timings are never asserted; results are.
 """
@@ -24,11 +27,12 @@ from odfork_user._measure import KINDS, WaitingChild, child_pattern, thp_state
 np = pytest.importorskip("numpy")  # the THP baseline needs numpy
 CH = 1 << 21
 WRITE_KINDS = ("bytearray", "numpy-thp", "odfork")
+MECH_KINDS = WRITE_KINDS + ("odfork-signal",)
 
 
 def _extra(benchmark, h, **kw):
     benchmark.extra_info.update(kind=h.kind, size=h.size, thp=thp_state(), kernel=os.uname().release,
-                                chunk_size=CH, **kw)
+                                chunk_size=CH, kernel_writes=h.mechanism, **kw)
 
 
 @pytest.fixture(params=sizes(), ids=lambda s: f"{s >> 20}M")
@@ -46,6 +50,13 @@ def holder(request, size):
 @pytest.fixture(params=WRITE_KINDS)
 def writer(request, size):
     h = make_holder(request.param, size, 2.3)  # a dense rewrite doubles the data
+    yield h
+    h.close()
+
+
+@pytest.fixture(params=MECH_KINDS)
+def mech_writer(request, size):
+    h = make_holder(request.param, size, 2.3)
     yield h
     h.close()
 
@@ -89,27 +100,28 @@ def test_fork_roundtrip(benchmark, holder):
 
 # 3. fault handling: the first write after the fork ------------------------------
 @pytest.mark.parametrize("who", ["parent", "child"])
-def test_first_write(benchmark, writer, who):
+def test_first_write(benchmark, mech_writer, who):
     """parent: one write to a chunk it shares with a live child.  child: the
     child's first write, asked over a pipe (the round trip, ~20 us, is included
     for every kind alike)."""
-    benchmark.group = f"3-first-write-{who}-{writer.size >> 20}M"
-    _extra(benchmark, writer, who=who)
+    w = mech_writer
+    benchmark.group = f"3-first-write-{who}-{w.size >> 20}M"
+    _extra(benchmark, w, who=who)
     state = {"i": 0, "child": None}
-    nch = max(writer.size // CH, 1)
+    nch = max(w.size // CH, 1)
 
     def setup():
         if state["child"]:
             state["child"].close()
-        writer.touch()
-        state["child"] = WaitingChild(writer)
+        w.touch()
+        state["child"] = WaitingChild(w)
         state["child"].ask(b"d")  # the child is up and waiting: only the write is timed
         state["i"] += 1
 
     def target():
         off = (state["i"] * 5 % nch) * CH + 77
         if who == "parent":
-            writer.view[off] ^= 1
+            w.view[off] ^= 1
         else:
             state["child"].ask(b"w", off)
 
@@ -142,27 +154,62 @@ def test_child_writes(benchmark, writer, pattern):
 
 # 6. read after fork ---------------------------------------------------------------
 @pytest.mark.parametrize("who", ["parent", "child"])
-def test_read_after_fork(benchmark, writer, who):
-    benchmark.group = f"6-read-{who}-{writer.size >> 20}M"
-    _extra(benchmark, writer, who=who)
+def test_read_after_fork(benchmark, mech_writer, who):
+    w = mech_writer
+    benchmark.group = f"6-read-{who}-{w.size >> 20}M"
+    _extra(benchmark, w, who=who)
     state = {"child": None}
 
     def setup():
         if state["child"]:
             state["child"].close()
-        writer.touch()
-        state["child"] = WaitingChild(writer)
+        w.touch()
+        state["child"] = WaitingChild(w)
         state["child"].ask(b"d")
 
     def target():
         if who == "parent":
-            writer.read_all()
+            w.read_all()
         else:
             state["child"].ask(b"r")
 
     try:
-        benchmark.pedantic(target, setup=setup, rounds=3 if writer.size > (256 << 20) else 5,
+        benchmark.pedantic(target, setup=setup, rounds=3 if w.size > (256 << 20) else 5,
                            warmup_rounds=0)
     finally:
         if state["child"]:
             state["child"].close()
+
+
+
+# 8. a kernel write (os.preadv of 4 KiB) into memory shared with a live child ------
+def test_kernel_write_parent(benchmark, mech_writer, tmp_path):
+    """The parent's preadv into a chunk (page, for os.fork) it shares with a live
+    child.  os.fork: the kernel copies one page.  odfork: userfaultfd copies the
+    chunk; the fallback needs prepare_write() first (timed: it is the price)."""
+    w = mech_writer
+    benchmark.group = f"8-kernel-write-parent-{w.size >> 20}M"
+    _extra(benchmark, w)
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"k" * 4096)
+    fd = os.open(src, os.O_RDONLY)
+    state = {"i": 0, "child": None}
+    nch = max(w.size // CH, 1)
+
+    def setup():
+        if state["child"]:
+            state["child"].close()
+        w.touch()
+        state["child"] = WaitingChild(w)
+        state["child"].ask(b"d")
+        state["i"] += 1
+
+    def target():
+        return w.kernel_write((state["i"] * 5 % nch) * CH + 4096, fd)
+
+    try:
+        assert benchmark.pedantic(target, setup=setup, rounds=10, warmup_rounds=1) == 4096
+    finally:
+        if state["child"]:
+            state["child"].close()
+        os.close(fd)

@@ -7,12 +7,14 @@
  *   raise the count of every resident chunk (O(chunks));
  *   move the page tables of our writable runs to the shadow (mremap with
  *   MREMAP_DONTUNMAP, O(1) per run: page tables move a PMD at a time) and
- *   make the emptied arena range read-only (mprotect of a range with no page
- *   table entries, O(1)).  Nothing is done per page.
+ *   make the emptied arena range trap writes: read-only (mprotect of a range
+ *   with no page table entries, O(1)), or in a userfaultfd arena registered
+ *   (see fault_uffd.c).  Nothing is done per page.
  * parent: release the locks; on a failed prepare give the child slot back.
  * child: claim the slot (CAS PENDING -> CLAIMED, pid, liveness lock, LIVE),
  *   drop the inherited shadow (no page table entries: cheap), clear the
- *   private flags.  If prepare failed or the slot was reclaimed, the child
+ *   private flags; then userfaultfd arenas get this process's own descriptor,
+ *   thread and registrations (_odf_uffd_child).  If prepare failed or the slot was reclaimed, the child
  *   loses the arena: all of it becomes PROT_NONE and any access crashes with
  *   a message, so no process ever writes memory another one can see.
  *
@@ -38,19 +40,21 @@ static int park_run(odf_arena_t *a, uint32_t start, uint32_t n)
 {
     uintptr_t off = (uintptr_t)start << ODF_CHUNK_SHIFT;
     size_t len = (size_t)n << ODF_CHUNK_SHIFT;
-    /* userfaultfd arena: register first, so that from the moment the entries
-     * are gone every access (another thread's, the kernel's) is a userfault,
-     * which waits for a->local; the range stays writable and registered. */
-    int registered = a->uffd && _odf_uffd_register(a->base + off, len) == 0;
     void *p = mremap((void *)(a->base + off), len, len,
                      MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP, (void *)(a->shadow + off));
-    if (p == MAP_FAILED) {
-        int rc = errno;
-        if (registered)
-            _odf_uffd_unregister(a->base + off, len);
-        return rc;
-    }
-    if (!registered && mprotect((void *)(a->base + off), len, PROT_READ) < 0) {
+    if (p == MAP_FAILED)
+        return errno;
+    /* userfaultfd arena: register the emptied range (registering before the
+     * move would make mremap move page by page: it must clear write-protect
+     * bits in registered ranges).  Another thread's access between the move
+     * and the registration may have mapped a page (its write happened before
+     * the fork, which is fine); MADV_DONTNEED drops such entries, cheaply, as
+     * the range has no page tables left, so that from here on every access
+     * is a userfault. */
+    if (a->uffd && _odf_uffd_register(a->base + off, len) == 0 &&
+        madvise((void *)(a->base + off), len, MADV_DONTNEED) == 0) {
+        /* registered and empty */
+    } else if (mprotect((void *)(a->base + off), len, PROT_READ) < 0) {
         int rc = errno;
         /* Never leave a writable mapping of a shared segment behind. */
         for (uint32_t c = start; c < start + n; c++)

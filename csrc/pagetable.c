@@ -463,12 +463,20 @@ int _odf_fault(odf_arena_t *a, uint32_t c)
     me->pin = seg + 1;
     _odf_family_unlock(a);
 
-    if (a->flags[c] & ODF_F_PARKED)
+    if (a->flags[c] & ODF_F_PARKED) {
         rc = copy_chunk(a, sh, nseg);
-    else if (a->uffd)
-        rc = copy_seg(a, seg, nseg);
-    else
+    } else if (a->uffd) {
+        /* The arena chunk is registered (reading it here would wait for this
+         * very fault): read the segment through a mapping at its shadow slot. */
+        if ((rc = _odf_map_seg(a, sh, seg, PROT_READ, 0)) == 0) {
+            rc = copy_chunk(a, sh, nseg);
+            _odf_reserve(sh, ODF_CHUNK_SIZE);
+        } else {
+            rc = copy_seg(a, seg, nseg);
+        }
+    } else {
         rc = copy_chunk(a, addr, nseg);
+    }
     if (!rc)
         rc = _odf_map_seg(a, addr, nseg, PROT_READ | PROT_WRITE, 1);
     _odf_family_lock(a);

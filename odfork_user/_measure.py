@@ -4,8 +4,11 @@ A holder owns `size` bytes of written memory of one kind:
   bytearray    ordinary heap memory, 4 KiB pages, forked with os.fork
   numpy-thp    a numpy array (transparent huge pages where the kernel gives
                them: THP 'madvise' mode + numpy's madvise), forked with os.fork
-  odfork       an arena block, forked with odfork
+  odfork       an arena block, forked with odfork (kernel writes through
+               userfaultfd where the process can have one, see KERNEL_WRITES)
   odfork-empty an arena of the same size with nothing written, forked with odfork
+  odfork-signal  odfork on the fallback mechanism: shared chunks read-only,
+               SIGSEGV only (bench groups 3, 6 and 8 compare the two)
 
 Metrics (all medians; one fork per round):
   fork_ms             until fork returns in the parent
@@ -27,10 +30,10 @@ import time
 import zlib
 
 from odfork_user import Arena, odfork
-from odfork_user._core import CHUNK_SIZE
+from odfork_user._core import CHUNK_SIZE, KERNEL_WRITES, lib
 
 KINDS = ("bytearray", "numpy-thp", "odfork", "odfork-empty")
-EXTRA_KINDS = ("odfork-page",)  # Arena(cow="page"), measured on request
+EXTRA_KINDS = ("odfork-page", "odfork-signal")  # measured on request / in some groups
 _BLOCK = b"\x02" * CHUNK_SIZE
 
 
@@ -96,10 +99,15 @@ class Holder:
         elif kind == "numpy-thp":
             import numpy as np
             self.data = np.zeros(size, dtype=np.uint8)
-        elif kind in ("odfork", "odfork-empty", "odfork-page"):
-            self.arena = Arena(size, cow="page" if kind == "odfork-page" else "chunk")
+        elif kind in ("odfork", "odfork-empty", "odfork-page", "odfork-signal"):
+            if kind == "odfork-signal":
+                lib.odf_uffd_enable(0)  # for this arena only
+            try:
+                self.arena = Arena(size, cow="page" if kind == "odfork-page" else "chunk")
+            finally:
+                lib.odf_uffd_enable(KERNEL_WRITES == "userfaultfd")
             self.fork = odfork
-            if kind in ("odfork", "odfork-page"):
+            if kind != "odfork-empty":
                 self.data = self.arena.alloc(size)
             else:
                 self._scratch = bytearray(max(size // CHUNK_SIZE, 1))
@@ -133,6 +141,19 @@ class Holder:
         v = self.view
         for off in range(0, self.size, step):
             v[off] = (v[off] + 1) & 0xFF
+
+    @property
+    def mechanism(self):
+        """How kernel writes reach this memory after a fork."""
+        return self.arena.kernel_writes if self.arena is not None else "kernel"
+
+    def kernel_write(self, off, src_fd, n=4096):
+        """Let the kernel write n bytes at off (os.preadv from src_fd); on the
+        fallback mechanism prepare_write() must come first, and is timed too."""
+        view = self.view[off:off + n]
+        if self.arena is not None and self.arena.kernel_writes == "signal":
+            self.arena.prepare_write(view)
+        return os.preadv(src_fd, [view], 0)
 
     def read_all(self):
         return zlib.crc32(self.view) if self.data is not None else 0

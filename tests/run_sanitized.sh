@@ -10,7 +10,7 @@ cp -r "$root/csrc" "$root/odfork_user" "$root/tests" "$work/"
 rm -f "$work"/odfork_user/*.so
 (cd "$work" && ODFORK_SANITIZE=address,undefined python3 odfork_user/_ffi_build.py >/dev/null)
 cd "$work/tests"
-if [ $# -eq 0 ]; then set -- test_isolation.py test_core.py test_spawn_snapshot.py; fi
+if [ $# -eq 0 ]; then set -- test_isolation.py test_core.py test_spawn_snapshot.py test_kernel_writes.py; fi
 # Python itself is not built with ASan: preload the runtimes.  Leak detection is
 # off (the interpreter keeps memory at exit on purpose); ASan's own SIGSEGV
 # handler is off so that arena faults reach the core's handler.
