@@ -144,4 +144,42 @@ int odf_snapshot_restore(odf_arena_t *a, uint64_t id);
  * SIGSEGV handler on the next arena fault. */
 int _odf_debug_break(odf_arena_t *a, int what, uint32_t chunk);
 
+/* ---- heap.c: a block allocator in an arena range (see heap.c) ----
+ * Not thread-safe: the caller serialises every call. */
+#define ODF_HEAP_NCLASS 36
+#define ODF_HEAP_MAX_SMALL 32768
+typedef struct odf_heap_s odf_heap_t;
+typedef struct odf_heap_stats_s {
+    uint64_t live_bytes;      /* in blocks handed out (rounded to their class or pages) */
+    uint64_t live_blocks;
+    uint64_t raw_bytes;       /* in raw page runs (pymalloc arenas) */
+    uint64_t top_bytes;       /* extent of the heap ever handed out and not given back */
+    uint64_t mapped_bytes;    /* resident chunks of the heap range */
+    uint64_t free_page_bytes; /* free pages below the top */
+    uint64_t free_extents;
+} odf_heap_stats_t;
+/* [start, start+len) must lie in the arena, page aligned, and not be used by anything else. */
+int odf_heap_create(odf_arena_t *a, uintptr_t start, size_t len, odf_heap_t **out);
+void *odf_heap_alloc(odf_heap_t *h, size_t n);          /* NULL when full; 16-byte aligned */
+void *odf_heap_realloc(odf_heap_t *h, void *p, size_t n);
+void odf_heap_free(odf_heap_t *h, void *p);              /* p from alloc/realloc */
+size_t odf_heap_usable(odf_heap_t *h, const void *p);
+void *odf_heap_alloc_raw(odf_heap_t *h, size_t n);       /* page aligned, no header */
+void odf_heap_free_raw(odf_heap_t *h, void *p, size_t n);
+int odf_heap_owns(odf_heap_t *h, const void *p);         /* p is a block of alloc/realloc */
+int odf_heap_in_range(odf_heap_t *h, const void *p);
+void odf_heap_stats(odf_heap_t *h, odf_heap_stats_t *out);
+int odf_heap_check(odf_heap_t *h);                       /* 0, or EUCLEAN */
+
+/* Give the whole chunks of [addr, addr+len) back to the family: they become
+ * non-resident (reading them again maps fresh zeros). */
+int odf_arena_release(odf_arena_t *a, uintptr_t addr, size_t len);
+
+/* csrc/py/pyalloc.c (in the Python extension only): CPython's MEM and OBJ
+ * domains and pymalloc's arenas allocate from h (EBUSY if another heap was
+ * installed before); uninstall stops new allocations going there. */
+int odf_py_install(odf_heap_t *h);
+void odf_py_uninstall(void);
+int odf_py_installed(void);
+
 #endif

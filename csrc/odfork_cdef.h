@@ -46,3 +46,30 @@ int odf_snapshot_map(odf_arena_t *a, uint64_t id, uintptr_t *addr);
 int odf_snapshot_unmap(uintptr_t addr, size_t size);
 int odf_snapshot_restore(odf_arena_t *a, uint64_t id);
 int odf_arena_set_page_cow(odf_arena_t *a, int on);
+#define ODF_HEAP_NCLASS ...
+#define ODF_HEAP_MAX_SMALL ...
+typedef struct odf_heap_s odf_heap_t;
+typedef struct odf_heap_stats_s {
+    uint64_t live_bytes;
+    uint64_t live_blocks;
+    uint64_t raw_bytes;
+    uint64_t top_bytes;
+    uint64_t mapped_bytes;
+    uint64_t free_page_bytes;
+    uint64_t free_extents;
+} odf_heap_stats_t;
+int odf_heap_create(odf_arena_t *a, uintptr_t start, size_t len, odf_heap_t **out);
+void *odf_heap_alloc(odf_heap_t *h, size_t n);
+void *odf_heap_realloc(odf_heap_t *h, void *p, size_t n);
+void odf_heap_free(odf_heap_t *h, void *p);
+size_t odf_heap_usable(odf_heap_t *h, const void *p);
+void *odf_heap_alloc_raw(odf_heap_t *h, size_t n);
+void odf_heap_free_raw(odf_heap_t *h, void *p, size_t n);
+int odf_heap_owns(odf_heap_t *h, const void *p);
+int odf_heap_in_range(odf_heap_t *h, const void *p);
+void odf_heap_stats(odf_heap_t *h, odf_heap_stats_t *out);
+int odf_heap_check(odf_heap_t *h);
+int odf_arena_release(odf_arena_t *a, uintptr_t addr, size_t len);
+int odf_py_install(odf_heap_t *h);
+void odf_py_uninstall(void);
+int odf_py_installed(void);

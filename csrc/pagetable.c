@@ -762,6 +762,30 @@ int odf_arena_populate(odf_arena_t *a, uintptr_t addr, size_t len)
     return rc;
 }
 
+int odf_arena_release(odf_arena_t *a, uintptr_t addr, size_t len)
+{
+    if (addr < a->base || addr + len > a->base + a->size || addr + len < addr ||
+        ((addr - a->base) & (ODF_CHUNK_SIZE - 1)) || (len & (ODF_CHUNK_SIZE - 1)))
+        return EINVAL;
+    uint32_t c0 = (uint32_t)((addr - a->base) >> ODF_CHUNK_SHIFT), n = (uint32_t)(len >> ODF_CHUNK_SHIFT);
+    int rc;
+    ODF_LOCKED(a, rc, {
+        for (uint32_t c = c0; c < c0 + n && !rc; c++) {
+            if (!a->mypt[c])
+                continue;
+            uintptr_t ca = a->base + ((uintptr_t)c << ODF_CHUNK_SHIFT);
+            if ((rc = _odf_reserve(ca, ODF_CHUNK_SIZE)))
+                break;
+            if (a->flags[c] & ODF_F_PARKED)
+                _odf_reserve(a->shadow + ((uintptr_t)c << ODF_CHUNK_SHIFT), ODF_CHUNK_SIZE);
+            a->flags[c] = 0;
+            _odf_seg_decref(a, a->mypt[c] - 1);
+            a->mypt[c] = 0;
+        }
+    });
+    return rc;
+}
+
 int _odf_debug_break(odf_arena_t *a, int what, uint32_t chunk)
 {
     if (chunk >= a->nchunks)

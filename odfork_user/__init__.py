@@ -8,7 +8,9 @@ from odfork_user.arena import Arena, default_arena
 from odfork_user._forking import odfork
 from odfork_user.process import Child, spawn
 from odfork_user.snapshot import Snapshot
+from odfork_user.pyheap import heap_stats, install, installed, installing, uninstall
 
 __all__ = ["Arena", "default_arena", "odfork", "spawn", "Child", "Snapshot", "OdforkError", "CorruptionError", "ChildError", "CHUNK_SIZE",
-           "KERNEL_WRITES", "explain_efault"]
+           "KERNEL_WRITES", "explain_efault", "install", "uninstall", "installed", "installing",
+           "heap_stats"]
 __version__ = "0.1.0"

@@ -34,6 +34,25 @@ class BlockAllocator:
                 return off, n, dirty_end
         return None
 
+    def alloc_aligned(self, n, align):
+        """First fit of n bytes starting on a multiple of align (both multiples
+        of ALIGN), for a region something else manages; its offset or None."""
+        for i, (start, length) in enumerate(zip(self._starts, self._lens)):
+            off = (start + align - 1) // align * align
+            if off + n > start + length:
+                continue
+            del self._starts[i]
+            del self._lens[i]
+            if off + n < start + length:
+                self._starts.insert(i, off + n)
+                self._lens.insert(i, start + length - off - n)
+            if off > start:
+                self._starts.insert(i, start)
+                self._lens.insert(i, off - start)
+            self.fresh = max(self.fresh, off + n)
+            return off
+        return None
+
     def free(self, off, n):
         i = bisect.bisect_left(self._starts, off)
         # merge with the next extent

@@ -61,6 +61,7 @@ class Arena:
         self._lock = threading.RLock()
         self._snaps = weakref.WeakSet()
         self._closed = False
+        self._holds_heap = False  # odfork_user.install() put the Python heap here
 
     # -- properties ---------------------------------------------------------
     @property
@@ -221,6 +222,9 @@ class Arena:
         from odfork_user.snapshot import Snapshot
         if not isinstance(snap, Snapshot) or snap._arena is not self:
             raise ValueError("restore() takes a snapshot of this arena")
+        if self._holds_heap:
+            raise ValueError("cannot restore the arena that holds the Python heap: live objects would "
+                             "be rolled back under the interpreter")
         with self._lock:
             snap._restore_into(self._live())
 
@@ -233,6 +237,8 @@ class Arena:
         with self._lock:
             if self._closed:
                 return
+            if self._holds_heap:
+                raise BufferError("cannot close the arena that holds the Python heap (odfork_user.install)")
             n = self._exports() + sum(1 for s in self._snaps if s._views_alive())
             if n:
                 raise BufferError(f"cannot close arena: {n} exported view(s) still alive")
@@ -253,7 +259,7 @@ class Arena:
 
     def __del__(self):
         try:
-            if not self._closed and not self._exports():
+            if not self._closed and not self._exports() and not self._holds_heap:
                 self.close()
             # with live views the mapping is deliberately kept: unmapping would
             # turn those views into dangling pointers.

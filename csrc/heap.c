@@ -1,0 +1,425 @@
+/* heap.c - a block allocator inside an arena range, for the interpreter's
+ * heap (odfork_user.install) and anything else that wants malloc semantics
+ * in memory that forks on demand.
+ *
+ * Layout of [start, start+len):
+ *   pages (4 KiB) are handed out from low addresses up: first fit over the
+ *   free extents, else the top moves up; the chunks under pages being handed
+ *   out are mapped at once (odf_arena_populate: no fault needed, and kernel
+ *   writes find a mapping).  Freed pages coalesce with their neighbours (a
+ *   free extent that reaches the top lowers it), and every whole chunk inside
+ *   freed space is given back to the family (odf_arena_release), so the arena
+ *   holds no more chunks than the live data spans.
+ *   blocks <= ODF_HEAP_MAX_SMALL bytes: size classes (64-byte steps to 1 KiB,
+ *   then 4 per doubling), carved from 64 KiB slabs of pages; a freed block
+ *   goes on its class's free list, linked through the block itself (so the
+ *   links are arena memory and fork with it).
+ *   larger blocks: whole pages with a 16-byte header {pages, magic}; realloc
+ *   grows in place into a free neighbour or the top when it can.
+ *   "raw" page runs (pymalloc's 1 MiB arenas): pages with no header; the
+ *   caller passes the size back when freeing.
+ * Per page, one byte in `kind` (private memory) says what it is: 0 free or
+ * unused, 1..ODF_HEAP_NCLASS slab of that class, KIND_BIG first page of a
+ * large block, KIND_CONT a later page of a large block or a raw run.
+ *
+ * Concurrency: none inside; the caller serialises (the Python allocator
+ * hooks run with the GIL held).  A fork copies the private part (this struct,
+ * `kind`, the extent list) with the process and the arena part on demand, so
+ * parent and child each go on with a consistent heap.
+ */
+#include "internal.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#define PAGE_SHIFT 12
+#define PAGE ((size_t)1 << PAGE_SHIFT)
+#define SLAB_PAGES 16 /* 64 KiB */
+#define KIND_BIG 0xFF
+#define KIND_CONT 0xFE
+#define BIG_MAGIC 0x6f6462696762ULL /* "odbigb" */
+#define HDR 16
+
+typedef struct {
+    uint32_t page, npages;
+} extent_t;
+
+struct odf_heap_s {
+    odf_arena_t *arena;
+    uintptr_t start;
+    size_t npages;          /* capacity of the range */
+    size_t top;             /* pages [0, top) have been handed out at least once */
+    uint8_t *kind;          /* [npages], private, lazily touched */
+    extent_t *ext;          /* free extents below top, sorted by page, coalesced */
+    size_t next, ext_cap;
+    void *free_list[ODF_HEAP_NCLASS];
+    uintptr_t bump[ODF_HEAP_NCLASS], bump_end[ODF_HEAP_NCLASS];
+    size_t live_bytes, live_blocks; /* blocks (not raw runs) handed out */
+    size_t raw_bytes;
+};
+
+static uint32_t class_size[ODF_HEAP_NCLASS];
+
+static void classes_init(void)
+{
+    if (class_size[0])
+        return;
+    int i = 0;
+    for (uint32_t s = 64; s <= 1024; s += 64)
+        class_size[i++] = s;
+    for (uint32_t base = 1024; i < ODF_HEAP_NCLASS; base *= 2)
+        for (int q = 1; q <= 4 && i < ODF_HEAP_NCLASS; q++)
+            class_size[i++] = base + base / 4 * (uint32_t)q;
+}
+
+static int class_of(size_t n)
+{
+    if (n <= 1024)
+        return n ? (int)((n + 63) / 64) - 1 : 0;
+    int lo = 16, hi = ODF_HEAP_NCLASS - 1; /* first class >= n */
+    while (lo < hi) {
+        int mid = (lo + hi) / 2;
+        if (class_size[mid] >= n)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    return lo;
+}
+
+int odf_heap_create(odf_arena_t *a, uintptr_t start, size_t len, odf_heap_t **out)
+{
+    classes_init();
+    if (start < a->base || start + len > a->base + a->size || (start & (PAGE - 1)) || len < PAGE ||
+        len >> PAGE_SHIFT > UINT32_MAX)
+        return EINVAL;
+    odf_heap_t *h = calloc(1, sizeof(*h));
+    if (!h)
+        return ENOMEM;
+    h->arena = a;
+    h->start = start;
+    h->npages = len >> PAGE_SHIFT;
+    h->kind = mmap(NULL, h->npages, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (h->kind == MAP_FAILED) {
+        free(h);
+        return ENOMEM;
+    }
+    *out = h;
+    return 0;
+}
+
+/* ---- pages ---- */
+
+static int ext_insert(odf_heap_t *h, size_t at, uint32_t page, uint32_t n)
+{
+    if (h->next == h->ext_cap) {
+        size_t cap = h->ext_cap ? h->ext_cap * 2 : 64;
+        extent_t *e = realloc(h->ext, cap * sizeof(*e));
+        if (!e)
+            return ENOMEM;
+        h->ext = e;
+        h->ext_cap = cap;
+    }
+    memmove(h->ext + at + 1, h->ext + at, (h->next - at) * sizeof(*h->ext));
+    h->ext[at] = (extent_t){page, n};
+    h->next++;
+    return 0;
+}
+
+static void ext_remove(odf_heap_t *h, size_t at)
+{
+    memmove(h->ext + at, h->ext + at + 1, (h->next - at - 1) * sizeof(*h->ext));
+    h->next--;
+}
+
+/* Pages [p, p+n) are about to be used: map the chunks among them that are
+ * not resident (cheap when they all are). */
+static int map_pages(odf_heap_t *h, size_t p, size_t n)
+{
+    return odf_arena_populate(h->arena, h->start + (p << PAGE_SHIFT), n << PAGE_SHIFT);
+}
+
+/* Pages [p, p+n) are free: give the whole chunks among them back to the
+ * family, so the arena holds no more chunks than the live data spans. */
+static void unmap_pages(odf_heap_t *h, size_t p, size_t n)
+{
+    uintptr_t lo = h->start + (p << PAGE_SHIFT), hi = lo + (n << PAGE_SHIFT);
+    uintptr_t base = h->arena->base;
+    lo = base + ((lo - base + ODF_CHUNK_SIZE - 1) & ~(uintptr_t)(ODF_CHUNK_SIZE - 1));
+    hi = base + ((hi - base) & ~(uintptr_t)(ODF_CHUNK_SIZE - 1));
+    if (hi > lo)
+        odf_arena_release(h->arena, lo, hi - lo);
+}
+
+/* n pages, first fit; returns the page index or SIZE_MAX. */
+static size_t pages_alloc(odf_heap_t *h, size_t n)
+{
+    for (size_t i = 0; i < h->next; i++) {
+        extent_t *e = &h->ext[i];
+        if (e->npages >= n) {
+            size_t p = e->page;
+            if (map_pages(h, p, n))
+                return SIZE_MAX;
+            e->page += (uint32_t)n;
+            e->npages -= (uint32_t)n;
+            if (!e->npages)
+                ext_remove(h, i);
+            return p;
+        }
+    }
+    size_t p = h->top;
+    /* a free extent that ends at the top is merged into it on free, so none is here */
+    if (p + n > h->npages || map_pages(h, p, n))
+        return SIZE_MAX;
+    h->top = p + n;
+    return p;
+}
+
+static void pages_free(odf_heap_t *h, size_t p, size_t n)
+{
+    memset(h->kind + p, 0, n);
+    /* find the first extent after p */
+    size_t lo = 0, hi = h->next;
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (h->ext[mid].page < p)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    size_t i = lo;
+    if (i > 0 && h->ext[i - 1].page + h->ext[i - 1].npages == p) { /* merge with the one before */
+        i--;
+        p = h->ext[i].page;
+        n += h->ext[i].npages;
+        ext_remove(h, i);
+    }
+    if (i < h->next && p + n == h->ext[i].page) { /* and the one after */
+        n += h->ext[i].npages;
+        ext_remove(h, i);
+    }
+    if (p + n == h->top) {
+        h->top = p;
+    } else if (ext_insert(h, i, (uint32_t)p, (uint32_t)n)) {
+        return; /* out of memory for the extent list: the pages leak, the heap stays sound */
+    }
+    unmap_pages(h, p, n);
+}
+
+/* Can the large block at page p (n pages) grow to m pages in place? */
+static int grow_in_place(odf_heap_t *h, size_t p, size_t n, size_t m)
+{
+    size_t end = p + n, need = m - n;
+    if (end == h->top) {
+        if (end + need > h->npages || map_pages(h, end, need))
+            return 0;
+        h->top = end + need;
+        memset(h->kind + end, KIND_CONT, need);
+        return 1;
+    }
+    size_t lo = 0, hi = h->next;
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (h->ext[mid].page < end)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo < h->next && h->ext[lo].page == end && h->ext[lo].npages >= need) {
+        if (map_pages(h, end, need))
+            return 0;
+        h->ext[lo].page += (uint32_t)need;
+        h->ext[lo].npages -= (uint32_t)need;
+        if (!h->ext[lo].npages)
+            ext_remove(h, lo);
+        memset(h->kind + end, KIND_CONT, need);
+        return 1;
+    }
+    return 0;
+}
+
+/* ---- blocks ---- */
+
+static inline size_t page_of(odf_heap_t *h, const void *ptr) { return ((uintptr_t)ptr - h->start) >> PAGE_SHIFT; }
+
+int odf_heap_owns(odf_heap_t *h, const void *ptr)
+{
+    uintptr_t p = (uintptr_t)ptr;
+    if (p < h->start || p >= h->start + (h->top << PAGE_SHIFT))
+        return 0;
+    uint8_t k = h->kind[page_of(h, ptr)];
+    return k == KIND_BIG || (k >= 1 && k <= ODF_HEAP_NCLASS);
+}
+
+int odf_heap_in_range(odf_heap_t *h, const void *ptr)
+{
+    return (uintptr_t)ptr >= h->start && (uintptr_t)ptr < h->start + (h->npages << PAGE_SHIFT);
+}
+
+void *odf_heap_alloc(odf_heap_t *h, size_t n)
+{
+    if (n <= ODF_HEAP_MAX_SMALL) {
+        int c = class_of(n);
+        void *b = h->free_list[c];
+        if (b) {
+            h->free_list[c] = *(void **)b;
+        } else {
+            if (h->bump[c] + class_size[c] > h->bump_end[c]) {
+                size_t p = pages_alloc(h, SLAB_PAGES);
+                if (p == SIZE_MAX)
+                    return NULL;
+                memset(h->kind + p, c + 1, SLAB_PAGES);
+                h->bump[c] = h->start + (p << PAGE_SHIFT);
+                h->bump_end[c] = h->bump[c] + (SLAB_PAGES << PAGE_SHIFT);
+            }
+            b = (void *)h->bump[c];
+            h->bump[c] += class_size[c];
+        }
+        h->live_bytes += class_size[c];
+        h->live_blocks++;
+        return b;
+    }
+    if (n > ((size_t)UINT32_MAX << PAGE_SHIFT))
+        return NULL;
+    size_t np = (n + HDR + PAGE - 1) >> PAGE_SHIFT;
+    size_t p = pages_alloc(h, np);
+    if (p == SIZE_MAX)
+        return NULL;
+    h->kind[p] = KIND_BIG;
+    memset(h->kind + p + 1, KIND_CONT, np - 1);
+    uint64_t *hdr = (uint64_t *)(h->start + (p << PAGE_SHIFT));
+    hdr[0] = np;
+    hdr[1] = BIG_MAGIC;
+    h->live_bytes += np << PAGE_SHIFT;
+    h->live_blocks++;
+    return hdr + 2;
+}
+
+size_t odf_heap_usable(odf_heap_t *h, const void *ptr)
+{
+    uint8_t k = h->kind[page_of(h, ptr)];
+    if (k == KIND_BIG)
+        return (((const uint64_t *)ptr)[-2] << PAGE_SHIFT) - HDR;
+    return class_size[k - 1];
+}
+
+void odf_heap_free(odf_heap_t *h, void *ptr)
+{
+    size_t pg = page_of(h, ptr);
+    uint8_t k = h->kind[pg];
+    if (k == KIND_BIG) {
+        size_t np = ((uint64_t *)ptr)[-2];
+        ((uint64_t *)ptr)[-1] = 0; /* a second free of this block then finds no magic */
+        h->live_bytes -= np << PAGE_SHIFT;
+        h->live_blocks--;
+        pages_free(h, pg, np);
+        return;
+    }
+    int c = k - 1;
+    *(void **)ptr = h->free_list[c];
+    h->free_list[c] = ptr;
+    h->live_bytes -= class_size[c];
+    h->live_blocks--;
+}
+
+void *odf_heap_realloc(odf_heap_t *h, void *ptr, size_t n)
+{
+    if (!ptr)
+        return odf_heap_alloc(h, n);
+    size_t pg = page_of(h, ptr);
+    uint8_t k = h->kind[pg];
+    size_t have = odf_heap_usable(h, ptr);
+    if (k != KIND_BIG) {
+        if (n <= have && (n > ODF_HEAP_MAX_SMALL || class_of(n) == k - 1))
+            return ptr;
+    } else if (n > ODF_HEAP_MAX_SMALL) {
+        size_t np = ((uint64_t *)ptr)[-2], want = (n + HDR + PAGE - 1) >> PAGE_SHIFT;
+        if (want <= np) {
+            if (want < np) { /* give the tail back */
+                ((uint64_t *)ptr)[-2] = want;
+                h->live_bytes -= (np - want) << PAGE_SHIFT;
+                pages_free(h, pg + want, np - want);
+            }
+            return ptr;
+        }
+        if (grow_in_place(h, pg, np, want)) {
+            ((uint64_t *)ptr)[-2] = want;
+            h->live_bytes += (want - np) << PAGE_SHIFT;
+            return ptr;
+        }
+    }
+    void *q = odf_heap_alloc(h, n);
+    if (!q)
+        return NULL;
+    memcpy(q, ptr, have < n ? have : n);
+    odf_heap_free(h, ptr);
+    return q;
+}
+
+void *odf_heap_alloc_raw(odf_heap_t *h, size_t n)
+{
+    size_t np = (n + PAGE - 1) >> PAGE_SHIFT;
+    size_t p = pages_alloc(h, np);
+    if (p == SIZE_MAX)
+        return NULL;
+    memset(h->kind + p, KIND_CONT, np);
+    h->raw_bytes += np << PAGE_SHIFT;
+    return (void *)(h->start + (p << PAGE_SHIFT));
+}
+
+void odf_heap_free_raw(odf_heap_t *h, void *ptr, size_t n)
+{
+    size_t np = (n + PAGE - 1) >> PAGE_SHIFT;
+    h->raw_bytes -= np << PAGE_SHIFT;
+    pages_free(h, page_of(h, ptr), np);
+}
+
+void odf_heap_stats(odf_heap_t *h, odf_heap_stats_t *out)
+{
+    out->live_bytes = h->live_bytes;
+    out->live_blocks = h->live_blocks;
+    out->raw_bytes = h->raw_bytes;
+    out->top_bytes = h->top << PAGE_SHIFT;
+    uint32_t c0 = (uint32_t)((h->start - h->arena->base) >> ODF_CHUNK_SHIFT);
+    uint32_t c1 = c0 + (uint32_t)(((h->npages << PAGE_SHIFT) + ODF_CHUNK_SIZE - 1) >> ODF_CHUNK_SHIFT);
+    uint64_t resident = 0;
+    for (uint32_t c = c0; c < c1 && c < h->arena->hi; c++)
+        resident += h->arena->mypt[c] != 0;
+    out->mapped_bytes = resident << ODF_CHUNK_SHIFT;
+    size_t f = 0;
+    for (size_t i = 0; i < h->next; i++)
+        f += h->ext[i].npages;
+    out->free_page_bytes = f << PAGE_SHIFT;
+    out->free_extents = h->next;
+}
+
+/* Structural check: extents sorted, disjoint, below the top, not touching;
+ * pages in extents are marked free; large-block headers are intact. */
+int odf_heap_check(odf_heap_t *h)
+{
+    size_t prev_end = 0;
+    for (size_t i = 0; i < h->next; i++) {
+        extent_t e = h->ext[i];
+        if (!e.npages || e.page < prev_end || (i && e.page == prev_end) || e.page + e.npages > h->top)
+            return EUCLEAN;
+        if (e.page + e.npages == h->top)
+            return EUCLEAN; /* should have lowered the top */
+        for (size_t p = e.page; p < e.page + e.npages; p++)
+            if (h->kind[p])
+                return EUCLEAN;
+        prev_end = e.page + e.npages;
+    }
+    for (size_t p = 0; p < h->top; p++) {
+        if (h->kind[p] == KIND_BIG) {
+            const uint64_t *hdr = (const uint64_t *)(h->start + (p << PAGE_SHIFT));
+            if (hdr[1] != BIG_MAGIC || !hdr[0] || p + hdr[0] > h->top)
+                return EUCLEAN;
+            for (size_t q = p + 1; q < p + hdr[0]; q++)
+                if (h->kind[q] != KIND_CONT)
+                    return EUCLEAN;
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,327 @@
+"""odfork_user.install(): the interpreter's objects in an arena.
+
+install() changes the allocators of the whole interpreter, so every test runs
+its script in a fresh interpreter; the script asserts, and the test checks
+that it ran to the end.  The heap allocator itself is also driven directly
+(no install) against a model.
+"""
+import os
+import random
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import odfork_user as ou
+from odfork_user._core import ffi, lib
+
+from conftest import CH
+
+PRELUDE = """
+import gc, os, sys, threading, weakref, pickle
+import odfork_user as ou
+from odfork_user import odfork
+
+def in_child(fn, fork=odfork):
+    r, w = os.pipe()
+    pid = fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            res = fn()
+            os.write(w, pickle.dumps(res))
+            code = 0
+        except BaseException:
+            import traceback
+            os.write(w, pickle.dumps(("child raised", traceback.format_exc())))
+        finally:
+            os._exit(code)
+    os.close(w)
+    data = b""
+    while True:
+        b = os.read(r, 1 << 16)
+        if not b:
+            break
+        data += b
+    os.close(r)
+    _, st = os.waitpid(pid, 0)
+    res = pickle.loads(data) if data else None
+    assert st == 0, (st, res)
+    return res
+
+def in_arena(obj, arena):
+    # the object's own memory (its header) lies in the arena
+    return arena.address <= id(obj) < arena.address + arena.size
+"""
+
+
+def run(code, timeout=120, **env):
+    e = dict(os.environ, **env)
+    root = os.path.dirname(os.path.dirname(ou.__file__))
+    e["PYTHONPATH"] = os.pathsep.join(p for p in [root, e.get("PYTHONPATH", "")] if p)
+    src = PRELUDE + textwrap.dedent(code) + "\nprint('SCRIPT-DONE')\n"
+    p = subprocess.run([sys.executable, "-c", src], env=e, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0 and "SCRIPT-DONE" in p.stdout, f"rc={p.returncode}\n{p.stdout}\n{p.stderr}"
+    return p.stdout
+
+
+def test_objects_live_in_the_arena_and_stay_isolated():
+    run("""
+        a = ou.Arena(1 << 30)
+        before = {"old": [1, 2, 3]}            # made before install: stays where it is
+        ou.install(a)
+        assert ou.installed()
+        class Point:
+            def __init__(self, x, y): self.x, self.y = x, y
+        d = {f"k{i}": i for i in range(20000)}
+        lst = list(range(50000))
+        pts = [Point(i, -i) for i in range(1000)]
+        big = "s" * 300000
+        blob = bytearray(b"b" * 100000)
+        # (dict and list headers may come from CPython's free lists of objects
+        # made before install; their tables and item arrays are counted below)
+        n600 = 600
+        for o in (pts[0], big, blob, "x" * n600):
+            assert in_arena(o, a), type(o)
+        assert not in_arena(before, a)
+        st = ou.heap_stats()
+        assert st["live_bytes"] >= 300000 + 50000 * 8 and st["raw_bytes"] > 0
+
+        def child():
+            d["k5"] = -5; d["new"] = 1; lst[7] = "seven"; lst.append(0)
+            pts[3].x = 99; blob[0] = ord("X"); before["old"].append(4)
+            s = big + "t"
+            gc.collect()
+            return d["k5"], len(d), lst[7], len(lst), pts[3].x, blob[:1], before["old"], len(s)
+
+        got = in_child(child)
+        assert got == (-5, 20001, "seven", 50001, 99, b"X", [1, 2, 3, 4], 300001), got
+        assert d["k5"] == 5 and "new" not in d and lst[7] == 7 and len(lst) == 50000
+        assert pts[3].x == 3 and blob[:1] == b"b" and before["old"] == [1, 2, 3] and len(big) == 300000
+        a.check()
+        ou.pyheap.heap_check()
+    """)
+
+
+def test_nested_forks_and_os_fork():
+    run("""
+        a = ou.Arena(1 << 30)
+        ou.install(a)
+        d = {i: str(i) * 3 for i in range(30000)}
+
+        def grandchild():
+            d[1] = "grand"
+            return d[1], d[2]
+
+        def child():
+            d[2] = "child"
+            g = in_child(grandchild, fork=os.fork)
+            return g, d[1], d[2]
+
+        assert in_child(child) == (("grand", "child"), "111", "child")
+        assert d[1] == "111" and d[2] == "222"
+        a.check()
+    """)
+
+
+def test_threads_allocating_while_another_thread_forks():
+    run("""
+        a = ou.Arena(1 << 30)
+        ou.install(a)
+        stop = threading.Event()
+        made = [0]
+        def alloc_loop():
+            keep = []
+            while not stop.is_set():
+                keep.append({"n": made[0], "s": "z" * (made[0] % 2000)})
+                if len(keep) > 5000:
+                    del keep[:2500]
+                made[0] += 1
+        ts = [threading.Thread(target=alloc_loop) for _ in range(3)]
+        for t in ts: t.start()
+        shared = [str(i) for i in range(10000)]
+        try:
+            for i in range(15):
+                def child():
+                    # allocate a lot in the child too; the parent's threads do not exist here
+                    tmp = [[j] * 10 for j in range(2000)]
+                    shared[0] = "c"
+                    gc.collect()
+                    return len(tmp), shared[0], shared[1]
+                assert in_child(child) == (2000, "c", "1")
+                assert shared[0] == "0"
+        finally:
+            stop.set()
+            for t in ts: t.join()
+        assert made[0] > 0
+        a.check()
+        ou.pyheap.heap_check()
+    """)
+
+
+def test_ordinary_python_after_install():
+    # weakrefs, gc in the child, exceptions with tracebacks, del of objects made
+    # before install, uninstall and reinstall, the context manager.
+    run("""
+        import traceback
+        pre = [{"i": i, "s": "p" * 700} for i in range(3000)]   # big blocks from the old allocator
+        pre_str = "q" * 100000
+        a = ou.Arena(1 << 30)
+        with ou.installing(a):
+            class Node:
+                pass
+            n = Node()
+            r = weakref.ref(n)
+            cb_hits = []
+            n2 = Node()
+            r2 = weakref.ref(n2, lambda ref: cb_hits.append(1))
+            cyc = [Node() for _ in range(100)]
+            for x, y in zip(cyc, cyc[1:] + cyc[:1]):
+                x.other = y
+            del x, y
+            def child():
+                global cyc
+                del cyc
+                freed = gc.collect()
+                try:
+                    {}["missing"]
+                except KeyError:
+                    tb = traceback.format_exc()
+                return freed, "KeyError" in tb and "missing" in tb, r() is n
+            freed, tb_ok, alive = in_child(child)
+            assert freed >= 100 and tb_ok and alive
+            assert r() is n
+            del n2
+            assert r2() is None and cb_hits == [1]
+            del pre[::2]                      # free blocks of the previous allocator
+            pre.extend({"j": j} for j in range(5000))
+            s2 = pre_str + "r"               # a new big str from an old one
+            assert in_arena(s2, a) and not in_arena(pre_str, a)
+            del pre_str
+            gc.collect()
+        assert not ou.installed()
+        after = "u" * 100000
+        assert not in_arena(after, a)         # new objects no longer go to the arena
+        ou.install(a)                         # resume with the same heap
+        again = "v" * 100000
+        assert in_arena(again, a)
+        try:
+            ou.install(ou.Arena(1 << 24))
+            raise AssertionError("a second arena was accepted")
+        except ValueError:
+            pass
+        try:
+            a.close()
+            raise AssertionError("closed the arena holding the heap")
+        except BufferError:
+            pass
+        a.check()
+        ou.pyheap.heap_check()
+    """)
+
+
+def test_freed_space_is_reused_and_chunks_given_back():
+    run("""
+        a = ou.Arena(1 << 30)
+        ou.install(a)
+        base = ou.heap_stats()
+        for rnd in range(5):
+            data = [bytes(100000) for _ in range(200)]      # ~20 MB of big blocks
+            top = ou.heap_stats()["top_bytes"]
+            del data
+            gc.collect()
+            if rnd == 0:
+                first_top = top
+            assert top <= first_top + (4 << 20), (rnd, top, first_top)   # reused, not grown
+        st = ou.heap_stats()
+        assert st["mapped_bytes"] <= base["mapped_bytes"] + (8 << 20), (base, st)
+        assert a.stats()["chunks_resident"] * a.chunk_size <= st["mapped_bytes"] + (64 << 20)
+        ou.pyheap.heap_check()
+    """)
+
+
+# ---- the block allocator alone, against a model ----------------------------
+
+@pytest.fixture
+def heap():
+    a = ou.Arena(64 * CH)
+    out = ffi.new("odf_heap_t **")
+    assert lib.odf_heap_create(a._h, a.address, 32 * CH, out) == 0
+    a._alloc.alloc_aligned(32 * CH, CH)
+    yield a, out[0]
+    a.check()
+    a.close()
+
+
+def _fill(p, n, byte):
+    ffi.memmove(p, bytes([byte]) * n, n)
+
+
+def _read(p, n):
+    return ffi.buffer(ffi.cast("char *", p), n)[:]
+
+
+def test_heap_blocks_keep_their_bytes_under_random_churn(heap):
+    a, h = heap
+    rng = random.Random(7)
+    live = {}  # address -> (size, byte)
+    sizes = [1, 64, 513, 1000, 4000, 33000, 70000, 300000]
+    for step in range(4000):
+        op = rng.random()
+        if op < 0.5 or not live:
+            n = rng.choice(sizes) + rng.randrange(64)
+            p = lib.odf_heap_alloc(h, n)
+            assert p != ffi.NULL
+            addr = int(ffi.cast("uintptr_t", p))
+            assert addr % 16 == 0 and addr not in live and lib.odf_heap_owns(h, p)
+            assert lib.odf_heap_usable(h, p) >= n
+            b = step % 251
+            _fill(p, n, b)
+            live[addr] = (n, b)
+        elif op < 0.8:
+            addr = rng.choice(list(live))
+            n, b = live.pop(addr)
+            p = ffi.cast("void *", addr)
+            assert _read(p, n) == bytes([b]) * n
+            lib.odf_heap_free(h, p)
+        else:
+            addr = rng.choice(list(live))
+            n, b = live.pop(addr)
+            m = rng.choice(sizes) + rng.randrange(64)
+            q = lib.odf_heap_realloc(h, ffi.cast("void *", addr), m)
+            assert q != ffi.NULL
+            assert _read(q, min(n, m)) == bytes([b]) * min(n, m)
+            _fill(q, m, b)
+            live[int(ffi.cast("uintptr_t", q))] = (m, b)
+        if step % 500 == 0:
+            assert lib.odf_heap_check(h) == 0
+    # no two live blocks overlap
+    spans = sorted((addr, addr + n) for addr, (n, _) in live.items())
+    assert all(e <= s for (_, e), (s, _) in zip(spans, spans[1:]))
+    for addr, (n, b) in live.items():
+        assert _read(ffi.cast("void *", addr), n) == bytes([b]) * n
+        lib.odf_heap_free(h, ffi.cast("void *", addr))
+    st = ffi.new("odf_heap_stats_t *")
+    lib.odf_heap_stats(h, st)
+    assert st.live_blocks == 0 and st.live_bytes == 0
+    assert lib.odf_heap_check(h) == 0
+
+
+def test_heap_large_block_grows_in_place_and_top_comes_down(heap):
+    a, h = heap
+    p = lib.odf_heap_alloc(h, 100000)
+    q = lib.odf_heap_realloc(h, p, 1000000)  # at the top: grows in place
+    assert q == p
+    st = ffi.new("odf_heap_stats_t *")
+    lib.odf_heap_free(h, q)
+    lib.odf_heap_stats(h, st)
+    assert st.top_bytes == 0 and st.free_extents == 0
+    big = lib.odf_heap_alloc(h, 8 * CH)      # crosses chunks: they are mapped
+    _fill(big, 8 * CH, 3)
+    resident = a.stats()["chunks_resident"]
+    lib.odf_heap_free(h, big)
+    assert a.stats()["chunks_resident"] < resident  # whole chunks above the top were given back
+    assert lib.odf_heap_alloc(h, 40 * CH) == ffi.NULL  # bigger than the heap: NULL, heap intact
+    assert lib.odf_heap_check(h) == 0
