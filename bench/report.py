@@ -188,6 +188,72 @@ def workload_section(w):
     return out
 
 
+HEAP_GROUPS = [("heap-0-build", "building the dict", "s"), ("heap-1-fork-latency", "fork latency", "ms"),
+               ("heap-2-child-pickle", "child pickles the whole dict", "s"),
+               ("heap-3-parent-mutate", "parent rewrites 10% of the values, child alive", "ms")]
+HEAP_KINDS = ("empty", "os", "os-freeze", "odfork", "odfork-freeze", "odfork-page", "odfork-page-freeze")
+
+
+def heap_section(data):
+    """Python objects in an arena (bench/test_pyheap.py): the workers' own timings."""
+    rows = defaultdict(dict)
+    n = None
+    for b in data["benchmarks"]:
+        g = b.get("group") or ""
+        for prefix, _, _ in HEAP_GROUPS:
+            if g.startswith(prefix + "-"):
+                rows[prefix][b["extra_info"]["kind"]] = b["extra_info"]
+                n = b["extra_info"]["objects"]
+    if not rows:
+        return []
+    out = [f"## Python objects in an arena (`odfork_user.install()`), a dict of {n:,} str -> int", "",
+           "A worker process per kind (bench/heap_worker.py); times are the worker's own (medians), memory is "
+           "the Private_Dirty growth of the process that wrote.  **os** = the ordinary heap, os.fork; "
+           "**odfork** = install() into an arena before building (chunk copy mode); **odfork-page** = the "
+           "same with `Arena(cow=\"page\")`; **-freeze** = gc.freeze() after building; **empty** = an empty "
+           "interpreter's os.fork.", "",
+           "| metric | " + " | ".join(HEAP_KINDS) + " |", "|---" * (len(HEAP_KINDS) + 1) + "|"]
+    for prefix, title, unit in HEAP_GROUPS:
+        r = rows.get(prefix, {})
+        scale = 1e3 if unit == "ms" else 1
+        out.append(f"| {title} ({unit}) | " + " | ".join(
+            f"{r[k]['inner_s'] * scale:.3g}" if k in r else "-" for k in HEAP_KINDS) + " |")
+        if prefix == "heap-2-child-pickle":
+            out.append("| child's copied memory (MiB) | " + " | ".join(
+                f"{r[k].get('child_copied', 0) / (1 << 20):.0f}" if k in r else "-" for k in HEAP_KINDS) + " |")
+        if prefix == "heap-3-parent-mutate":
+            out.append("| parent's copied memory (MiB) | " + " | ".join(
+                f"{r[k].get('parent_copied', 0) / (1 << 20):.0f}" if k in r else "-" for k in HEAP_KINDS) + " |")
+    b = rows.get("heap-0-build", {})
+    out.append("| RSS after building (MiB) | " + " | ".join(
+        f"{b[k]['rss'] / (1 << 20):.0f}" if k in b else "-" for k in HEAP_KINDS) + " |")
+    out.append("")
+
+    def t(prefix, kind):
+        v = rows.get(prefix, {}).get(kind)
+        return v["inner_s"] if v else None
+
+    lines = ["| goal | measured | met |", "|---|---|---|"]
+    for kind in ("odfork", "odfork-page"):
+        f_os, f_od, f_empty = t("heap-1-fork-latency", "os"), t("heap-1-fork-latency", kind), \
+            t("heap-1-fork-latency", "empty")
+        if f_os and f_od:
+            lines.append(f"| fork latency os.fork/{kind} >= 50x | {f_os / f_od:.1f}x | "
+                         f"{'yes' if f_os / f_od >= 50 else '**no**'} |")
+        if f_empty and f_od:
+            lines.append(f"| fork latency {kind}/empty interpreter <= 1.5x | {f_od / f_empty:.2f}x | "
+                         f"{'yes' if f_od / f_empty <= 1.5 else '**no**'} |")
+        p_os, p_od = t("heap-2-child-pickle", "os"), t("heap-2-child-pickle", kind)
+        if p_os and p_od:
+            lines.append(f"| child pickling {kind}/os.fork <= 1x | {p_od / p_os:.2f}x | "
+                         f"{'yes' if p_od <= p_os else '**no**'} |")
+        b_os, b_od = t("heap-0-build", "os"), t("heap-0-build", kind)
+        if b_os and b_od:
+            lines.append(f"| building the dict {kind}/ordinary heap <= 2x | {b_od / b_os:.2f}x | "
+                         f"{'yes' if b_od <= 2 * b_os else '**no**'} |")
+    return out + lines + [""]
+
+
 def main(src, dst, workloads=None):
     data, rows = load(src)
     sizes = sorted({s for (_, s) in rows})
@@ -238,6 +304,7 @@ def main(src, dst, workloads=None):
         lines += ["### Goals not met, and what would close them", ""]
         lines += [f"- **{k}**: {CLOSE[k]}" for k in unmet]
         lines.append("")
+    lines += heap_section(data)
     if workloads and os.path.exists(workloads):
         lines += workload_section(json.load(open(workloads)))
     made = plots(rows, sizes, os.path.dirname(os.path.abspath(dst)))
