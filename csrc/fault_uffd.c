@@ -136,14 +136,65 @@ int odf_arena_uffd(const odf_arena_t *a) { return a->uffd; }
 
 /* ---- the handler thread ---- */
 
+/* Background folding (page mode): a chunk made private by a first write is
+ * copied back into an exclusive segment once the process has been quiet for
+ * FOLD_QUIET_MS (no userfault), or at the latest FOLD_EVERY_MS after the last
+ * fold, FOLD_BATCH chunks at a time with the locks released in between.
+ * Short-lived writers (a test, a fuzz input) exit before that and never pay
+ * for it; long-lived ones get chunk mappings back, which a fork parks in O(1)
+ * instead of copying their page tables page by page. */
+#define FOLD_QUIET_MS 20
+#define FOLD_EVERY_MS 200
+#define FOLD_BATCH 8
+static _Atomic int fold_quiet_ms = FOLD_QUIET_MS;
+
+int odf_set_fold_quiet_ms(int ms)
+{
+    int old = atomic_exchange(&fold_quiet_ms, ms);
+    return old;
+}
+
+static int fold_pending(void)
+{
+    if (atomic_load(&fold_quiet_ms) < 0)
+        return 0;
+    for (int i = 0; i < ODF_MAX_ARENAS; i++) {
+        odf_arena_t *a = atomic_load(&_odf_registry[i]);
+        if (a && a->uffd && a->has_private && !a->orphaned)
+            return 1;
+    }
+    return 0;
+}
+
+static void fold_batch(void)
+{
+    for (int i = 0; i < ODF_MAX_ARENAS; i++) {
+        odf_arena_t *a = atomic_load(&_odf_registry[i]);
+        if (a && a->uffd && a->has_private && !a->orphaned)
+            _odf_fold_some(a, FOLD_BATCH);
+    }
+}
+
 static void *serve(void *arg)
 {
     int fd = (int)(intptr_t)arg;
     struct uffd_msg msgs[16];
+    uint64_t last_fold = _odf_now_ns();
     for (;;) {
         struct pollfd pfd = {.fd = fd, .events = POLLIN};
-        if (poll(&pfd, 1, -1) < 0 && errno != EINTR)
+        int pending = fold_pending();
+        int quiet = atomic_load(&fold_quiet_ms);
+        int n_ready = poll(&pfd, 1, pending ? (quiet > 0 ? quiet : 1) : -1);
+        if (n_ready < 0 && errno != EINTR)
             return NULL;
+        if (pending && (n_ready == 0 || _odf_now_ns() - last_fold > FOLD_EVERY_MS * 1000000ULL)) {
+            fold_batch();
+            last_fold = _odf_now_ns();
+            if (n_ready <= 0)
+                continue;
+        }
+        if (n_ready <= 0)
+            continue;
         if (pfd.revents & (POLLERR | POLLNVAL))
             return NULL; /* descriptor closed: a newer one has its own thread */
         ssize_t n = read(fd, msgs, sizeof(msgs));
@@ -200,6 +251,14 @@ int _odf_uffd_register(uintptr_t addr, size_t len)
     struct uffdio_register r = {.range = {addr, len}, .mode = REG_MODES};
     return ioctl(uffd, UFFDIO_REGISTER, &r) < 0 ? errno : 0;
 }
+
+int _odf_uffd_register_wp(uintptr_t addr, size_t len)
+{
+    struct uffdio_register r = {.range = {addr, len}, .mode = UFFDIO_REGISTER_MODE_WP};
+    return ioctl(uffd, UFFDIO_REGISTER, &r) < 0 ? errno : 0;
+}
+
+void _odf_uffd_wake_self(uintptr_t addr, size_t len) { _odf_uffd_wake(uffd, addr, len); }
 
 int _odf_uffd_unregister(uintptr_t addr, size_t len)
 {

@@ -161,7 +161,8 @@ struct odf_arena_s {
     /* last fork, for odf_fork_note_child / odf_fork_abort in the parent */
     uint32_t last_child_slot, last_child_gen;
     /* stats, under a->local */
-    uint64_t n_faults, n_cow, n_reuse, n_bytes, n_forks, n_uffd;
+    uint64_t n_faults, n_cow, n_reuse, n_bytes, n_forks, n_uffd, n_folds;
+    int has_private;           /* page mode: some chunk may be ODF_F_PRIVATE (folding has work) */
     int broken_cow;            /* test hook (_odf_debug_break): resolve shared faults without a copy */
     int page_cow;              /* copy mode, see odf_arena_set_page_cow */
     int uffd;                  /* shared chunks are registered with this process's userfaultfd */
@@ -187,9 +188,12 @@ void _odf_trim_locked(odf_arena_t *a, uint32_t budget);               /* pre: fa
 int _odf_ctl_init(odf_arena_t *a, uint32_t max_slots, uint32_t max_segs);
 /* Resolve a fault on chunk c (async-signal-safe).  0 = resolved. */
 int _odf_fault(odf_arena_t *a, uint32_t c);
-/* Page mode: turn PRIVATE chunk c back into an exclusive segment (a copy).
- * pre: a->local and the family lock held. */
+/* Page mode: turn PRIVATE chunk c back into an exclusive segment (a copy),
+ * writers held off meanwhile.  pre: a->local and the family lock held. */
 int _odf_fold_locked(odf_arena_t *a, uint32_t c);
+/* Fold up to `budget` PRIVATE chunks of a (takes the locks).  Returns 1 if
+ * some remain, 0 if none, -errno if the family lock failed. */
+int _odf_fold_some(odf_arena_t *a, uint32_t budget);
 
 /* fault_sigsegv.c */
 int _odf_handler_install(void);
@@ -202,6 +206,8 @@ void _odf_write_stderr(const char *msg);
 int _odf_uffd_wanted(void);
 int _odf_uffd_start(void);
 int _odf_uffd_register(uintptr_t addr, size_t len);
+int _odf_uffd_register_wp(uintptr_t addr, size_t len); /* write-protect mode only (a private chunk) */
+void _odf_uffd_wake_self(uintptr_t addr, size_t len);
 int _odf_uffd_unregister(uintptr_t addr, size_t len);
 int _odf_uffd_wp(uintptr_t addr, size_t len);
 void _odf_uffd_wake(int fd, uintptr_t addr, size_t len);

@@ -51,6 +51,7 @@ typedef struct odf_stats_s {
     uint64_t slots_used;      /* family-wide process + snapshot slots in use */
     uint64_t uffd_faults;     /* faults (reads and writes, by user code or the kernel)
                                  resolved through userfaultfd for this process */
+    uint64_t folds;           /* page mode: private chunks folded back into segments */
 } odf_stats_t;
 
 /* Reserve an arena of `size` bytes (rounded up to whole chunks).
@@ -81,6 +82,10 @@ int odf_arena_close(odf_arena_t *a);
 int odf_uffd_probe(void);
 int odf_uffd_enable(int on);
 int odf_arena_uffd(const odf_arena_t *a);
+/* Page mode with userfaultfd: private chunks are folded back into segments by
+ * the handler thread after this many quiet milliseconds (default 20; < 0
+ * turns background folding off).  Returns the previous value. */
+int odf_set_fold_quiet_ms(int ms);
 
 /* Make every chunk of [addr, addr+len) resident (fresh chunks get a zero
  * segment, mapped but not populated), so that a kernel write into newly

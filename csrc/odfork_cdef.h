@@ -19,6 +19,7 @@ typedef struct odf_stats_s {
     uint64_t segments_max;
     uint64_t slots_used;
     uint64_t uffd_faults;
+    uint64_t folds;
 } odf_stats_t;
 
 int odf_arena_create(size_t size, uint32_t max_slots, uint32_t max_segs, odf_arena_t **out);
@@ -26,6 +27,7 @@ int odf_arena_close(odf_arena_t *a);
 int odf_uffd_probe(void);
 int odf_uffd_enable(int on);
 int odf_arena_uffd(const odf_arena_t *a);
+int odf_set_fold_quiet_ms(int ms);
 int odf_arena_populate(odf_arena_t *a, uintptr_t addr, size_t len);
 uintptr_t odf_arena_base(const odf_arena_t *a);
 size_t odf_arena_size(const odf_arena_t *a);

@@ -450,6 +450,7 @@ int _odf_fault(odf_arena_t *a, uint32_t c)
         if (a->flags[c] & ODF_F_PARKED)
             _odf_reserve(sh, ODF_CHUNK_SIZE);
         a->flags[c] = ODF_F_PRIVATE;
+        a->has_private = 1;
         a->n_cow++;
         return 0;
     }
@@ -547,16 +548,75 @@ int _odf_fold_locked(odf_arena_t *a, uint32_t c)
     int rc = seg_alloc(a, &nseg, 1);
     if (rc)
         return rc;
+    /* Stop writers while the private view is copied, or their writes after
+     * the copy would be lost with the mapping: write-protect the chunk.  With
+     * userfaultfd a writer (user or kernel) then waits in a userfault that the
+     * handler resolves once a->local is free (the chunk is writable by then);
+     * otherwise PROT_READ: a user write waits in the SIGSEGV handler on
+     * a->local, a kernel write fails with EFAULT (the signal mechanism's limit). */
+    int wp = a->uffd && _odf_uffd_register_wp(addr, ODF_CHUNK_SIZE) == 0;
+    if (wp && _odf_uffd_wp(addr, ODF_CHUNK_SIZE)) {
+        _odf_uffd_unregister(addr, ODF_CHUNK_SIZE);
+        wp = 0;
+    }
+    if (!wp && mprotect((void *)addr, ODF_CHUNK_SIZE, PROT_READ)) {
+        rc = errno;
+        _odf_seg_decref(a, nseg);
+        return rc;
+    }
     /* pwrite reads the private view: written pages from memory, the rest from seg */
     if ((rc = copy_chunk(a, addr, nseg)) || (rc = _odf_map_seg(a, addr, nseg, PROT_READ | PROT_WRITE, 1))) {
         _odf_seg_decref(a, nseg);
+        if (wp)
+            _odf_uffd_unregister(addr, ODF_CHUNK_SIZE); /* clears the protection, wakes writers */
+        else
+            mprotect((void *)addr, ODF_CHUNK_SIZE, PROT_READ | PROT_WRITE);
         return rc;
     }
     a->mypt[c] = nseg + 1;
     _odf_seg_decref(a, seg);
     a->flags[c] = ODF_F_WRITABLE;
     a->n_bytes += ODF_CHUNK_SIZE;
+    a->n_folds++;
+    if (wp)
+        _odf_uffd_wake_self(addr, ODF_CHUNK_SIZE);
     return 0;
+}
+
+int _odf_fold_some(odf_arena_t *a, uint32_t budget)
+{
+    /* One chunk per lock hold: a fault or a fork waits for one copy at most. */
+    int rc = 0, left = 0;
+    uint32_t c = 0;
+    sigset_t old;
+    _odf_block_signals(&old);
+    for (;;) {
+        pthread_mutex_lock(&a->local);
+        if (a->orphaned || !a->has_private || (rc = _odf_family_lock(a))) {
+            pthread_mutex_unlock(&a->local);
+            break;
+        }
+        while (c < a->hi && !(a->flags[c] & ODF_F_PRIVATE))
+            c++;
+        int done = c >= a->hi;
+        if (!done && !budget) {
+            left = 1;
+            done = 1;
+        } else if (!done) {
+            budget--;
+            if (_odf_fold_locked(a, c))
+                left = 1; /* try again next time */
+            c++;
+        }
+        if (done)
+            a->has_private = left;
+        _odf_family_unlock(a);
+        pthread_mutex_unlock(&a->local);
+        if (done)
+            break;
+    }
+    _odf_restore_signals(&old);
+    return rc ? -rc : left;
 }
 
 int odf_arena_set_page_cow(odf_arena_t *a, int on)
@@ -595,6 +655,7 @@ int odf_arena_stats(odf_arena_t *a, odf_stats_t *out)
         out->bytes_copied = a->n_bytes;
         out->forks = a->n_forks;
         out->uffd_faults = a->n_uffd;
+        out->folds = a->n_folds;
         out->segments_live = a->ctl->segments_live;
         out->segments_max = a->ctl->max_segs;
         for (uint32_t i = 0; i < a->ctl->slot_hwm; i++)

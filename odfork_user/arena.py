@@ -12,6 +12,7 @@ from odfork_user._errors import CorruptionError, _check
 _STATS_KEYS = (
     "chunks", "chunks_resident", "chunks_shared", "faults", "cow_copies", "reuses",
     "bytes_copied", "forks", "segments_live", "segments_max", "slots_used", "uffd_faults",
+    "folds",
 )
 
 
@@ -26,11 +27,15 @@ class Arena:
     Args:
         size: bytes to reserve, rounded up to whole chunks.  Virtual until written.
         max_procs: processes (and snapshots) a family can hold at once (default 1024).
-        cow: "chunk" (default) copies a whole 2 MiB chunk on its first write while
-            shared; "page" (experimental) maps it privately so the kernel copies
-            only the 4 KiB pages written: cheap for sparse writers, but those pages
-            are then copied page by page by later forks.  stats()["cow_copies"]
-            counts chunks made private; their pages are not in "bytes_copied".
+        cow: what the first write to a shared chunk copies.  "page" maps the chunk
+            privately so the kernel copies only the 4 KiB pages written; the
+            userfaultfd thread folds such chunks back into whole segments once the
+            process is quiet (stats()["folds"]), so later forks stay O(chunks).
+            "chunk" copies the whole 2 MiB at once.  Default: "page" where kernel
+            writes go through userfaultfd (the folding thread exists), else
+            "chunk".  In page mode stats()["cow_copies"] counts chunks made
+            private, and "bytes_copied" the bytes of folds (the kernel's page
+            copies are not counted).
 
     Raises:
         TypeError: size is not an int.
@@ -40,19 +45,22 @@ class Arena:
 
     chunk_size = CHUNK_SIZE
 
-    def __init__(self, size, *, max_procs=None, cow="chunk", _max_segments=0):
+    def __init__(self, size, *, max_procs=None, cow=None, _max_segments=0):
         if not isinstance(size, int) or isinstance(size, bool):
             raise TypeError(f"Arena size must be an int, not {type(size).__name__}")
         if size <= 0:
             raise ValueError(f"Arena size must be > 0, got {size}")
         if max_procs is not None and (not isinstance(max_procs, int) or max_procs < 2):
             raise ValueError("max_procs must be an int >= 2")
-        if cow not in ("chunk", "page"):
+        if cow not in (None, "chunk", "page"):
             raise ValueError(f"cow must be 'chunk' or 'page', not {cow!r}")
         out = ffi.new("odf_arena_t **")
         _check(lib.odf_arena_create(size, max_procs or 0, _max_segments, out),
                f"cannot reserve an arena of {size} bytes")
         self._h = out[0]
+        if cow is None:
+            cow = "page" if lib.odf_arena_uffd(self._h) else "chunk"
+        self.cow = cow
         lib.odf_arena_set_page_cow(self._h, cow == "page")
         self._base = lib.odf_arena_base(self._h)
         self._size = lib.odf_arena_size(self._h)

@@ -107,3 +107,20 @@ def arena():
             a.close()
         except BufferError:
             pass
+
+
+@pytest.fixture
+def chunk_arena():
+    """An arena in whole-chunk copy mode (the default where userfaultfd is
+    missing), for tests that count chunk copies and segments."""
+    a = ou.Arena(32 * CH, cow="chunk")
+    yield a
+    try:
+        a.check()
+    finally:
+        import gc
+        gc.collect()
+        try:
+            a.close()
+        except BufferError:
+            pass

@@ -22,7 +22,8 @@ def delta(before, after, *keys):
 
 # ---- stats move as specified ------------------------------------------------
 
-def test_one_copy_per_first_write_to_a_shared_chunk(arena):
+def test_one_copy_per_first_write_to_a_shared_chunk(chunk_arena):
+    arena = chunk_arena
     buf = arena.alloc(6 * CH)
     buf[:] = b"s" * len(buf)
     assert arena.stats()["chunks_resident"] == 6
@@ -290,7 +291,8 @@ def test_lock_holder_killed_mid_update_is_recovered(arena):
 
 # ---- lifetime: dead processes give references back, nothing leaks ----------
 
-def test_killed_child_gives_references_back(arena):
+def test_killed_child_gives_references_back(chunk_arena):
+    arena = chunk_arena
     buf = arena.alloc(4 * CH)
     buf[:] = b"k" * len(buf)
     base = arena.stats()["segments_live"]

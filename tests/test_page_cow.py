@@ -8,16 +8,20 @@ import threading
 import pytest
 
 import odfork_user as ou
+from odfork_user._core import lib
 from conftest import CH, finish_child, in_child, start_child
 
 
 @pytest.fixture
 def parena():
+    # background folding off: these tests count what the first writes did
+    quiet = lib.odf_set_fold_quiet_ms(-1)
     a = ou.Arena(16 * CH, cow="page")
     yield a
     try:
         a.check()
     finally:
+        lib.odf_set_fold_quiet_ms(quiet)
         import gc
         gc.collect()
         a.close()
@@ -143,3 +147,108 @@ def test_threads_make_one_private_mapping(parena):
         return parena.stats()["cow_copies"] - s0, lost
 
     assert in_child(child) == (1, 0)
+
+
+# ---- background folding (userfaultfd mechanism) ------------------------------
+
+needs_uffd = pytest.mark.skipif(ou.KERNEL_WRITES != "userfaultfd", reason="folding runs on the userfaultfd thread")
+
+
+@pytest.fixture
+def farena():
+    """Page mode with background folding after 5 quiet ms."""
+    quiet = lib.odf_set_fold_quiet_ms(5)
+    a = ou.Arena(16 * CH, cow="page")
+    yield a
+    try:
+        a.check()
+    finally:
+        lib.odf_set_fold_quiet_ms(quiet)
+        import gc
+        gc.collect()
+        a.close()
+
+
+def _wait_folds(arena, want, timeout=5.0):
+    import time
+    end = time.monotonic() + timeout
+    while arena.stats()["folds"] < want and time.monotonic() < end:
+        time.sleep(0.01)
+    return arena.stats()["folds"]
+
+
+@needs_uffd
+def test_quiet_private_chunks_are_folded_back(farena):
+    buf = farena.alloc(4 * CH)
+    buf[:] = b"a" * len(buf)
+
+    def child():
+        for c in range(4):
+            buf[c * CH + 3] = ord("c")       # four private chunks, one page each
+        folds = _wait_folds(farena, 4)
+        st = farena.stats()
+        return folds, st["bytes_copied"], st["chunks_shared"], bytes(buf[3:4]), bytes(buf[CH + 4:CH + 5])
+
+    folds, copied, shared, b3, b4 = in_child(child)
+    assert folds == 4 and copied == 4 * CH and shared == 0     # exclusive segments again
+    assert (b3, b4) == (b"c", b"a")
+    assert bytes(buf[3:4]) == b"a"                             # the parent never saw it
+
+
+@needs_uffd
+def test_writers_during_folds_lose_nothing(farena):
+    # Threads keep writing (user stores, and kernel writes through os.readv)
+    # into chunks that turn private and get folded under them.  Every write
+    # goes to a new place, so a write lost by a fold shows.
+    buf = farena.alloc(4 * CH)
+    buf[:] = b"\x00" * len(buf)
+    SLOTS = CH // 8 - 16
+
+    def child():
+        import time
+        stop = threading.Event()
+        counts = [0, 0, 0]
+        kdone = [0]
+
+        def user(i):
+            base = i * CH
+            while not stop.is_set() and counts[i] < SLOTS:
+                counts[i] += 1
+                n = counts[i]
+                buf[base + 8 * n:base + 8 * n + 8] = n.to_bytes(8, "little")
+                if n % 200 == 0:
+                    time.sleep(0.007)            # quiet gaps: folds start
+
+        def kernel():
+            r, w = os.pipe()
+            base = 3 * CH
+            try:
+                while not stop.is_set() and kdone[0] < CH // 512 - 1:
+                    k = kdone[0] + 1
+                    os.write(w, k.to_bytes(4, "little") * 128)
+                    if os.readv(r, [buf[base + 512 * k:base + 512 * (k + 1)]]) != 512:
+                        break
+                    kdone[0] = k
+                    if k % 100 == 0:
+                        time.sleep(0.007)
+            finally:
+                os.close(r)
+                os.close(w)
+
+        ts = [threading.Thread(target=user, args=(i,)) for i in range(3)] + [threading.Thread(target=kernel)]
+        for t in ts:
+            t.start()
+        time.sleep(1.0)
+        stop.set()
+        for t in ts:
+            t.join()
+        lost_user = sum(int.from_bytes(buf[i * CH + 8 * n:i * CH + 8 * n + 8], "little") != n
+                        for i in range(3) for n in range(1, counts[i] + 1))
+        lost_kernel = sum(bytes(buf[3 * CH + 512 * k:3 * CH + 512 * (k + 1)]) != k.to_bytes(4, "little") * 128
+                          for k in range(1, kdone[0] + 1))
+        return lost_user, lost_kernel, min(counts), kdone[0], farena.stats()["folds"]
+
+    lost_user, lost_kernel, writes, kwrites, folds = in_child(child)
+    assert (lost_user, lost_kernel) == (0, 0)
+    assert writes > 1000 and kwrites > 100 and folds > 3
+    assert bytes(buf[:]) == b"\x00" * len(buf)

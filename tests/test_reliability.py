@@ -114,7 +114,7 @@ def test_user_handler_installed_after_the_arena_keeps_both_working():
 def test_pool_exhausted_in_a_child_crashes_with_a_message_and_parent_is_intact():
     p = run_py("""
         import os, odfork_user as ou
-        a = ou.Arena(4 << 21, _max_segments=4)   # room for the parent's 4 chunks only
+        a = ou.Arena(4 << 21, _max_segments=4, cow="chunk")   # room for the parent's 4 chunks only
         b = a.alloc(4 << 21); b[:] = b"p" * len(b)
         pid = ou.odfork()
         if pid == 0:
