@@ -11,7 +11,7 @@ import statistics
 import sys
 from collections import defaultdict
 
-KINDS = ("bytearray", "numpy-thp", "odfork", "odfork-empty", "odfork-signal")
+KINDS = ("bytearray", "numpy-thp", "odfork", "odfork-empty", "odfork-chunk", "odfork-signal")
 METRICS = [  # group prefix, title, unit
     ("1-fork-latency", "1. Fork latency (until fork returns in the parent)", "ms"),
     ("2-roundtrip", "2. Round trip (fork, child _exit, waitpid)", "ms"),
@@ -268,7 +268,10 @@ def main(src, dst, workloads=None):
              f"- date: {data.get('datetime', '?')}",
              "- memory kinds: **bytearray** = os.fork, heap memory in 4 KiB pages (the baseline of every ratio); "
              "**numpy-thp** = os.fork, numpy array in transparent huge pages; **odfork** = the same bytes in an "
-             "arena; **odfork-empty** = an arena with nothing written.",
+             "arena, default configuration (kernel writes through userfaultfd where available, then "
+             "page-granular copy on write with background folding); **odfork-chunk** = `Arena(cow=\"chunk\")`, "
+             "whole 2 MiB copies; **odfork-signal** = the fallback without userfaultfd (read-only shared "
+             "chunks, SIGSEGV, whole-chunk copies); **odfork-empty** = an arena with nothing written.",
              "- every number is the median of the rounds pytest-benchmark ran (shown), measured side by side in "
              "one run; the parent writes one byte per 2 MiB before each round.", ""]
     for prefix, title, unit in METRICS:

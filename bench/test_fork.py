@@ -9,11 +9,13 @@ Sizes:    ODFORK_BENCH_SIZES=64M,256M,1G,4G,16G (a size is skipped, with the rea
 Kinds of memory (odfork_user/_measure.py):
   bytearray    os.fork, ordinary heap memory in 4 KiB pages (the baseline)
   numpy-thp    os.fork, a numpy array in transparent huge pages
-  odfork       odfork, the same bytes in an arena
+  odfork       odfork, the same bytes in an arena (default configuration: userfaultfd where
+               available, with page-granular copy and background folding)
+  odfork-chunk odfork, Arena(cow="chunk"): whole-chunk copies (write groups)
   odfork-empty odfork, an arena of the same size with nothing written (latency groups only)
   odfork-signal odfork on the fallback mechanism (read-only shared chunks, SIGSEGV
-               only), next to odfork (userfaultfd where available) in the groups where
-               the mechanism matters: 3 first write, 6 read after fork, 8 kernel write
+               only, whole-chunk copies), in the groups where the mechanism matters:
+               3 first write, 6 read after fork, 8 kernel write
 Before every round the parent writes one byte per 2 MiB (untimed): the state of a
 process that keeps working between forks.  Timings are never asserted; results are.
 """
@@ -26,7 +28,7 @@ from odfork_user._measure import KINDS, WaitingChild, child_pattern, thp_state
 
 np = pytest.importorskip("numpy")  # the THP baseline needs numpy
 CH = 1 << 21
-WRITE_KINDS = ("bytearray", "numpy-thp", "odfork")
+WRITE_KINDS = ("bytearray", "numpy-thp", "odfork", "odfork-chunk")
 MECH_KINDS = WRITE_KINDS + ("odfork-signal",)
 
 

@@ -4,8 +4,10 @@ A holder owns `size` bytes of written memory of one kind:
   bytearray    ordinary heap memory, 4 KiB pages, forked with os.fork
   numpy-thp    a numpy array (transparent huge pages where the kernel gives
                them: THP 'madvise' mode + numpy's madvise), forked with os.fork
-  odfork       an arena block, forked with odfork (kernel writes through
-               userfaultfd where the process can have one, see KERNEL_WRITES)
+  odfork       an arena block, forked with odfork, the default configuration:
+               kernel writes through userfaultfd where the process can have one
+               (KERNEL_WRITES), and then page-granular copy with background folding
+  odfork-chunk the same, Arena(cow="chunk"): whole 2 MiB copies on first write
   odfork-empty an arena of the same size with nothing written, forked with odfork
   odfork-signal  odfork on the fallback mechanism: shared chunks read-only,
                SIGSEGV only (bench groups 3, 6 and 8 compare the two)
@@ -33,7 +35,7 @@ from odfork_user import Arena, odfork
 from odfork_user._core import CHUNK_SIZE, KERNEL_WRITES, lib
 
 KINDS = ("bytearray", "numpy-thp", "odfork", "odfork-empty")
-EXTRA_KINDS = ("odfork-page", "odfork-signal")  # measured on request / in some groups
+EXTRA_KINDS = ("odfork-page", "odfork-chunk", "odfork-signal")  # measured on request / in some groups
 _BLOCK = b"\x02" * CHUNK_SIZE
 
 
@@ -99,11 +101,11 @@ class Holder:
         elif kind == "numpy-thp":
             import numpy as np
             self.data = np.zeros(size, dtype=np.uint8)
-        elif kind in ("odfork", "odfork-empty", "odfork-page", "odfork-signal"):
+        elif kind in ("odfork", "odfork-empty", "odfork-page", "odfork-chunk", "odfork-signal"):
             if kind == "odfork-signal":
                 lib.odf_uffd_enable(0)  # for this arena only
             try:
-                self.arena = Arena(size, cow="page" if kind == "odfork-page" else "chunk")
+                self.arena = Arena(size, cow={"odfork-page": "page", "odfork-chunk": "chunk"}.get(kind))
             finally:
                 lib.odf_uffd_enable(KERNEL_WRITES == "userfaultfd")
             self.fork = odfork
@@ -144,8 +146,8 @@ class Holder:
 
     @property
     def mechanism(self):
-        """How kernel writes reach this memory after a fork."""
-        return self.arena.kernel_writes if self.arena is not None else "kernel"
+        """How kernel writes reach this memory after a fork, and the copy mode."""
+        return f"{self.arena.kernel_writes}/{self.arena.cow}" if self.arena is not None else "kernel"
 
     def kernel_write(self, off, src_fd, n=4096):
         """Let the kernel write n bytes at off (os.preadv from src_fd); on the
