@@ -4,7 +4,9 @@
 
 MODE: empty (no dict: an empty interpreter's os.fork), os (the dict in the
 ordinary heap, os.fork), odfork (odfork_user.install() into an arena, then the
-dict; chunk copy mode), odfork-page (the same with Arena(cow="page")).
+dict; the arena's default configuration: page-granular copies with background
+folding where userfaultfd is available), odfork-chunk (the same with
+Arena(cow="chunk"): whole 2 MiB copies).
 FREEZE: 1 runs gc.freeze() after building (the usual trick against the
 collector's writes).  Commands on stdin, one per line, each answered with one
 JSON line on stdout (timings measured here, in the process that does the work):
@@ -42,9 +44,9 @@ def rss():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-if MODE in ("odfork", "odfork-page"):
+if MODE in ("odfork", "odfork-chunk"):
     import odfork_user as ou
-    arena = ou.Arena(64 << 30, cow="page" if MODE == "odfork-page" else "chunk")
+    arena = ou.Arena(64 << 30, cow="chunk" if MODE == "odfork-chunk" else None)
     ou.install(arena)
 t0 = time.perf_counter()
 d = {str(i): i for i in range(N)} if MODE != "empty" else {}
@@ -56,7 +58,7 @@ if FREEZE:
 def arena_copied():
     """Bytes this process's chunk copies made (the pool's pages are shared
     memory, which Private_Dirty does not count)."""
-    return arena.stats()["bytes_copied"] if MODE in ("odfork", "odfork-page") else 0
+    return arena.stats()["bytes_copied"] if MODE in ("odfork", "odfork-chunk") else 0
 
 
 def answer(obj):
@@ -132,8 +134,8 @@ for line in sys.stdin:
         answer({"parent_s": t, "parent_copied": copied})
     elif cmd == "stats":
         heap = None
-        if MODE in ("odfork", "odfork-page"):
-            heap = ou.heap_stats()
+        if MODE in ("odfork", "odfork-chunk"):
+            heap = dict(ou.heap_stats(), cow=arena.cow, kernel_writes=arena.kernel_writes)
         answer({"rss": rss(), "build_s": build_s, "heap": heap})
     elif cmd == "quit":
         break

@@ -4,8 +4,9 @@ A worker process (bench/heap_worker.py) holds a dict of ODFORK_HEAP_OBJECTS
 str -> int entries (default 8,000,000, ~1.1 GB here) in one of:
   empty        an empty interpreter (the floor of os.fork)
   os           the ordinary heap (pymalloc + glibc malloc, 4 KiB pages), os.fork
-  odfork       odfork_user.install() into an arena before building, chunk copy mode
-  odfork-page  the same, Arena(cow="page"): the kernel copies written pages
+  odfork       odfork_user.install() into an arena before building, the default configuration
+               (page-granular copy with background folding where userfaultfd is available)
+  odfork-chunk the same, Arena(cow="chunk"): whole 2 MiB copies
 each with and without gc.freeze().  Groups:
   heap-0-build          building the dict (the allocator's speed; measured once per worker)
   heap-1-fork-latency   fork until it returns in the parent
@@ -27,7 +28,7 @@ from conftest import require_memory
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 N = int(os.environ.get("ODFORK_HEAP_OBJECTS", "8000000"))
-KINDS = [("empty", 0), ("os", 0), ("os", 1), ("odfork", 0), ("odfork", 1), ("odfork-page", 0), ("odfork-page", 1)]
+KINDS = [("empty", 0), ("os", 0), ("os", 1), ("odfork", 0), ("odfork", 1), ("odfork-chunk", 0), ("odfork-chunk", 1)]
 
 
 class Worker:
