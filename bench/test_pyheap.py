@@ -34,12 +34,12 @@ KINDS = [("empty", 0), ("os", 0), ("os", 1), ("odfork", 0), ("odfork", 1), ("odf
 class Worker:
     def __init__(self, mode, freeze, n):
         env = dict(os.environ)
-        root = os.path.dirname(HERE)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in [root, env.get("PYTHONPATH", "")] if p)
-        # -P is not used: the worker must import the same odfork_user as this process
-        self.p = subprocess.Popen([sys.executable, os.path.join(HERE, "heap_worker.py"), mode,
+        # the worker imports the same odfork_user as this process (installed or built in place)
+        pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__import__("odfork_user").__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in [pkg_parent, env.get("PYTHONPATH", "")] if p)
+        self.p = subprocess.Popen([sys.executable, "-P", os.path.join(HERE, "heap_worker.py"), mode,
                                    str(freeze), str(n)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  text=True, env=env, cwd=os.path.dirname(__import__("odfork_user").__file__))
+                                  text=True, env=env)
         ready = self.read()
         assert ready["ready"] and ready["n"] == (n if mode != "empty" else 0)
 

@@ -278,7 +278,7 @@ def _run(code, **env):
     e = dict(os.environ, **env)
     e["PYTHONPATH"] = os.pathsep.join(p for p in [os.path.dirname(os.path.dirname(ou.__file__)),
                                                   e.get("PYTHONPATH", "")] if p)
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=e,
+    return subprocess.run([sys.executable, "-P", "-c", textwrap.dedent(code)], env=e,
                           capture_output=True, text=True, timeout=60)
 
 

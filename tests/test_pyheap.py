@@ -62,7 +62,7 @@ def run(code, timeout=120, **env):
     root = os.path.dirname(os.path.dirname(ou.__file__))
     e["PYTHONPATH"] = os.pathsep.join(p for p in [root, e.get("PYTHONPATH", "")] if p)
     src = PRELUDE + textwrap.dedent(code) + "\nprint('SCRIPT-DONE')\n"
-    p = subprocess.run([sys.executable, "-c", src], env=e, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run([sys.executable, "-P", "-c", src], env=e, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0 and "SCRIPT-DONE" in p.stdout, f"rc={p.returncode}\n{p.stdout}\n{p.stderr}"
     return p.stdout
 
