@@ -41,11 +41,16 @@ CLOSE = {
     "dense": "A copy into fresh memory costs ~1 ms per 2 MiB here (page allocation and zeroing in a VM), "
              "4x a memcpy into resident pages.  Keeping a pool of pre-allocated segments filled off the "
              "critical path (a helper thread), or hugetlb-backed segments, would bring the copy to memcpy speed.",
-    "sparse": "A chunk is copied whole on its first write: one byte per 2 MiB copies 512x the bytes that "
-              "os.fork copies (and THP memory under os.fork copies 4 KiB too).  The fix is page-granular "
-              "copy on write for sparse chunks: map a shared chunk MAP_PRIVATE on first write (the kernel "
-              "copies only the pages written) and fold it back into a segment when it turns dense or its "
-              "count drops to 1, off the fork path.",
+    "sparse": "Page-granular copy on write is the default where userfaultfd is available: the kernel copies "
+              "only the page written (2.1 MiB at 1 GiB, as os.fork).  What remains is per chunk touched: its "
+              "first write is a userfault served by the handler thread (waking it costs ~0.1-0.5 ms on this VM "
+              "for the first fault of a burst; it then stays awake 200 us) plus an mmap of the private "
+              "mapping: 2048 of them at 4 GiB.  The extra memory at 4 GiB comes from background folds (the "
+              "child lived long enough for some chunks to be folded, 2 MiB each).  What would close it: "
+              "resolving user-mode faults in the faulting thread, as the SIGSEGV path does (~20-40 us per "
+              "chunk; page mode on the signal mechanism measured 18.7 ms at 1 GiB), which a chunk that must "
+              "also trap kernel writes cannot use (a protection that traps user writes makes kernel writes "
+              "fail with EFAULT); or a cheaper thread wake-up than this VM gives.",
     "read": "Reads after the fork take minor faults on the fresh read-only mapping (~0.35 us per 4 KiB "
             "page) where os.fork's parent keeps its page tables.",
 }
@@ -178,12 +183,13 @@ def workload_section(w):
                 f"{r['max_during_ms']:.2f} | {r['snapshot_s']:.2f} |" for k, r in res.items()]
         r = res["odfork"]["max_during_ms"] / res["os.fork"]["max_during_ms"]
         out += ["", f"Goal: max latency during a snapshot at most 1/20 of os.fork's: odfork is {r:.2f}x of it "
-                    f"({'met' if r <= 0.05 else 'not met'}).  Each first write to a chunk after the fork copies "
-                    "2 MiB (~1 ms here, p99 ~6 ms on memory the VM's host has not backed yet, more while the "
-                    "child streams the table to disk), where os.fork copies 4 KiB.  What would close it: "
-                    "page-granular copy on write (see sparse above) or segments pre-allocated off the request "
-                    "path.  The snapshot row's stalls come from the saving thread (GIL hand-offs and the "
-                    "write(2) of the snapshot mapping), not from the core: not investigated further yet.",
+                    f"({'met' if r <= 0.05 else 'not met'}).  With page-granular copies a first write after the fork "
+                    "costs a userfault and one page copy, not a 2 MiB copy, so the worst request is no longer the "
+                    "copy; single runs vary (25-51 ms for odfork, 34-61 ms for os.fork in this session's runs) and "
+                    "the cause of the remaining stalls was not profiled.  Candidates: three busy processes (server, "
+                    "load generator, the child streaming the table to disk) on 2 vCPUs; waking the handler thread; "
+                    "a background fold holding the process's lock for one chunk copy (~1-2 ms).  The snapshot "
+                    "row's stalls come from the saving thread (GIL hand-offs and the write(2) of the mapping).",
                 ""]
     return out
 

@@ -147,7 +147,7 @@ int odf_arena_uffd(const odf_arena_t *a) { return a->uffd; }
 #define FOLD_QUIET_MS 20
 #define FOLD_EVERY_MS 200
 #define FOLD_BATCH 8
-#define SPIN_NS (200 * 1000ULL)
+#define SPIN_NS (50 * 1000ULL)
 static _Atomic int fold_quiet_ms = FOLD_QUIET_MS;
 
 int odf_set_fold_quiet_ms(int ms)
@@ -217,7 +217,7 @@ static void *serve(void *arg)
                 continue;
             return NULL;
         }
-        /* after this batch, stay awake a little: faults come in bursts (a writer
+        /* after this batch, stay awake 50 us: faults come in bursts (a writer
          * touching chunk after chunk), and waking a sleeping thread costs
          * ~0.1-0.5 ms on this VM */
         spin_until = _odf_now_ns() + SPIN_NS;
