@@ -185,7 +185,7 @@ def workload_section(w):
         out += ["", f"Goal: max latency during a snapshot at most 1/20 of os.fork's: odfork is {r:.2f}x of it "
                     f"({'met' if r <= 0.05 else 'not met'}).  With page-granular copies a first write after the fork "
                     "costs a userfault and one page copy, not a 2 MiB copy, so the worst request is no longer the "
-                    "copy; single runs vary (25-51 ms for odfork, 34-61 ms for os.fork in this session's runs) and "
+                    "copy; single runs vary (14-51 ms for odfork, 34-61 ms for os.fork in this session's runs) and "
                     "the cause of the remaining stalls was not profiled.  Candidates: three busy processes (server, "
                     "load generator, the child streaming the table to disk) on 2 vCPUs; waking the handler thread; "
                     "a background fold holding the process's lock for one chunk copy (~1-2 ms).  The snapshot "
