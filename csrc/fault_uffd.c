@@ -141,9 +141,13 @@ int odf_arena_uffd(const odf_arena_t *a) { return a->uffd; }
  * copied back into an exclusive segment once the process has been quiet for
  * FOLD_QUIET_MS (no userfault), or at the latest FOLD_EVERY_MS after the last
  * fold, FOLD_BATCH chunks at a time with the locks released in between.
- * Short-lived writers (a test, a fuzz input) exit before that and never pay
- * for it; long-lived ones get chunk mappings back, which a fork parks in O(1)
- * instead of copying their page tables page by page. */
+ * Only processes that have forked fold: a fold pays a 2 MiB copy so that the
+ * *next* fork parks the chunk in O(1) instead of copying its page tables page
+ * by page, which a process that never forks does not need (a child reading
+ * its whole heap would otherwise copy every chunk again; measured with
+ * bench/heap_worker.py).  A child that forks later pays for its unfolded
+ * chunks once, at that first fork.  Short-lived writers (a test, a fuzz
+ * input) exit before any fold. */
 #define FOLD_QUIET_MS 20
 #define FOLD_EVERY_MS 200
 #define FOLD_BATCH 8
@@ -163,7 +167,7 @@ static int fold_pending(void)
     for (int i = 0; i < ODF_MAX_ARENAS; i++) {
         odf_arena_t *a = atomic_load(&_odf_registry[i]);
         if (a && a->uffd && a->has_private && !a->orphaned)
-            return 1;
+            return 1; /* (look again every quiet period: a fork may make it eligible) */
     }
     return 0;
 }
@@ -172,7 +176,7 @@ static void fold_batch(void)
 {
     for (int i = 0; i < ODF_MAX_ARENAS; i++) {
         odf_arena_t *a = atomic_load(&_odf_registry[i]);
-        if (a && a->uffd && a->has_private && !a->orphaned)
+        if (a && a->uffd && a->has_private && !a->orphaned && a->n_forks)
             _odf_fold_some(a, FOLD_BATCH);
     }
 }

@@ -4,10 +4,12 @@ import hashlib
 import os
 import random
 import threading
+import time
 
 import pytest
 
 import odfork_user as ou
+from odfork_user import odfork
 from odfork_user._core import lib
 from conftest import CH, finish_child, in_child, start_child
 
@@ -185,11 +187,18 @@ def test_quiet_private_chunks_are_folded_back(farena):
     def child():
         for c in range(4):
             buf[c * CH + 3] = ord("c")       # four private chunks, one page each
+        time.sleep(0.1)
+        unforked = farena.stats()["folds"]   # a process that never forked does not fold
+        pid = odfork()                       # now it has: its private chunks get folded
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
         folds = _wait_folds(farena, 4)
         st = farena.stats()
-        return folds, st["bytes_copied"], st["chunks_shared"], bytes(buf[3:4]), bytes(buf[CH + 4:CH + 5])
+        return unforked, folds, st["bytes_copied"], st["chunks_shared"], bytes(buf[3:4]), bytes(buf[CH + 4:CH + 5])
 
-    folds, copied, shared, b3, b4 = in_child(child)
+    unforked, folds, copied, shared, b3, b4 = in_child(child)
+    assert unforked == 0
     assert folds == 4 and copied == 4 * CH and shared == 0     # exclusive segments again
     assert (b3, b4) == (b"c", b"a")
     assert bytes(buf[3:4]) == b"a"                             # the parent never saw it
@@ -206,6 +215,10 @@ def test_writers_during_folds_lose_nothing(farena):
 
     def child():
         import time
+        pid = odfork()                       # a process that has forked folds
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
         stop = threading.Event()
         counts = [0, 0, 0]
         kdone = [0]
