@@ -128,6 +128,20 @@ static int ext_insert(odf_heap_t *h, size_t at, uint32_t page, uint32_t n)
     return 0;
 }
 
+/* Index of the first free extent starting at or after page p. */
+static size_t ext_find(const odf_heap_t *h, size_t p)
+{
+    size_t lo = 0, hi = h->next;
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (h->ext[mid].page < p)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
 static void ext_remove(odf_heap_t *h, size_t at)
 {
     memmove(h->ext + at, h->ext + at + 1, (h->next - at - 1) * sizeof(*h->ext));
@@ -180,16 +194,7 @@ static size_t pages_alloc(odf_heap_t *h, size_t n)
 static void pages_free(odf_heap_t *h, size_t p, size_t n)
 {
     memset(h->kind + p, 0, n);
-    /* find the first extent after p */
-    size_t lo = 0, hi = h->next;
-    while (lo < hi) {
-        size_t mid = (lo + hi) / 2;
-        if (h->ext[mid].page < p)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    size_t i = lo;
+    size_t i = ext_find(h, p);
     if (i > 0 && h->ext[i - 1].page + h->ext[i - 1].npages == p) { /* merge with the one before */
         i--;
         p = h->ext[i].page;
@@ -219,14 +224,7 @@ static int grow_in_place(odf_heap_t *h, size_t p, size_t n, size_t m)
         memset(h->kind + end, KIND_CONT, need);
         return 1;
     }
-    size_t lo = 0, hi = h->next;
-    while (lo < hi) {
-        size_t mid = (lo + hi) / 2;
-        if (h->ext[mid].page < end)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
+    size_t lo = ext_find(h, end);
     if (lo < h->next && h->ext[lo].page == end && h->ext[lo].npages >= need) {
         if (map_pages(h, end, need))
             return 0;

@@ -780,7 +780,9 @@ int odf_arena_check(odf_arena_t *a, char *msg, size_t msglen)
     return rc;
 }
 
-int odf_arena_prepare_write(odf_arena_t *a, uintptr_t addr, size_t len)
+/* Resolve a fault on every chunk of [addr, addr+len) (only_fresh: only on
+ * chunks not yet resident), as a write there would. */
+static int fault_range(odf_arena_t *a, uintptr_t addr, size_t len, int only_fresh)
 {
     if (len == 0)
         return 0;
@@ -795,32 +797,21 @@ int odf_arena_prepare_write(odf_arena_t *a, uintptr_t addr, size_t len)
     if (a->orphaned)
         rc = EOWNERDEAD;
     for (uint32_t c = c0; c <= c1 && !rc; c++)
-        rc = _odf_fault(a, c);
+        if (!only_fresh || !a->mypt[c])
+            rc = _odf_fault(a, c);
     pthread_mutex_unlock(&a->local);
     _odf_restore_signals(&old);
     return rc;
 }
 
+int odf_arena_prepare_write(odf_arena_t *a, uintptr_t addr, size_t len)
+{
+    return fault_range(a, addr, len, 0);
+}
+
 int odf_arena_populate(odf_arena_t *a, uintptr_t addr, size_t len)
 {
-    if (len == 0)
-        return 0;
-    if (addr < a->base || addr + len > a->base + a->size || addr + len < addr)
-        return EINVAL;
-    uint32_t c0 = (uint32_t)((addr - a->base) >> ODF_CHUNK_SHIFT);
-    uint32_t c1 = (uint32_t)((addr + len - 1 - a->base) >> ODF_CHUNK_SHIFT);
-    sigset_t old;
-    int rc = 0;
-    _odf_block_signals(&old);
-    pthread_mutex_lock(&a->local);
-    if (a->orphaned)
-        rc = EOWNERDEAD;
-    for (uint32_t c = c0; c <= c1 && !rc; c++)
-        if (!a->mypt[c])
-            rc = _odf_fault(a, c);
-    pthread_mutex_unlock(&a->local);
-    _odf_restore_signals(&old);
-    return rc;
+    return fault_range(a, addr, len, 1);
 }
 
 int odf_arena_release(odf_arena_t *a, uintptr_t addr, size_t len)
