@@ -63,6 +63,27 @@ def mech_writer(request, size):
     h.close()
 
 
+class LiveChild:
+    """A fresh WaitingChild per round (untimed setup): the old one exits, the
+    parent writes one byte per chunk, a new child is forked and answers once,
+    so the round times only what comes after the fork."""
+
+    def __init__(self, holder):
+        self.holder, self.child, self.rounds = holder, None, 0
+
+    def renew(self):
+        self.close()
+        self.holder.touch()
+        self.child = WaitingChild(self.holder)
+        self.child.ask(b"d")  # the child is up and waiting
+        self.rounds += 1
+
+    def close(self):
+        if self.child:
+            self.child.close()
+            self.child = None
+
+
 # 1. fork latency ---------------------------------------------------------------
 def test_fork_latency(benchmark, holder):
     benchmark.group = f"1-fork-latency-{holder.size >> 20}M"
@@ -109,29 +130,20 @@ def test_first_write(benchmark, mech_writer, who):
     w = mech_writer
     benchmark.group = f"3-first-write-{who}-{w.size >> 20}M"
     _extra(benchmark, w, who=who)
-    state = {"i": 0, "child": None}
+    live = LiveChild(w)
     nch = max(w.size // CH, 1)
 
-    def setup():
-        if state["child"]:
-            state["child"].close()
-        w.touch()
-        state["child"] = WaitingChild(w)
-        state["child"].ask(b"d")  # the child is up and waiting: only the write is timed
-        state["i"] += 1
-
     def target():
-        off = (state["i"] * 5 % nch) * CH + 77
+        off = (live.rounds * 5 % nch) * CH + 77
         if who == "parent":
             w.view[off] ^= 1
         else:
-            state["child"].ask(b"w", off)
+            live.child.ask(b"w", off)
 
     try:
-        benchmark.pedantic(target, setup=setup, rounds=10, warmup_rounds=1)
+        benchmark.pedantic(target, setup=live.renew, rounds=10, warmup_rounds=1)
     finally:
-        if state["child"]:
-            state["child"].close()
+        live.close()
 
 
 # 4 and 5. write patterns: dense rewrite, sparse writes (7. memory in extra_info) ----
@@ -160,28 +172,19 @@ def test_read_after_fork(benchmark, mech_writer, who):
     w = mech_writer
     benchmark.group = f"6-read-{who}-{w.size >> 20}M"
     _extra(benchmark, w, who=who)
-    state = {"child": None}
-
-    def setup():
-        if state["child"]:
-            state["child"].close()
-        w.touch()
-        state["child"] = WaitingChild(w)
-        state["child"].ask(b"d")
+    live = LiveChild(w)
 
     def target():
         if who == "parent":
             w.read_all()
         else:
-            state["child"].ask(b"r")
+            live.child.ask(b"r")
 
     try:
-        benchmark.pedantic(target, setup=setup, rounds=3 if w.size > (256 << 20) else 5,
+        benchmark.pedantic(target, setup=live.renew, rounds=3 if w.size > (256 << 20) else 5,
                            warmup_rounds=0)
     finally:
-        if state["child"]:
-            state["child"].close()
-
+        live.close()
 
 
 # 8. a kernel write (os.preadv of 4 KiB) into memory shared with a live child ------
@@ -195,23 +198,14 @@ def test_kernel_write_parent(benchmark, mech_writer, tmp_path):
     src = tmp_path / "src.bin"
     src.write_bytes(b"k" * 4096)
     fd = os.open(src, os.O_RDONLY)
-    state = {"i": 0, "child": None}
+    live = LiveChild(w)
     nch = max(w.size // CH, 1)
 
-    def setup():
-        if state["child"]:
-            state["child"].close()
-        w.touch()
-        state["child"] = WaitingChild(w)
-        state["child"].ask(b"d")
-        state["i"] += 1
-
     def target():
-        return w.kernel_write((state["i"] * 5 % nch) * CH + 4096, fd)
+        return w.kernel_write((live.rounds * 5 % nch) * CH + 4096, fd)
 
     try:
-        assert benchmark.pedantic(target, setup=setup, rounds=10, warmup_rounds=1) == 4096
+        assert benchmark.pedantic(target, setup=live.renew, rounds=10, warmup_rounds=1) == 4096
     finally:
-        if state["child"]:
-            state["child"].close()
+        live.close()
         os.close(fd)

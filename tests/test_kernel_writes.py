@@ -24,7 +24,7 @@ import odfork_user as ou
 from odfork_user import odfork
 from odfork_user._core import lib
 
-from conftest import CH, finish_child, in_child, start_child
+from conftest import CH, checked_arena, finish_child, in_child, start_child
 
 HAVE_UFFD = lib.odf_uffd_probe() == 0
 MECHANISMS = [
@@ -45,16 +45,20 @@ def kw_arena(request):
     finally:
         lib.odf_uffd_enable(default)
     assert a.kernel_writes == request.param
-    yield a
+    yield from checked_arena(a)
+
+
+@pytest.fixture
+def uffd_arena():
+    """An arena on userfaultfd whatever the process default (restored after)."""
+    if not HAVE_UFFD:
+        pytest.skip("no full userfaultfd here")
+    lib.odf_uffd_enable(1)
     try:
-        a.check()
+        a = ou.Arena(16 * CH)
     finally:
-        import gc
-        gc.collect()
-        try:
-            a.close()
-        except BufferError:
-            pass
+        lib.odf_uffd_enable(ou.KERNEL_WRITES == "userfaultfd")
+    yield from checked_arena(a)
 
 
 class Source:
@@ -151,127 +155,100 @@ def test_kernel_write_into_fresh_memory_without_fork(kw_arena, tmp_path):
     del buf
 
 
-@pytest.mark.skipif(not HAVE_UFFD, reason="no full userfaultfd here")
-def test_uffd_reads_then_writes_stay_isolated_nested(tmp_path):
+def test_uffd_reads_then_writes_stay_isolated_nested(uffd_arena, tmp_path):
     # Parent reads every chunk after the fork (write-protected mappings), then
     # writes with user code and with the kernel; a grandchild does the same.
-    lib.odf_uffd_enable(1)
-    a = ou.Arena(16 * CH)
-    try:
-        buf = a.alloc(8 * CH)
-        for c in range(8):
-            buf[c * CH:(c + 1) * CH] = bytes([c + 1]) * CH
+    a = uffd_arena
+    buf = a.alloc(8 * CH)
+    for c in range(8):
+        buf[c * CH:(c + 1) * CH] = bytes([c + 1]) * CH
 
-        def grandchild():
-            sums = [buf[c * CH + 17] for c in range(8)]  # read faults first
-            buf[3 * CH] = 99
-            Source("readv", tmp_path).write_into(buf[5 * CH:5 * CH + len(PAYLOAD)])
-            return sums, buf[3 * CH], bytes(buf[5 * CH:5 * CH + 4])
+    def grandchild():
+        sums = [buf[c * CH + 17] for c in range(8)]  # read faults first
+        buf[3 * CH] = 99
+        Source("readv", tmp_path).write_into(buf[5 * CH:5 * CH + len(PAYLOAD)])
+        return sums, buf[3 * CH], bytes(buf[5 * CH:5 * CH + 4])
 
-        def child():
-            before = [buf[c * CH + 1] for c in range(8)]
-            Source("recv_into", tmp_path).write_into(buf[6 * CH - 10:6 * CH - 10 + len(PAYLOAD)])
-            mid = [buf[c * CH + 17] for c in range(8)]  # what the grandchild inherits
-            g = in_child(grandchild)
-            return before, mid, g, bytes(buf[5 * CH:5 * CH + 4]), buf[3 * CH]
+    def child():
+        before = [buf[c * CH + 1] for c in range(8)]
+        Source("recv_into", tmp_path).write_into(buf[6 * CH - 10:6 * CH - 10 + len(PAYLOAD)])
+        mid = [buf[c * CH + 17] for c in range(8)]  # what the grandchild inherits
+        g = in_child(grandchild)
+        return before, mid, g, bytes(buf[5 * CH:5 * CH + 4]), buf[3 * CH]
 
-        pid, r = start_child(child)
-        reads = [buf[c * CH + 2] for c in range(8)]
-        buf[2 * CH + 5] = 77
-        Source("readinto", tmp_path).write_into(buf[4 * CH:4 * CH + len(PAYLOAD)])
-        before, mid, (gsums, g3, g5), c5, c3 = finish_child(pid, r)
-        assert reads == before == [c + 1 for c in range(8)]
-        assert gsums == mid == [c + 1 for c in range(6)] + [PAYLOAD[27], 8]
-        assert (g3, g5) == (99, PAYLOAD[:4])              # the grandchild's own writes
-        assert (c3, c5) == (4, bytes([6]) * 4)            # the child sees none of them
-        assert bytes(buf[6 * CH - 10:6 * CH]) == bytes([6]) * 10  # nor the parent the child's
-        assert buf[2 * CH + 5] == 77 and bytes(buf[4 * CH:4 * CH + len(PAYLOAD)]) == PAYLOAD
-        assert a.stats()["uffd_faults"] >= 8
-        a.check()
-        del buf
-    finally:
-        lib.odf_uffd_enable(ou.KERNEL_WRITES == "userfaultfd")
-        _close(a)
+    pid, r = start_child(child)
+    reads = [buf[c * CH + 2] for c in range(8)]
+    buf[2 * CH + 5] = 77
+    Source("readinto", tmp_path).write_into(buf[4 * CH:4 * CH + len(PAYLOAD)])
+    before, mid, (gsums, g3, g5), c5, c3 = finish_child(pid, r)
+    assert reads == before == [c + 1 for c in range(8)]
+    assert gsums == mid == [c + 1 for c in range(6)] + [PAYLOAD[27], 8]
+    assert (g3, g5) == (99, PAYLOAD[:4])              # the grandchild's own writes
+    assert (c3, c5) == (4, bytes([6]) * 4)            # the child sees none of them
+    assert bytes(buf[6 * CH - 10:6 * CH]) == bytes([6]) * 10  # nor the parent the child's
+    assert buf[2 * CH + 5] == 77 and bytes(buf[4 * CH:4 * CH + len(PAYLOAD)]) == PAYLOAD
+    assert a.stats()["uffd_faults"] >= 8
+    a.check()
+    del buf
 
 
-@pytest.mark.skipif(not HAVE_UFFD, reason="no full userfaultfd here")
-def test_uffd_threads_write_shared_chunks_at_once(tmp_path):
+def test_uffd_threads_write_shared_chunks_at_once(uffd_arena, tmp_path):
     # Eight threads of a child fault on the same shared chunks at once, half
     # with kernel writes, half with user writes; every write lands, none leaks.
-    lib.odf_uffd_enable(1)
-    a = ou.Arena(16 * CH)
-    try:
-        buf = a.alloc(4 * CH)
-        buf[:] = b"s" * len(buf)
+    a = uffd_arena
+    buf = a.alloc(4 * CH)
+    buf[:] = b"s" * len(buf)
 
-        def child():
-            errors = []
-            start = threading.Barrier(8)
+    def child():
+        errors = []
+        start = threading.Barrier(8)
 
-            def worker(i):
-                try:
-                    off = (i % 4) * CH + (i // 4) * (CH // 2) + 100
-                    start.wait()
-                    if i % 2:
-                        Source("readv", tmp_path).write_into(buf[off:off + len(PAYLOAD)])
-                    else:
-                        buf[off:off + len(PAYLOAD)] = PAYLOAD
-                except BaseException as e:  # reported below
-                    errors.append(repr(e))
+        def worker(i):
+            try:
+                off = (i % 4) * CH + (i // 4) * (CH // 2) + 100
+                start.wait()
+                if i % 2:
+                    Source("readv", tmp_path).write_into(buf[off:off + len(PAYLOAD)])
+                else:
+                    buf[off:off + len(PAYLOAD)] = PAYLOAD
+            except BaseException as e:  # reported below
+                errors.append(repr(e))
 
-            ts = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-            for t in ts:
-                t.start()
-            for t in ts:
-                t.join()
-            offs = [(i % 4) * CH + (i // 4) * (CH // 2) + 100 for i in range(8)]
-            return errors, [bytes(buf[o:o + len(PAYLOAD)]) == PAYLOAD for o in offs]
+        ts = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        offs = [(i % 4) * CH + (i // 4) * (CH // 2) + 100 for i in range(8)]
+        return errors, [bytes(buf[o:o + len(PAYLOAD)]) == PAYLOAD for o in offs]
 
-        errors, landed = in_child(child)
-        assert errors == [] and all(landed)
-        assert bytes(buf) == b"s" * len(buf)
-        a.check()
-        del buf
-    finally:
-        lib.odf_uffd_enable(ou.KERNEL_WRITES == "userfaultfd")
-        _close(a)
+    errors, landed = in_child(child)
+    assert errors == [] and all(landed)
+    assert bytes(buf) == b"s" * len(buf)
+    a.check()
+    del buf
 
 
-@pytest.mark.skipif(not HAVE_UFFD, reason="no full userfaultfd here")
-def test_uffd_kernel_write_after_restore_and_in_os_fork_child(tmp_path):
-    lib.odf_uffd_enable(1)
-    a = ou.Arena(16 * CH)
-    try:
-        buf = a.alloc(2 * CH)
-        buf[:] = b"a" * len(buf)
-        snap = a.snapshot()
-        buf[:] = b"b" * len(buf)
-        a.restore(snap)  # chunks shared with the snapshot again
-        Source("readinto", tmp_path).write_into(buf[:len(PAYLOAD)])
-        assert bytes(buf[:len(PAYLOAD)]) == PAYLOAD
-        assert bytes(snap.buffer()[:4]) == b"aaaa"
+def test_uffd_kernel_write_after_restore_and_in_os_fork_child(uffd_arena, tmp_path):
+    a = uffd_arena
+    buf = a.alloc(2 * CH)
+    buf[:] = b"a" * len(buf)
+    snap = a.snapshot()
+    buf[:] = b"b" * len(buf)
+    a.restore(snap)  # chunks shared with the snapshot again
+    Source("readinto", tmp_path).write_into(buf[:len(PAYLOAD)])
+    assert bytes(buf[:len(PAYLOAD)]) == PAYLOAD
+    assert bytes(snap.buffer()[:4]) == b"aaaa"
 
-        def child():
-            Source("recv_into", tmp_path).write_into(buf[CH:CH + len(PAYLOAD)])
-            return bytes(buf[CH:CH + 4])
+    def child():
+        Source("recv_into", tmp_path).write_into(buf[CH:CH + len(PAYLOAD)])
+        return bytes(buf[CH:CH + 4])
 
-        assert in_child(child, fork=os.fork) == PAYLOAD[:4]
-        assert bytes(buf[CH:CH + 4]) == b"aaaa"
-        snap.close()
-        a.check()
-        del buf
-    finally:
-        lib.odf_uffd_enable(ou.KERNEL_WRITES == "userfaultfd")
-        _close(a)
-
-
-def _close(a):
-    import gc
-    gc.collect()
-    try:
-        a.close()
-    except BufferError:  # a failing test still holds a view: leave the mapping
-        pass
+    assert in_child(child, fork=os.fork) == PAYLOAD[:4]
+    assert bytes(buf[CH:CH + 4]) == b"aaaa"
+    snap.close()
+    a.check()
+    del buf
 
 
 def _run(code, **env):

@@ -11,22 +11,22 @@ import pytest
 import odfork_user as ou
 from odfork_user import odfork
 from odfork_user._core import lib
-from conftest import CH, finish_child, in_child, start_child
+from conftest import CH, checked_arena, finish_child, in_child, start_child
+
+
+def page_arena(fold_quiet_ms):
+    """A page-mode arena with the given folding delay (restored after)."""
+    quiet = lib.odf_set_fold_quiet_ms(fold_quiet_ms)
+    try:
+        yield from checked_arena(ou.Arena(16 * CH, cow="page"), strict=True)
+    finally:
+        lib.odf_set_fold_quiet_ms(quiet)
 
 
 @pytest.fixture
 def parena():
     # background folding off: these tests count what the first writes did
-    quiet = lib.odf_set_fold_quiet_ms(-1)
-    a = ou.Arena(16 * CH, cow="page")
-    yield a
-    try:
-        a.check()
-    finally:
-        lib.odf_set_fold_quiet_ms(quiet)
-        import gc
-        gc.collect()
-        a.close()
+    yield from page_arena(-1)
 
 
 def test_bad_mode():
@@ -159,16 +159,7 @@ needs_uffd = pytest.mark.skipif(ou.KERNEL_WRITES != "userfaultfd", reason="foldi
 @pytest.fixture
 def farena():
     """Page mode with background folding after 5 quiet ms."""
-    quiet = lib.odf_set_fold_quiet_ms(5)
-    a = ou.Arena(16 * CH, cow="page")
-    yield a
-    try:
-        a.check()
-    finally:
-        lib.odf_set_fold_quiet_ms(quiet)
-        import gc
-        gc.collect()
-        a.close()
+    yield from page_arena(5)
 
 
 def _wait_folds(arena, want, timeout=5.0):
