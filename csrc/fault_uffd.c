@@ -65,6 +65,10 @@
 #define PAGE 4096UL
 
 static int uffd = -1;     /* this process's descriptor, or -1 */
+/* Held by the handler thread while it uses an arena it found in the registry,
+ * and by odf_arena_close around taking the arena out of it: once that is done
+ * the thread holds no pointer to the arena, which may then be freed. */
+static pthread_mutex_t use_lock = PTHREAD_MUTEX_INITIALIZER;
 static int uffd_wanted;   /* arenas created from now on use it (odf_uffd_enable) */
 static pthread_mutex_t start_lock = PTHREAD_MUTEX_INITIALIZER;
 
@@ -133,6 +137,14 @@ int odf_uffd_enable(int on)
 
 int _odf_uffd_wanted(void) { return uffd_wanted; }
 
+void _odf_uffd_use_lock(int lock)
+{
+    if (lock)
+        pthread_mutex_lock(&use_lock);
+    else
+        pthread_mutex_unlock(&use_lock);
+}
+
 int odf_arena_uffd(const odf_arena_t *a) { return a->uffd; }
 
 /* ---- the handler thread ---- */
@@ -188,7 +200,9 @@ static void *serve(void *arg)
     uint64_t last_fold = _odf_now_ns(), spin_until = 0;
     for (;;) {
         struct pollfd pfd = {.fd = fd, .events = POLLIN};
+        pthread_mutex_lock(&use_lock);
         int pending = fold_pending();
+        pthread_mutex_unlock(&use_lock);
         int quiet = atomic_load(&fold_quiet_ms);
         int n_ready;
         if (spin_until) { /* spinning: look without sleeping, yield the CPU between looks */
@@ -206,7 +220,9 @@ static void *serve(void *arg)
         if (n_ready < 0 && errno != EINTR)
             return NULL;
         if (pending && (n_ready == 0 || _odf_now_ns() - last_fold > FOLD_EVERY_MS * 1000000ULL)) {
+            pthread_mutex_lock(&use_lock);
             fold_batch();
+            pthread_mutex_unlock(&use_lock);
             last_fold = _odf_now_ns();
             if (n_ready <= 0)
                 continue;
@@ -229,8 +245,10 @@ static void *serve(void *arg)
             if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
                 continue;
             uint64_t fl = msgs[i].arg.pagefault.flags;
+            pthread_mutex_lock(&use_lock);
             _odf_uffd_fault(fd, (uintptr_t)msgs[i].arg.pagefault.address,
                             (fl & (UFFD_PAGEFAULT_FLAG_WRITE | UFFD_PAGEFAULT_FLAG_WP)) != 0);
+            pthread_mutex_unlock(&use_lock);
         }
     }
 }
@@ -348,6 +366,7 @@ void _odf_uffd_child(void)
         close(uffd); /* the parent's: its registrations are not ours */
     uffd = -1;
     pthread_mutex_init(&start_lock, NULL);
+    pthread_mutex_init(&use_lock, NULL); /* the parent's thread may have held it */
     if (!any)
         return;
     int rc = _odf_uffd_start();

@@ -204,6 +204,7 @@ void _odf_write_stderr(const char *msg);
 /* fault_uffd.c: the userfaultfd path.  All but _odf_uffd_start and
  * _odf_uffd_child are plain syscalls. */
 int _odf_uffd_wanted(void);
+void _odf_uffd_use_lock(int lock); /* see use_lock in fault_uffd.c */
 int _odf_uffd_start(void);
 int _odf_uffd_register(uintptr_t addr, size_t len);
 int _odf_uffd_register_wp(uintptr_t addr, size_t len); /* write-protect mode only (a private chunk) */

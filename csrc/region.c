@@ -186,7 +186,9 @@ fail:
 int odf_arena_close(odf_arena_t *a)
 {
     sigset_t old;
+    _odf_uffd_use_lock(1); /* the handler thread lets go of the arena first */
     _odf_registry_remove(a);
+    _odf_uffd_use_lock(0);
     _odf_block_signals(&old);
     pthread_mutex_lock(&a->local);
     if (!a->orphaned && _odf_family_lock(a) == 0) {
