@@ -11,7 +11,7 @@ import statistics
 import sys
 from collections import defaultdict
 
-KINDS = ("bytearray", "numpy-thp", "odfork", "odfork-empty", "odfork-chunk", "odfork-signal")
+KINDS = ("bytearray", "numpy-thp", "odfork", "odfork-empty", "odfork-chunk")
 METRICS = [  # group prefix, title, unit
     ("1-fork-latency", "1. Fork latency (until fork returns in the parent)", "ms"),
     ("2-roundtrip", "2. Round trip (fork, child _exit, waitpid)", "ms"),
@@ -22,7 +22,7 @@ METRICS = [  # group prefix, title, unit
     ("6-read-parent", "6a. Read everything after the fork, in the parent (child alive)", "ms"),
     ("6-read-child", "6b. Read everything after the fork, in the child (asked over a pipe)", "ms"),
     ("8-kernel-write-parent", "8. Kernel write (os.preadv of 4 KiB) into memory shared with a live child, "
-     "in the parent; odfork-signal must call prepare_write first (timed)", "us"),
+     "in the parent; odfork-chunk must call prepare_write first (timed)", "us"),
 ]
 SCALE = {"ms": 1e3, "us": 1e6}
 

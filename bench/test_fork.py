@@ -9,13 +9,11 @@ Sizes:    ODFORK_BENCH_SIZES=64M,256M,1G,4G,16G (a size is skipped, with the rea
 Kinds of memory (odfork_user/_measure.py):
   bytearray    os.fork, ordinary heap memory in 4 KiB pages (the baseline)
   numpy-thp    os.fork, a numpy array in transparent huge pages
-  odfork       odfork, the same bytes in an arena (default configuration: userfaultfd where
-               available, with page-granular copy and background folding)
-  odfork-chunk odfork, Arena(cow="chunk"): whole-chunk copies (write groups)
+  odfork       odfork, the same bytes in an arena (default configuration: page mode,
+               private views at fork time, the kernel copies the pages written)
+  odfork-chunk odfork, Arena(cow="chunk"): read-only shared chunks, whole-chunk copies
+               (write, read and kernel-write groups)
   odfork-empty odfork, an arena of the same size with nothing written (latency groups only)
-  odfork-signal odfork on the fallback mechanism (read-only shared chunks, SIGSEGV
-               only, whole-chunk copies), in the groups where the mechanism matters:
-               3 first write, 6 read after fork, 8 kernel write
 Before every round the parent writes one byte per 2 MiB (untimed): the state of a
 process that keeps working between forks.  Timings are never asserted; results are.
 """
@@ -29,12 +27,12 @@ from odfork_user._measure import KINDS, WaitingChild, child_pattern, thp_state
 np = pytest.importorskip("numpy")  # the THP baseline needs numpy
 CH = 1 << 21
 WRITE_KINDS = ("bytearray", "numpy-thp", "odfork", "odfork-chunk")
-MECH_KINDS = WRITE_KINDS + ("odfork-signal",)
+MECH_KINDS = WRITE_KINDS
 
 
 def _extra(benchmark, h, **kw):
     benchmark.extra_info.update(kind=h.kind, size=h.size, thp=thp_state(), kernel=os.uname().release,
-                                chunk_size=CH, kernel_writes=h.mechanism, **kw)
+                                chunk_size=CH, mode=h.mechanism, **kw)
 
 
 @pytest.fixture(params=sizes(), ids=lambda s: f"{s >> 20}M")

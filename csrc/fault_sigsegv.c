@@ -64,21 +64,6 @@ void _odf_write_stderr(const char *msg)
     }
 }
 
-/* Async-signal-safe unsigned formatting (no snprintf in a handler). */
-static char *fmt_u(char *p, unsigned long long v, int base)
-{
-    char tmp[32];
-    int n = 0;
-    do {
-        tmp[n++] = "0123456789abcdef"[v % (unsigned)base];
-        v /= (unsigned)base;
-    } while (v);
-    while (n)
-        *p++ = tmp[--n];
-    *p = 0;
-    return p;
-}
-
 static void report(const char *what, uintptr_t addr, int err)
 {
     char buf[160], *p = buf;
@@ -88,9 +73,9 @@ static void report(const char *what, uintptr_t addr, int err)
     strcpy(p, what);
     p += strlen(what);
     strcpy(p, " at 0x");
-    p = fmt_u(p + 6, addr, 16);
+    p = _odf_fmt_u(p + 6, addr, 16);
     strcpy(p, " (errno ");
-    p = fmt_u(p + 8, (unsigned)err, 10);
+    p = _odf_fmt_u(p + 8, (unsigned)err, 10);
     strcpy(p, ")\n");
     _odf_write_stderr(buf);
 }

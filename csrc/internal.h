@@ -4,22 +4,29 @@
  * file-local.
  *
  * Memory of one arena, per process:
- *   [base, base+size)        the arena.  Chunk c is one of
- *                              - not resident: PROT_NONE anonymous reservation;
- *                              - resident, read-only: MAP_SHARED of pool segment pt[c];
- *                              - resident, writable: same, PROT_READ|PROT_WRITE,
- *                                only while the segment's count is 1;
- *                              - userfaultfd arenas (a->uffd, see fault_uffd.c)
- *                                use instead of read-only: PROT_READ|PROT_WRITE
- *                                but registered, with no page-table entries or
- *                                only write-protected ones (ODF_F_WPMAP), so
- *                                that writes by the kernel trap too.
+ *   [base, base+size)        the arena.  Chunk c is one of (a->flags[c]):
+ *     NONE      pt[c] == 0: PROT_NONE anonymous reservation; the first
+ *               touch (SIGSEGV) maps a fresh zero segment writable.
+ *     OWNED     ODF_F_WRITABLE: MAP_SHARED of segment pt[c], PROT_READ|
+ *               PROT_WRITE, only while the segment's count is 1.
+ *     VIEW      ODF_F_PRIVATE (page mode): MAP_PRIVATE of segment pt[c],
+ *               PROT_READ|PROT_WRITE.  The chunk's bytes are the segment's
+ *               plus the anonymous pages the kernel copied on write.  No one
+ *               writes a segment while its count is above 1, so every write
+ *               (user or kernel) is an ordinary copy-on-write page fault.
+ *     LOCKED    chunk mode (and page mode's fallback): MAP_SHARED of pt[c],
+ *               PROT_READ; the first write traps (SIGSEGV) and copies the
+ *               chunk (count > 1) or makes it writable (count 1).
+ *     FOLDING   ODF_F_FOLDING, a VIEW being folded back into a segment
+ *               (cow.c): writers are held off by userfaultfd write-protect or
+ *               PROT_READ for as long as a->local is held.
  *   [shadow, shadow+size)    the parking area (shadow = base + size rounded up to 1 GiB).  shadow chunk c is either the
  *                            PROT_NONE reservation or, when PARKED, the
  *                            populated writable mapping of segment pt[c] that
  *                            a fork moved out of the arena (mremap moves the
- *                            page tables, O(1) per run).  Nothing ever writes
- *                            through the shadow; a reuse moves it back.
+ *                            page tables, O(1) per run).  Nothing writes
+ *                            through the shadow; a reuse or an in-place fold
+ *                            moves it back.
  *
  * Family-wide, in the control memfd (odf_ctl_t): the family lock, each
  * segment's count, the free-segment stack, and the slots.  A slot is a
@@ -28,7 +35,8 @@
  * Invariant (checked by odf_arena_check):
  *   refcnt[s] == #{slots in use whose pt holds s} + #{slots whose pin is s}
  *   a process maps segment s (arena or shadow chunk c) only if its pt[c] == s
- *   a process maps chunk c writable only if refcnt[pt[c]] == 1
+ *   a process maps chunk c MAP_SHARED writable only if refcnt[pt[c]] == 1
+ *   a segment whose count is above 1 is never written (VIEWs read through it)
  *
  * Locking, outermost first:
  *   a->local   process-private; serialises fault resolution, fork prepare and
@@ -41,14 +49,22 @@
  *              that dies leaves EOWNERDEAD: the next locker recomputes the
  *              counts from the page tables (_odf_recover) before going on.
  *              Held across fork() by the parent (prepare -> parent handler).
- *   liveness   not a lock that orders anything: each process holds a POSIX
- *              record lock (fcntl F_SETLK) on one byte of the control memfd,
- *              at offset total + slot, for as long as it owns the slot.  The
- *              kernel drops it when the process exits or execs, a fork child
- *              does not inherit it, and F_GETLK from any other process tells
- *              whether it is still held.  A robust mutex would not do: robust
- *              futexes belong to threads, so an arena created by a thread that
- *              later exits would make a live process look dead.
+ *   liveness   not a lock that orders anything.  A LIVE slot's owner is
+ *              alive while (1) it holds a POSIX record lock on byte
+ *              total + slot of the control memfd (fast path: F_GETLK), or,
+ *              when that lock is gone (the owner may have closed or dup2'd
+ *              over the descriptor, which drops it), (2) /proc/<pid>/stat
+ *              shows the recorded pid with the recorded start time, not a
+ *              zombie, and /proc/<pid>/map_files still has the control
+ *              block's mapping (gone after exec).  When /proc cannot tell
+ *              (EACCES), the owner counts as alive: a leak, never a release
+ *              of a live process's references.  See _odf_slot_is_alive.
+ *   descriptors the program may close them (daemons close every fd after
+ *              fork): pool_fd and ctl_fd are checked (fstat inode) under the
+ *              family lock and reopened from /proc/self/map_files when they
+ *              changed; where that is not permitted, operations that need
+ *              them fail with EBADF (a clear crash on a fault, never a write
+ *              into another file).
  * Code holding either lock never writes arena memory, so it cannot fault.
  */
 #ifndef ODF_INTERNAL_H
@@ -103,11 +119,10 @@ enum {
 /* Per-chunk process-private flags (a->flags). */
 #define ODF_F_WRITABLE 1u /* arena chunk mapped PROT_READ|PROT_WRITE */
 #define ODF_F_PARKED 2u   /* shadow chunk holds the populated mapping of pt[c] */
-#define ODF_F_WPMAP 8u    /* userfaultfd arena: the arena chunk's entries were installed
-                             write-protected (UFFDIO_CONTINUE_MODE_WP) */
-#define ODF_F_PRIVATE 4u  /* page mode: arena chunk is a MAP_PRIVATE mapping of pt[c]; the kernel
+#define ODF_F_PRIVATE 4u  /* VIEW: arena chunk is a MAP_PRIVATE mapping of pt[c]; the kernel
                              copies the pages written.  pt[c] is never written by anyone while
-                             referenced, so the unwritten pages stay the chunk's bytes. */
+                             shared, so the unwritten pages stay the chunk's bytes. */
+#define ODF_F_FOLDING 8u  /* a VIEW whose writers are held off while it is folded */
 
 typedef struct odf_slot_s {
     _Atomic uint64_t sg;       /* gen << 32 | state; CAS by the child (PENDING->CLAIMED->LIVE),
@@ -120,6 +135,7 @@ typedef struct odf_slot_s {
     uint32_t pad;
     uint64_t born_ns;          /* CLOCK_MONOTONIC when handed out */
     uint64_t snap_id;          /* SNAP: family-unique id, kept by the copies a fork makes */
+    uint64_t start_ticks;      /* LIVE: the owner's start time (/proc/<pid>/stat field 22) */
 } odf_slot_t;
 
 typedef struct odf_ctl_s {
@@ -140,7 +156,9 @@ struct odf_arena_s {
     uintptr_t base, shadow;    /* 1 GiB aligned; shadow == base + size rounded up to 1 GiB */
     size_t size;
     uint32_t nchunks;
-    int pool_fd, ctl_fd;
+    int pool_fd, ctl_fd;       /* see "descriptors" above: checked by _odf_fds_check */
+    uint64_t pool_ino, ctl_ino, pool_dev, ctl_dev;
+    uintptr_t anchor;          /* a PROT_NONE 4 KiB mapping of the pool: /proc/self/map_files finds it */
     odf_ctl_t *ctl;
     uint32_t *refcnt;          /* [max_segs] */
     uint32_t *freestack;       /* [max_segs] */
@@ -161,39 +179,47 @@ struct odf_arena_s {
     /* last fork, for odf_fork_note_child / odf_fork_abort in the parent */
     uint32_t last_child_slot, last_child_gen;
     /* stats, under a->local */
-    uint64_t n_faults, n_cow, n_reuse, n_bytes, n_forks, n_uffd, n_folds;
-    int has_private;           /* page mode: some chunk may be ODF_F_PRIVATE (folding has work) */
+    uint64_t n_faults, n_cow, n_reuse, n_bytes, n_forks, n_wp, n_folds;
     int broken_cow;            /* test hook (_odf_debug_break): resolve shared faults without a copy */
     int page_cow;              /* copy mode, see odf_arena_set_page_cow */
-    int uffd;                  /* shared chunks are registered with this process's userfaultfd */
     int crash_in_handler;      /* test hook: fault inside the SIGSEGV handler */
 };
 
 /* region.c: mappings.  All are async-signal-safe (plain syscalls). */
 int _odf_map_seg(odf_arena_t *a, uintptr_t addr, uint32_t seg, int prot, int populate);
+int _odf_map_view(odf_arena_t *a, uintptr_t addr, uint32_t seg, size_t len); /* MAP_PRIVATE, RW */
 int _odf_reserve(uintptr_t addr, size_t len);
 uint64_t _odf_now_ns(void);
+char *_odf_fmt_u(char *p, unsigned long long v, int base); /* async-signal-safe formatting */
 
 /* pagetable.c: family state.  pre: a->local held (signals blocked) unless noted. */
 int _odf_family_lock(odf_arena_t *a);
 void _odf_family_unlock(odf_arena_t *a);
+int _odf_fds_check(odf_arena_t *a);                                /* pre: family lock */
 int _odf_slot_hold_alive(odf_arena_t *a, uint32_t idx, int hold); /* take (1) or drop (0) */
-int _odf_slot_is_alive(odf_arena_t *a, uint32_t idx);            /* held by another process */
+int _odf_slot_is_alive(odf_arena_t *a, uint32_t idx);            /* owner alive (see internal.h) */
+uint64_t _odf_proc_start_ticks(pid_t pid);                       /* 0 if unknown */
 int _odf_slot_alloc(odf_arena_t *a, uint32_t state, uint32_t *idx); /* pre: family lock */
 void _odf_slot_release(odf_arena_t *a, uint32_t idx);                 /* pre: family lock */
 void _odf_slot_share(odf_arena_t *a, uint32_t dst, const uint32_t *pt, uint32_t hi); /* pre: family lock */
 void _odf_reap_locked(odf_arena_t *a);                                /* pre: family lock */
 void _odf_seg_decref(odf_arena_t *a, uint32_t seg);                   /* pre: family lock */
 void _odf_trim_locked(odf_arena_t *a, uint32_t budget);               /* pre: family lock */
+int _odf_seg_alloc(odf_arena_t *a, uint32_t *seg, int overwrite);    /* pre: family lock */
 int _odf_ctl_init(odf_arena_t *a, uint32_t max_slots, uint32_t max_segs);
-/* Resolve a fault on chunk c (async-signal-safe).  0 = resolved. */
+/* Resolve a SIGSEGV or prepare_write on chunk c (async-signal-safe).  0 = resolved. */
 int _odf_fault(odf_arena_t *a, uint32_t c);
-/* Page mode: turn PRIVATE chunk c back into an exclusive segment (a copy),
- * writers held off meanwhile.  pre: a->local and the family lock held. */
-int _odf_fold_locked(odf_arena_t *a, uint32_t c);
-/* Fold up to `budget` PRIVATE chunks of a (takes the locks).  Returns 1 if
- * some remain, 0 if none, -errno if the family lock failed. */
-int _odf_fold_some(odf_arena_t *a, uint32_t budget);
+
+/* cow.c: VIEW chunks.  pre: a->local and the family lock held. */
+#define ODF_FOLD_ANY UINT32_MAX
+/* Fold VIEW chunk c back into a segment: in place when its count is 1 and
+ * it holds at most max_dirty private pages (else nothing is done and 0 is
+ * returned), into a new segment when shared and `shared` is set. */
+int _odf_fold_locked(odf_arena_t *a, uint32_t c, uint32_t max_dirty, int shared, int *folded);
+/* Pages of VIEW chunk c the kernel copied for this process (private and
+ * exclusive in /proc/self/pagemap, read through pm_fd; 0 if it is < 0). */
+int _odf_open_pagemap(void);
+uint32_t _odf_view_copied_pages(odf_arena_t *a, uint32_t c, int pm_fd);
 
 /* fault_sigsegv.c */
 int _odf_handler_install(void);
@@ -201,24 +227,15 @@ void _odf_block_signals(sigset_t *old);
 void _odf_restore_signals(const sigset_t *old);
 void _odf_write_stderr(const char *msg);
 
-/* fault_uffd.c: the userfaultfd path.  All but _odf_uffd_start and
- * _odf_uffd_child are plain syscalls. */
+/* uffd.c: holding writers off a range while it is folded. */
 int _odf_uffd_wanted(void);
-void _odf_uffd_use_lock(int lock); /* see use_lock in fault_uffd.c */
-int _odf_uffd_start(void);
-int _odf_uffd_register(uintptr_t addr, size_t len);
-int _odf_uffd_register_wp(uintptr_t addr, size_t len); /* write-protect mode only (a private chunk) */
-void _odf_uffd_wake_self(uintptr_t addr, size_t len);
-int _odf_uffd_unregister(uintptr_t addr, size_t len);
-int _odf_uffd_wp(uintptr_t addr, size_t len);
-void _odf_uffd_wake(int fd, uintptr_t addr, size_t len);
-int _odf_uffd_map_wp(odf_arena_t *a, uintptr_t addr, uint32_t seg); /* pre: a->local */
-void _odf_uffd_child(void);
-/* pagetable.c: resolve a userfault at addr (the handler thread; takes the locks). */
-void _odf_uffd_fault(int fd, uintptr_t addr, int write);
-/* Make [addr, addr+len) of arena chunks trap writes: read-only, or registered
- * and write-protected in a userfaultfd arena.  pre: a->local. */
-int _odf_protect(odf_arena_t *a, uintptr_t addr, size_t len);
+/* Make [addr, addr+len) trap writes: userfaultfd write-protect (writers,
+ * user or kernel, wait in the kernel) where a full userfaultfd can be had,
+ * else PROT_READ (user writers wait in the SIGSEGV handler on a->local;
+ * kernel writes fail with EFAULT).  *token is passed to _odf_writers_resume
+ * after the range was remapped.  pre: a->local. */
+int _odf_writers_hold(uintptr_t addr, size_t len, int *token);
+void _odf_writers_resume(int token);
 
 /* fork.c */
 int _odf_fork_handlers_install(void);

@@ -49,9 +49,8 @@ typedef struct odf_stats_s {
     uint64_t segments_live;   /* family-wide allocated segments */
     uint64_t segments_max;    /* pool capacity in segments */
     uint64_t slots_used;      /* family-wide process + snapshot slots in use */
-    uint64_t uffd_faults;     /* faults (reads and writes, by user code or the kernel)
-                                 resolved through userfaultfd for this process */
-    uint64_t folds;           /* page mode: private chunks folded back into segments */
+    uint64_t views;           /* chunks mapped as private views of their segment now (page mode) */
+    uint64_t folds;           /* page mode: views folded back into segments */
 } odf_stats_t;
 
 /* Reserve an arena of `size` bytes (rounded up to whole chunks).
@@ -60,32 +59,35 @@ typedef struct odf_stats_s {
  * handlers on first use. */
 int odf_arena_create(size_t size, uint32_t max_slots, uint32_t max_segs, odf_arena_t **out);
 
-/* Copy mode of this process's future first writes to shared chunks (children
- * inherit it): 0 = copy the whole 2 MiB chunk (default); 1 = map the chunk
- * MAP_PRIVATE so the kernel copies only the 4 KiB pages written (cheap for
- * sparse writers; the written pages are then copied page by page by later
- * forks, and a snapshot first folds such chunks back into segments). */
+/* Copy mode of this arena in this process (children inherit it).
+ * 1 = page mode (the default): at a fork or snapshot every writable chunk
+ * becomes a MAP_PRIVATE view of its segment, so each later write, by user
+ * code or by the kernel (read(2) and friends), is an ordinary kernel
+ * copy-on-write of one 4 KiB page; views are folded back into segments by
+ * odf_arena_fold, by the next fork when cheap, and by snapshots.
+ * 0 = chunk mode: shared chunks are read-only and the first write (SIGSEGV)
+ * copies the whole 2 MiB chunk; a kernel write into a shared chunk fails with
+ * EFAULT unless odf_arena_prepare_write made it writable first.
+ * Set it before the first fork. */
 int odf_arena_set_page_cow(odf_arena_t *a, int on);
 
 /* Give this process's references back and unmap.  The caller guarantees no
  * live pointers into the arena remain.  Other processes are unaffected. */
 int odf_arena_close(odf_arena_t *a);
 
-/* Kernel writes (read(2), recv_into, ... into shared chunks), fault_uffd.c.
- * odf_uffd_probe: 0 if this process can have a full userfaultfd with the
- * features the core uses, else the errno that says why not (EPERM: no
- * privilege; EOPNOTSUPP/ENOSYS: kernel).  odf_uffd_enable(1): arenas created
- * from now on use it (their shared chunks take kernel writes); (0): they use
- * read-only chunks, where a kernel write fails with EFAULT unless
- * odf_arena_prepare_write made the range private first.  odf_arena_uffd: which
- * one this arena uses in this process. */
+/* Writers of a view being folded are held off by userfaultfd write-protect
+ * where the process can have a full userfaultfd (then kernel writes wait
+ * too), else by PROT_READ (a kernel write from another thread during a fold
+ * fails with EFAULT).  odf_uffd_probe: 0 if this process can have one, else
+ * the errno that says why not (EPERM: no privilege; EOPNOTSUPP/ENOSYS:
+ * kernel).  odf_uffd_enable(1): folds use it from now on (default off). */
 int odf_uffd_probe(void);
 int odf_uffd_enable(int on);
-int odf_arena_uffd(const odf_arena_t *a);
-/* Page mode with userfaultfd: private chunks are folded back into segments by
- * the handler thread after this many quiet milliseconds (default 20; < 0
- * turns background folding off).  Returns the previous value. */
-int odf_set_fold_quiet_ms(int ms);
+
+/* Fold this process's views back into segments: in place where the
+ * segment's count is 1 and the view holds at most max_dirty private pages
+ * (UINT32_MAX: any).  Later forks then have no private pages to copy. */
+int odf_arena_fold(odf_arena_t *a, uint32_t max_dirty);
 
 /* Make every chunk of [addr, addr+len) resident (fresh chunks get a zero
  * segment, mapped but not populated), so that a kernel write into newly

@@ -18,7 +18,7 @@ typedef struct odf_stats_s {
     uint64_t segments_live;
     uint64_t segments_max;
     uint64_t slots_used;
-    uint64_t uffd_faults;
+    uint64_t views;
     uint64_t folds;
 } odf_stats_t;
 
@@ -26,8 +26,7 @@ int odf_arena_create(size_t size, uint32_t max_slots, uint32_t max_segs, odf_are
 int odf_arena_close(odf_arena_t *a);
 int odf_uffd_probe(void);
 int odf_uffd_enable(int on);
-int odf_arena_uffd(const odf_arena_t *a);
-int odf_set_fold_quiet_ms(int ms);
+int odf_arena_fold(odf_arena_t *a, uint32_t max_dirty);
 int odf_arena_populate(odf_arena_t *a, uintptr_t addr, size_t len);
 uintptr_t odf_arena_base(const odf_arena_t *a);
 size_t odf_arena_size(const odf_arena_t *a);

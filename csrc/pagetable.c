@@ -16,12 +16,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #define ALIGN_UP(x, a) (((x) + (a) - 1) & ~((size_t)(a) - 1))
 
-/* Liveness locks (see internal.h): byte `total + idx` of the control memfd,
- * past its end (record locks need no data there).  Async-signal-safe. */
+/* Liveness (see internal.h).  The record lock is byte `total + idx` of the
+ * control memfd, past its end (record locks need no data there).  Everything
+ * here is async-signal-safe: plain syscalls and hand-made formatting. */
 int _odf_slot_hold_alive(odf_arena_t *a, uint32_t idx, int hold)
 {
     struct flock fl = {.l_type = (short)(hold ? F_WRLCK : F_UNLCK), .l_whence = SEEK_SET,
@@ -29,13 +31,136 @@ int _odf_slot_hold_alive(odf_arena_t *a, uint32_t idx, int hold)
     return fcntl(a->ctl_fd, F_SETLK, &fl) < 0 ? errno : 0;
 }
 
+/* "/proc/<pid>/<leaf>" into buf (>= 64 bytes). */
+static void proc_path(char *buf, pid_t pid, const char *leaf)
+{
+    char *p = buf;
+    memcpy(p, "/proc/", 6);
+    p = _odf_fmt_u(p + 6, (unsigned long long)pid, 10);
+    *p++ = '/';
+    size_t n = strlen(leaf);
+    memcpy(p, leaf, n + 1);
+}
+
+/* State letter and start time (field 22) of pid from /proc/<pid>/stat:
+ * 0, ENOENT (no such process), or another errno (cannot tell). */
+static int proc_stat(pid_t pid, char *state, uint64_t *start)
+{
+    char path[64], buf[1024];
+    proc_path(path, pid, "stat");
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return errno == ENOENT || errno == ESRCH ? ENOENT : errno;
+    ssize_t n = read(fd, buf, sizeof(buf) - 1);
+    int err = errno;
+    close(fd);
+    if (n <= 0)
+        return n < 0 && err == ESRCH ? ENOENT : (n < 0 ? err : EIO);
+    buf[n] = 0;
+    char *p = strrchr(buf, ')'); /* the command name may hold spaces and parentheses */
+    if (!p || p[1] != ' ')
+        return EIO;
+    p += 2;
+    *state = *p;
+    for (int field = 3; field < 22; field++) { /* p is at the start of `field` */
+        p = strchr(p, ' ');
+        if (!p)
+            return EIO;
+        p++;
+    }
+    uint64_t v = 0;
+    while (*p >= '0' && *p <= '9')
+        v = v * 10 + (uint64_t)(*p++ - '0');
+    *start = v;
+    return 0;
+}
+
+uint64_t _odf_proc_start_ticks(pid_t pid)
+{
+    char st;
+    uint64_t start = 0;
+    return proc_stat(pid, &st, &start) ? 0 : start;
+}
+
 int _odf_slot_is_alive(odf_arena_t *a, uint32_t idx)
 {
     struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET,
                        .l_start = (off_t)(a->ctl->total + idx), .l_len = 1};
-    if (fcntl(a->ctl_fd, F_GETLK, &fl) < 0)
-        return 1; /* cannot tell: never release a live process's references */
-    return fl.l_type != F_UNLCK;
+    if (fcntl(a->ctl_fd, F_GETLK, &fl) == 0 && fl.l_type != F_UNLCK)
+        return 1; /* held: alive and not exec'd (the descriptor is close-on-exec) */
+    /* The lock is gone: the owner died or exec'd, or it closed the descriptor. */
+    odf_slot_t *s = &a->slots[idx];
+    pid_t pid = atomic_load(&s->pid);
+    if (pid <= 0)
+        return 1;
+    if (kill(pid, 0) < 0 && errno == ESRCH)
+        return 0;
+    char state = 0;
+    uint64_t start = 0;
+    int rc = proc_stat(pid, &state, &start);
+    if (rc == ENOENT)
+        return 0;
+    if (rc)
+        return 1; /* cannot tell */
+    if (state == 'Z' || state == 'X' || (s->start_ticks && start != s->start_ticks))
+        return 0; /* exited (its memory is gone), or the pid was reused */
+    /* Still the same process: does it still map the control block (not after exec)? */
+    char leaf[64], path[96], *p = leaf;
+    memcpy(p, "map_files/", 10);
+    p = _odf_fmt_u(p + 10, (uintptr_t)a->ctl, 16);
+    *p++ = '-';
+    _odf_fmt_u(p, (uintptr_t)a->ctl + a->ctl->total, 16);
+    proc_path(path, pid, leaf);
+    struct stat stt;
+    if (lstat(path, &stt) == 0)
+        return 1;
+    return errno == ENOENT ? 0 : 1;
+}
+
+/* Reopen fd's file from /proc/self/map_files/<start>-<end> of a mapping of it. */
+static int reopen_mapped(uintptr_t start, size_t len, uint64_t ino, uint64_t dev)
+{
+    char path[96], *p = path;
+    memcpy(p, "/proc/self/map_files/", 21);
+    p = _odf_fmt_u(p + 21, start, 16);
+    *p++ = '-';
+    _odf_fmt_u(p, start + len, 16);
+    int fd = open(path, O_RDWR | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    struct stat st;
+    if (fstat(fd, &st) < 0 || (uint64_t)st.st_ino != ino || (uint64_t)st.st_dev != dev) {
+        close(fd);
+        return -EBADF;
+    }
+    return fd;
+}
+
+static int fd_is(int fd, uint64_t ino, uint64_t dev)
+{
+    struct stat st;
+    return fd >= 0 && fstat(fd, &st) == 0 && (uint64_t)st.st_ino == ino && (uint64_t)st.st_dev == dev;
+}
+
+int _odf_fds_check(odf_arena_t *a)
+{
+    int rc = 0;
+    if (!fd_is(a->pool_fd, a->pool_ino, a->pool_dev)) {
+        /* the number is the program's now (or nothing): never close it */
+        int fd = reopen_mapped(a->anchor, 4096, a->pool_ino, a->pool_dev);
+        a->pool_fd = fd; /* -errno when it cannot: mmaps and copies fail with EBADF */
+        if (fd < 0)
+            rc = -fd;
+    }
+    if (!fd_is(a->ctl_fd, a->ctl_ino, a->ctl_dev)) {
+        int fd = reopen_mapped((uintptr_t)a->ctl, a->ctl->total, a->ctl_ino, a->ctl_dev);
+        a->ctl_fd = fd;
+        if (fd >= 0)
+            _odf_slot_hold_alive(a, a->self, 1); /* the lock went with the old descriptor */
+        else if (!rc)
+            rc = -fd;
+    }
+    return rc;
 }
 
 int _odf_ctl_init(odf_arena_t *a, uint32_t max_slots, uint32_t max_segs)
@@ -48,8 +173,15 @@ int _odf_ctl_init(odf_arena_t *a, uint32_t max_slots, uint32_t max_segs)
     size_t total = off_pt + ALIGN_UP((size_t)max_slots * a->nchunks * 4, 4096);
 
     a->ctl_fd = memfd_create("odfork-ctl", MFD_CLOEXEC);
-    if (a->ctl_fd < 0 || ftruncate(a->ctl_fd, (off_t)total) < 0)
+    struct stat st;
+    if (a->ctl_fd < 0 || ftruncate(a->ctl_fd, (off_t)total) < 0 || fstat(a->ctl_fd, &st) < 0)
         return errno;
+    a->ctl_ino = (uint64_t)st.st_ino;
+    a->ctl_dev = (uint64_t)st.st_dev;
+    if (fstat(a->pool_fd, &st) < 0)
+        return errno;
+    a->pool_ino = (uint64_t)st.st_ino;
+    a->pool_dev = (uint64_t)st.st_dev;
     void *p = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED, a->ctl_fd, 0);
     if (p == MAP_FAILED)
         return errno;
@@ -87,6 +219,7 @@ int _odf_ctl_init(odf_arena_t *a, uint32_t max_slots, uint32_t max_segs)
         rc = _odf_slot_hold_alive(a, idx, 1);
     if (rc == 0) {
         a->slots[idx].pid = getpid();
+        a->slots[idx].start_ticks = _odf_proc_start_ticks(getpid());
         a->self = idx;
         a->mypt = ODF_PT(a, idx);
     }
@@ -104,7 +237,7 @@ static void punch(odf_arena_t *a, uint32_t s)
 
 /* overwrite: the caller fills all 2 MiB (a copy), so a kept (dirty) segment
  * will do; otherwise the segment must read as zeros. */
-static int seg_alloc(odf_arena_t *a, uint32_t *seg, int overwrite)
+int _odf_seg_alloc(odf_arena_t *a, uint32_t *seg, int overwrite)
 {
     odf_ctl_t *ctl = a->ctl;
     uint32_t s;
@@ -198,6 +331,8 @@ int _odf_family_lock(odf_arena_t *a)
         pthread_mutex_consistent(&a->ctl->lock);
         rc = 0;
     }
+    if (rc == 0)
+        _odf_fds_check(a); /* a failure shows as EBADF where a descriptor is used */
     return rc;
 }
 
@@ -229,6 +364,7 @@ found:;
     s->owner = ODF_NONE;
     s->owner_gen = 0;
     s->born_ns = _odf_now_ns();
+    s->start_ticks = 0;
     atomic_store(&s->sg, ODF_SG(gen, state));
     *idx = i;
     return 0;
@@ -353,41 +489,20 @@ static int copy_chunk(odf_arena_t *a, uintptr_t src, uint32_t dst_seg)
     return 0;
 }
 
-/* Copy segment `src` into `dst` inside the pool (no user mapping is read, so
- * this never faults: a userfaultfd arena's shared chunk may have no entries). */
-static int copy_seg(odf_arena_t *a, uint32_t src, uint32_t dst)
-{
-    loff_t in = (loff_t)src << ODF_CHUNK_SHIFT, out = (loff_t)dst << ODF_CHUNK_SHIFT;
-    size_t left = ODF_CHUNK_SIZE;
-    while (left) {
-        ssize_t n = copy_file_range(a->pool_fd, &in, a->pool_fd, &out, left, 0);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return errno;
-        }
-        if (n == 0)
-            return EIO;
-        left -= (size_t)n;
-    }
-    return 0;
-}
-
-int _odf_protect(odf_arena_t *a, uintptr_t addr, size_t len)
-{
-    if (a->uffd && _odf_uffd_register(addr, len) == 0 && _odf_uffd_wp(addr, len) == 0)
-        return 0;
-    return mprotect((void *)addr, len, PROT_READ) < 0 ? errno : 0;
-}
-
 /* pre: a->local held, signals blocked, chunk c is in the arena.
- * Makes chunk c writable in this process, preserving its bytes. */
+ * Makes chunk c writable in this process, preserving its bytes:
+ *   NONE    -> OWNED, a fresh zero segment;
+ *   LOCKED  -> OWNED: count 1, the parked entries move back (or mprotect);
+ *              count > 1, a copy into a new segment;
+ *   OWNED or VIEW: already writable (a fold that held this writer off has
+ *              finished, or another thread resolved it): the chunk is made
+ *              writable again, so that a retry cannot fault for ever. */
 int _odf_fault(odf_arena_t *a, uint32_t c)
 {
-    if (a->flags[c] & ODF_F_WRITABLE)
-        return 0; /* another thread of this process resolved it first */
     uintptr_t addr = a->base + ((uintptr_t)c << ODF_CHUNK_SHIFT);
     uintptr_t sh = a->shadow + ((uintptr_t)c << ODF_CHUNK_SHIFT);
+    if (a->flags[c] & (ODF_F_WRITABLE | ODF_F_PRIVATE))
+        return mprotect((void *)addr, ODF_CHUNK_SIZE, PROT_READ | PROT_WRITE) < 0 ? errno : 0;
     odf_slot_t *me = &a->slots[a->self];
     uint32_t seg, nseg;
     int rc = _odf_family_lock(a);
@@ -397,7 +512,7 @@ int _odf_fault(odf_arena_t *a, uint32_t c)
     _odf_trim_locked(a, ODF_TRIM_STEP);
     uint32_t e = a->mypt[c];
     if (e == 0) { /* first touch: a fresh (zero) segment */
-        if ((rc = seg_alloc(a, &nseg, 0))) {
+        if ((rc = _odf_seg_alloc(a, &nseg, 0))) {
             _odf_family_unlock(a);
             return rc;
         }
@@ -429,34 +544,16 @@ int _odf_fault(odf_arena_t *a, uint32_t c)
                 return errno;
             a->flags[c] &= (uint8_t)~ODF_F_PARKED;
             _odf_reserve(sh, ODF_CHUNK_SIZE);
-        } else {
-            if (a->uffd) /* a plain writable mapping again (error: it was not registered) */
-                _odf_uffd_unregister(addr, ODF_CHUNK_SIZE);
-            if (mprotect((void *)addr, ODF_CHUNK_SIZE, PROT_READ | PROT_WRITE))
-                return errno;
+        } else if (mprotect((void *)addr, ODF_CHUNK_SIZE, PROT_READ | PROT_WRITE) < 0) {
+            return errno;
         }
         a->flags[c] = ODF_F_WRITABLE;
         a->n_reuse++;
         return 0;
     }
-    if (a->page_cow) {
-        /* Page mode: a private mapping of the shared segment; the write that
-         * faulted is retried and the kernel copies that one page. */
-        _odf_family_unlock(a);
-        void *p = mmap((void *)addr, ODF_CHUNK_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED,
-                       a->pool_fd, (off_t)seg << ODF_CHUNK_SHIFT);
-        if (p == MAP_FAILED)
-            return errno;
-        if (a->flags[c] & ODF_F_PARKED)
-            _odf_reserve(sh, ODF_CHUNK_SIZE);
-        a->flags[c] = ODF_F_PRIVATE;
-        a->has_private = 1;
-        a->n_cow++;
-        return 0;
-    }
     /* Shared: copy into a new segment.  Our reference to the old one moves to
      * the pin so it stays alive (and counted) while we read it unlocked. */
-    if ((rc = seg_alloc(a, &nseg, 1))) {
+    if ((rc = _odf_seg_alloc(a, &nseg, 1))) {
         _odf_family_unlock(a);
         return rc;
     }
@@ -464,24 +561,11 @@ int _odf_fault(odf_arena_t *a, uint32_t c)
     me->pin = seg + 1;
     _odf_family_unlock(a);
 
-    if (a->flags[c] & ODF_F_PARKED) {
-        rc = copy_chunk(a, sh, nseg);
-    } else if (a->uffd) {
-        /* The arena chunk is registered (reading it here would wait for this
-         * very fault): read the segment through a mapping at its shadow slot. */
-        if ((rc = _odf_map_seg(a, sh, seg, PROT_READ, 0)) == 0) {
-            rc = copy_chunk(a, sh, nseg);
-            _odf_reserve(sh, ODF_CHUNK_SIZE);
-        } else {
-            rc = copy_seg(a, seg, nseg);
-        }
-    } else {
-        rc = copy_chunk(a, addr, nseg);
-    }
+    rc = copy_chunk(a, (a->flags[c] & ODF_F_PARKED) ? sh : addr, nseg);
     if (!rc)
         rc = _odf_map_seg(a, addr, nseg, PROT_READ | PROT_WRITE, 1);
     _odf_family_lock(a);
-    if (rc) { /* undo: chunk c still maps seg, write-protected */
+    if (rc) { /* undo: chunk c still maps seg, read-only */
         a->mypt[c] = seg + 1;
         me->pin = 0;
         _odf_seg_decref(a, nseg);
@@ -497,126 +581,6 @@ int _odf_fault(odf_arena_t *a, uint32_t c)
     a->n_cow++;
     a->n_bytes += ODF_CHUNK_SIZE;
     return 0;
-}
-
-void _odf_uffd_fault(int fd, uintptr_t addr, int write)
-{
-    odf_arena_t *a = _odf_registry_find(addr);
-    if (!a) { /* not ours (an arena closed meanwhile): let it retry */
-        _odf_uffd_wake(fd, addr & ~(uintptr_t)4095, 4096);
-        return;
-    }
-    uint32_t c = (uint32_t)((addr - a->base) >> ODF_CHUNK_SHIFT);
-    uintptr_t ca = a->base + ((uintptr_t)c << ODF_CHUNK_SHIFT);
-    int rc = 0;
-    pthread_mutex_lock(&a->local); /* this thread runs with every signal blocked */
-    uint32_t e = a->mypt[c];
-    /* Resolved meanwhile (another thread's fault, a SIGSEGV, prepare_write)
-     * or no longer resident: the retry finds out. */
-    if (!a->orphaned && e && !(a->flags[c] & (ODF_F_WRITABLE | ODF_F_PRIVATE))) {
-        a->n_uffd++;
-        if (!write) {
-            if ((rc = _odf_family_lock(a)) == 0) {
-                if (a->refcnt[e - 1] > 1)
-                    _odf_reap_locked(a);
-                write = a->refcnt[e - 1] == 1 || a->broken_cow; /* ours alone: reuse it now */
-                _odf_family_unlock(a);
-            }
-            if (!rc && !write && !(a->flags[c] & ODF_F_WPMAP) &&
-                (rc = _odf_uffd_map_wp(a, ca, e - 1)) == 0)
-                a->flags[c] |= ODF_F_WPMAP;
-        }
-        if (!rc && write)
-            rc = _odf_fault(a, c);
-        if (rc) {
-            /* Cannot resolve here: read-only and unregistered, so a user
-             * write takes the SIGSEGV path (which reports and dies) and a
-             * kernel write fails with EFAULT; nobody else's data is touched. */
-            _odf_uffd_unregister(ca, ODF_CHUNK_SIZE);
-            mprotect((void *)ca, ODF_CHUNK_SIZE, PROT_READ);
-            a->flags[c] &= (uint8_t)~ODF_F_WPMAP;
-        }
-    }
-    pthread_mutex_unlock(&a->local);
-    _odf_uffd_wake(fd, ca, ODF_CHUNK_SIZE);
-}
-
-int _odf_fold_locked(odf_arena_t *a, uint32_t c)
-{
-    uintptr_t addr = a->base + ((uintptr_t)c << ODF_CHUNK_SHIFT);
-    uint32_t seg = a->mypt[c] - 1, nseg;
-    int rc = seg_alloc(a, &nseg, 1);
-    if (rc)
-        return rc;
-    /* Stop writers while the private view is copied, or their writes after
-     * the copy would be lost with the mapping: write-protect the chunk.  With
-     * userfaultfd a writer (user or kernel) then waits in a userfault that the
-     * handler resolves once a->local is free (the chunk is writable by then);
-     * otherwise PROT_READ: a user write waits in the SIGSEGV handler on
-     * a->local, a kernel write fails with EFAULT (the signal mechanism's limit). */
-    int wp = a->uffd && _odf_uffd_register_wp(addr, ODF_CHUNK_SIZE) == 0;
-    if (wp && _odf_uffd_wp(addr, ODF_CHUNK_SIZE)) {
-        _odf_uffd_unregister(addr, ODF_CHUNK_SIZE);
-        wp = 0;
-    }
-    if (!wp && mprotect((void *)addr, ODF_CHUNK_SIZE, PROT_READ)) {
-        rc = errno;
-        _odf_seg_decref(a, nseg);
-        return rc;
-    }
-    /* pwrite reads the private view: written pages from memory, the rest from seg */
-    if ((rc = copy_chunk(a, addr, nseg)) || (rc = _odf_map_seg(a, addr, nseg, PROT_READ | PROT_WRITE, 1))) {
-        _odf_seg_decref(a, nseg);
-        if (wp)
-            _odf_uffd_unregister(addr, ODF_CHUNK_SIZE); /* clears the protection, wakes writers */
-        else
-            mprotect((void *)addr, ODF_CHUNK_SIZE, PROT_READ | PROT_WRITE);
-        return rc;
-    }
-    a->mypt[c] = nseg + 1;
-    _odf_seg_decref(a, seg);
-    a->flags[c] = ODF_F_WRITABLE;
-    a->n_bytes += ODF_CHUNK_SIZE;
-    a->n_folds++;
-    if (wp)
-        _odf_uffd_wake_self(addr, ODF_CHUNK_SIZE);
-    return 0;
-}
-
-int _odf_fold_some(odf_arena_t *a, uint32_t budget)
-{
-    /* One chunk per lock hold: a fault or a fork waits for one copy at most. */
-    int rc = 0, left = 0;
-    uint32_t c = 0;
-    sigset_t old;
-    _odf_block_signals(&old);
-    for (;;) {
-        pthread_mutex_lock(&a->local);
-        if (a->orphaned || !a->has_private || (rc = _odf_family_lock(a))) {
-            pthread_mutex_unlock(&a->local);
-            break;
-        }
-        while (c < a->hi && !(a->flags[c] & ODF_F_PRIVATE))
-            c++;
-        int done = c >= a->hi;
-        if (!done && !budget) {
-            left = 1;
-            done = 1;
-        } else if (!done) {
-            budget--;
-            if (_odf_fold_locked(a, c))
-                left = 1; /* try again next time */
-            c++;
-        }
-        if (done)
-            a->has_private = left;
-        _odf_family_unlock(a);
-        pthread_mutex_unlock(&a->local);
-        if (done)
-            break;
-    }
-    _odf_restore_signals(&old);
-    return rc ? -rc : left;
 }
 
 int odf_arena_set_page_cow(odf_arena_t *a, int on)
@@ -642,19 +606,30 @@ int odf_arena_stats(odf_arena_t *a, odf_stats_t *out)
         _odf_reap_locked(a);
         _odf_trim_locked(a, UINT32_MAX);
         out->chunks = a->nchunks;
+        out->cow_copies = a->n_cow;
+        out->bytes_copied = a->n_bytes;
+        int pm_fd = -1;
         for (uint32_t c = 0; c < a->hi; c++) {
             if (a->mypt[c]) {
                 out->chunks_resident++;
                 if (a->refcnt[a->mypt[c] - 1] > 1)
                     out->chunks_shared++;
             }
+            if (a->flags[c] & ODF_F_PRIVATE) {
+                /* the kernel's page copies: counted where they live now */
+                out->views++;
+                if (pm_fd < 0)
+                    pm_fd = _odf_open_pagemap();
+                uint32_t n = _odf_view_copied_pages(a, c, pm_fd);
+                out->cow_copies += n > 0;
+                out->bytes_copied += (uint64_t)n * 4096;
+            }
         }
+        if (pm_fd >= 0)
+            close(pm_fd);
         out->faults = a->n_faults;
-        out->cow_copies = a->n_cow;
         out->reuses = a->n_reuse;
-        out->bytes_copied = a->n_bytes;
         out->forks = a->n_forks;
-        out->uffd_faults = a->n_uffd;
         out->folds = a->n_folds;
         out->segments_live = a->ctl->segments_live;
         out->segments_max = a->ctl->max_segs;
@@ -745,7 +720,7 @@ static int check_locked(odf_arena_t *a, char *msg, size_t len)
     for (uint32_t c = 0; c < a->nchunks; c++) {
         uint8_t f = a->flags[c];
         uint32_t e = a->mypt[c];
-        if ((f & (ODF_F_WRITABLE | ODF_F_PARKED | ODF_F_PRIVATE | ODF_F_WPMAP)) && !e) {
+        if ((f & (ODF_F_WRITABLE | ODF_F_PARKED | ODF_F_PRIVATE | ODF_F_FOLDING)) && !e) {
             snprintf(msg, len, "chunk %u: mapped (flags %u) but not in the page table", c, f);
             rc = EUCLEAN;
             goto out;
@@ -756,8 +731,13 @@ static int check_locked(odf_arena_t *a, char *msg, size_t len)
             rc = EUCLEAN;
             goto out;
         }
-        if ((f & ODF_F_WRITABLE) && (f & ODF_F_PARKED)) {
-            snprintf(msg, len, "chunk %u: writable and parked", c);
+        if ((f & ODF_F_WRITABLE) && (f & (ODF_F_PARKED | ODF_F_PRIVATE))) {
+            snprintf(msg, len, "chunk %u: writable and parked or private (flags %u)", c, f);
+            rc = EUCLEAN;
+            goto out;
+        }
+        if (f & ODF_F_FOLDING) {
+            snprintf(msg, len, "chunk %u: left folding", c);
             rc = EUCLEAN;
             goto out;
         }
@@ -797,7 +777,7 @@ static int fault_range(odf_arena_t *a, uintptr_t addr, size_t len, int only_fres
     if (a->orphaned)
         rc = EOWNERDEAD;
     for (uint32_t c = c0; c <= c1 && !rc; c++)
-        if (!only_fresh || !a->mypt[c])
+        if (only_fresh ? !a->mypt[c] : !(a->flags[c] & (ODF_F_WRITABLE | ODF_F_PRIVATE)))
             rc = _odf_fault(a, c);
     pthread_mutex_unlock(&a->local);
     _odf_restore_signals(&old);

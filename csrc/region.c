@@ -18,6 +18,7 @@
 #include <time.h>
 #include <unistd.h>
 #include <fcntl.h>
+#include <sys/stat.h>
 
 odf_arena_t *_Atomic _odf_registry[ODF_MAX_ARENAS];
 pthread_mutex_t _odf_registry_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -29,12 +30,36 @@ uint64_t _odf_now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 
+/* Async-signal-safe unsigned formatting (no snprintf in a handler). */
+char *_odf_fmt_u(char *p, unsigned long long v, int base)
+{
+    char tmp[32];
+    int n = 0;
+    do {
+        tmp[n++] = "0123456789abcdef"[v % (unsigned)base];
+        v /= (unsigned)base;
+    } while (v);
+    while (n)
+        *p++ = tmp[--n];
+    *p = 0;
+    return p;
+}
+
 /* Map segment `seg` of the pool at `addr` (one chunk), replacing what was there.
  * populate: fill the page tables now (one pass instead of 512 faults). */
 int _odf_map_seg(odf_arena_t *a, uintptr_t addr, uint32_t seg, int prot, int populate)
 {
     int flags = MAP_SHARED | MAP_FIXED | (populate ? MAP_POPULATE : 0);
     void *p = mmap((void *)addr, ODF_CHUNK_SIZE, prot, flags, a->pool_fd,
+                   (off_t)seg << ODF_CHUNK_SHIFT);
+    return p == MAP_FAILED ? errno : 0;
+}
+
+/* A VIEW: a private, writable mapping of `len` bytes of the pool from
+ * segment `seg` on (consecutive segments: one mmap, one VMA). */
+int _odf_map_view(odf_arena_t *a, uintptr_t addr, uint32_t seg, size_t len)
+{
+    void *p = mmap((void *)addr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, a->pool_fd,
                    (off_t)seg << ODF_CHUNK_SHIFT);
     return p == MAP_FAILED ? errno : 0;
 }
@@ -91,6 +116,8 @@ static void arena_unmap(odf_arena_t *a)
         munmap((void *)a->base, a->shadow - a->base + a->size);
     if (a->flags)
         munmap(a->flags, a->nchunks);
+    if (a->anchor)
+        munmap((void *)a->anchor, 4096);
     if (a->ctl)
         munmap(a->ctl, a->ctl->total);
     if (a->pool_fd >= 0)
@@ -133,13 +160,7 @@ int odf_arena_create(size_t size, uint32_t max_slots, uint32_t max_segs, odf_are
     a->size = size;
     a->nchunks = (uint32_t)nchunks;
     pthread_mutex_init(&a->local, NULL);
-    if (_odf_uffd_wanted()) {
-        if ((rc = _odf_uffd_start())) {
-            free(a);
-            return rc;
-        }
-        a->uffd = 1;
-    }
+    a->page_cow = 1;
 
     /* Arena and shadow both start on a 1 GiB boundary: mremap then moves
      * whole page-table pages (a PUD entry per GiB, else a PMD entry per
@@ -171,6 +192,14 @@ int odf_arena_create(size_t size, uint32_t max_slots, uint32_t max_segs, odf_are
         rc = errno;
         goto fail;
     }
+    /* The anchor lets a process that lost pool_fd (closed by the program)
+     * reopen the pool from /proc/self/map_files (_odf_fds_check). */
+    void *anc = mmap(NULL, 4096, PROT_NONE, MAP_SHARED, a->pool_fd, 0);
+    if (anc == MAP_FAILED) {
+        rc = errno;
+        goto fail;
+    }
+    a->anchor = (uintptr_t)anc;
     if ((rc = _odf_ctl_init(a, max_slots, max_segs)))
         goto fail;
     if ((rc = _odf_registry_add(a)))
@@ -186,9 +215,7 @@ fail:
 int odf_arena_close(odf_arena_t *a)
 {
     sigset_t old;
-    _odf_uffd_use_lock(1); /* the handler thread lets go of the arena first */
     _odf_registry_remove(a);
-    _odf_uffd_use_lock(0);
     _odf_block_signals(&old);
     pthread_mutex_lock(&a->local);
     if (!a->orphaned && _odf_family_lock(a) == 0) {

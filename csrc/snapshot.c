@@ -33,10 +33,12 @@ int odf_snapshot_take(odf_arena_t *a, uint64_t *id)
     int rc;
     ODF_LOCKED(a, rc, {
         uint32_t k;
-        /* a private chunk's bytes are not in its segment: fold them in first */
-        for (uint32_t c = 0; c < a->hi && !rc; c++)
+        /* a view's private pages are not in its segment: fold them in first */
+        for (uint32_t c = 0; c < a->hi && !rc; c++) {
+            int folded;
             if (a->flags[c] & ODF_F_PRIVATE)
-                rc = _odf_fold_locked(a, c);
+                rc = _odf_fold_locked(a, c, ODF_FOLD_ANY, 1, &folded);
+        }
         if (rc == 0)
             rc = _odf_slot_alloc(a, ODF_SLOT_SNAP, &k);
         if (rc == 0) {
@@ -108,9 +110,12 @@ int odf_snapshot_unmap(uintptr_t addr, size_t size)
     return munmap((void *)addr, size) ? errno : 0;
 }
 
-/* Roll the arena back: every chunk whose segment differs from the snapshot's
- * is remapped to the snapshot's (read-only, shared with it) or to nothing.
- * O(chunks); no data is copied. */
+/* Roll the arena back: every chunk whose segment differs from the
+ * snapshot's is remapped to the snapshot's (a view in page mode, read-only in
+ * chunk mode, shared with the snapshot either way) or to nothing; a view of
+ * the snapshot's own segment just drops its private pages (MADV_DONTNEED on
+ * a private file mapping: the segment shows through again, and only chunks
+ * with page tables cost anything).  O(chunks); no data is copied. */
 int odf_snapshot_restore(odf_arena_t *a, uint64_t id)
 {
     int rc;
@@ -124,19 +129,30 @@ int odf_snapshot_restore(odf_arena_t *a, uint64_t id)
             uint32_t hi = a->hi > s->hi ? a->hi : s->hi;
             for (uint32_t c = 0; c < hi && !rc; c++) {
                 uint32_t want = c < s->hi ? spt[c] : 0, have = a->mypt[c];
-                if (want == have && !(a->flags[c] & ODF_F_PRIVATE))
-                    continue; /* a private chunk differs from its segment: remap it too */
                 uintptr_t addr = a->base + ((uintptr_t)c << ODF_CHUNK_SHIFT);
-                rc = want ? _odf_map_seg(a, addr, want - 1, PROT_READ, 0)
-                          : _odf_reserve(addr, ODF_CHUNK_SIZE);
-                /* userfaultfd arena: registered while still read-only, then writable */
-                if (!rc && want && a->uffd && _odf_uffd_register(addr, ODF_CHUNK_SIZE) == 0)
-                    mprotect((void *)addr, ODF_CHUNK_SIZE, PROT_READ | PROT_WRITE);
+                if (want == have) {
+                    if (a->flags[c] & ODF_F_PRIVATE) {
+                        uint32_t n = 1; /* a run of such views: one call */
+                        while (c + n < hi && (a->flags[c + n] & ODF_F_PRIVATE) &&
+                               a->mypt[c + n] == (c + n < s->hi ? spt[c + n] : 0))
+                            n++;
+                        if (madvise((void *)addr, (size_t)n << ODF_CHUNK_SHIFT, MADV_DONTNEED))
+                            rc = errno;
+                        c += n - 1;
+                    }
+                    continue;
+                }
+                if (!want)
+                    rc = _odf_reserve(addr, ODF_CHUNK_SIZE);
+                else if (a->page_cow)
+                    rc = _odf_map_view(a, addr, want - 1, ODF_CHUNK_SIZE);
+                else
+                    rc = _odf_map_seg(a, addr, want - 1, PROT_READ, 0);
                 if (rc)
                     break;
                 if (a->flags[c] & ODF_F_PARKED)
                     _odf_reserve(a->shadow + ((uintptr_t)c << ODF_CHUNK_SHIFT), ODF_CHUNK_SIZE);
-                a->flags[c] = 0;
+                a->flags[c] = want && a->page_cow ? ODF_F_PRIVATE : 0;
                 if (want)
                     a->refcnt[want - 1]++;
                 a->mypt[c] = want;

@@ -3,7 +3,7 @@
 Implementation is in submodules, but the public API is all here (see API.md).
 """
 from odfork_user._errors import ChildError, CorruptionError, OdforkError
-from odfork_user._core import CHUNK_SIZE, KERNEL_WRITES, explain_efault
+from odfork_user._core import CHUNK_SIZE, FOLD_PROTECT, explain_efault
 from odfork_user.arena import Arena, default_arena
 from odfork_user._forking import odfork
 from odfork_user.process import Child, spawn
@@ -11,6 +11,6 @@ from odfork_user.snapshot import Snapshot
 from odfork_user.pyheap import heap_stats, install, installed, installing, uninstall
 
 __all__ = ["Arena", "default_arena", "odfork", "spawn", "Child", "Snapshot", "OdforkError", "CorruptionError", "ChildError", "CHUNK_SIZE",
-           "KERNEL_WRITES", "explain_efault", "install", "uninstall", "installed", "installing",
+           "FOLD_PROTECT", "explain_efault", "install", "uninstall", "installed", "installing",
            "heap_stats"]
 __version__ = "0.1.0"

@@ -76,9 +76,9 @@ def compare(args):
           f"{os.cpu_count()} CPUs, THP {thp_state()}")
     print("# bytearray = os.fork with 4 KiB pages; numpy-thp = os.fork with transparent huge pages;")
     print("# odfork = arena with every byte written; odfork-empty = arena with nothing written.")
-    from odfork_user._core import KERNEL_WRITES
-    print(f"# odfork configuration: kernel writes via {KERNEL_WRITES}, copy on write "
-          f"{'page-granular with background folding' if KERNEL_WRITES == 'userfaultfd' else 'of whole chunks'}.")
+    from odfork_user._core import FOLD_PROTECT
+    print("# odfork configuration: the default (page mode: private views at fork, the kernel copies the "
+          f"pages written; folds hold writers off with {FOLD_PROTECT}).")
     print(f"# medians: {args.rounds} forks for latency, {args.heavy_rounds} for the others; each kind in a "
           "fresh process; the parent writes one byte per 2 MiB before every fork")
     results, failed = [], 0

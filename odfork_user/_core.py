@@ -39,59 +39,80 @@ def _keep_handler_on_top():
     faulthandler.enable = enable_then_chain
 
 
+    import signal as _signal
+
+    set_handler = _signal.signal
+    if not getattr(set_handler, "_odfork_wrapped", False):
+        @functools.wraps(set_handler)
+        def signal_then_chain(signalnum, handler):
+            previous = set_handler(signalnum, handler)
+            if signalnum == _signal.SIGSEGV:
+                # Python's own handler only sets a flag and returns: in front of
+                # the core, a copy-on-write fault would be retried for ever.
+                lib.odf_handler_ensure()
+            return previous
+
+        signal_then_chain._odfork_wrapped = True
+        _signal.signal = signal_then_chain
+
+
 _keep_handler_on_top()
 
 
-# -- kernel writes: userfaultfd, or the signal path with an explained EFAULT --
+# -- folds: how writers of a view being folded are held off ------------------
 
-KERNEL_WRITES_ENV = "ODFORK_KERNEL_WRITES"
-_EFAULT_NOTE = (
-    "odfork_user: EFAULT ('Bad address') here is most likely a system call writing into arena "
-    "memory that is still shared after a fork: without userfaultfd ({why}) such kernel writes "
-    "cannot be trapped.  Remedy: call arena.prepare_write(view) on the buffer before the call, "
-    "or give the process a full userfaultfd (run as root or with CAP_SYS_PTRACE, read-write "
-    "access to /dev/userfaultfd, or sysctl vm.unprivileged_userfaultfd=1) and do not set "
-    f"{KERNEL_WRITES_ENV}=signal."
-)
+USERFAULTFD_ENV = "ODFORK_USERFAULTFD"
 
 
-def _choose_kernel_writes():
-    """Pick how arenas created in this process take kernel writes; returns
-    (mechanism, reason).  ODFORK_KERNEL_WRITES: auto (default), userfaultfd
-    (required: ImportError if unavailable), signal (forced fallback)."""
-    want = os.environ.get(KERNEL_WRITES_ENV, "auto").strip().lower() or "auto"
-    if want not in ("auto", "userfaultfd", "signal"):
-        raise ImportError(f"{KERNEL_WRITES_ENV}={want!r}: expected auto, userfaultfd or signal")
-    if want == "signal":
-        return "signal", f"{KERNEL_WRITES_ENV}=signal"
-    rc = lib.odf_uffd_probe()
-    if rc == 0:
-        rc = lib.odf_uffd_enable(1)
+def _choose_fold_protect():
+    """Pick how folds hold writers off; returns (mechanism, reason).
+    ODFORK_USERFAULTFD: auto (default), 1 (required: ImportError if
+    unavailable), 0 (never: PROT_READ)."""
+    want = os.environ.get(USERFAULTFD_ENV, "auto").strip().lower() or "auto"
+    if want not in ("auto", "1", "0"):
+        raise ImportError(f"{USERFAULTFD_ENV}={want!r}: expected auto, 1 or 0")
+    if want == "0":
+        return "mprotect", f"{USERFAULTFD_ENV}=0"
+    rc = lib.odf_uffd_enable(1)
     if rc == 0:
         return "userfaultfd", "a full userfaultfd is available"
     why = {errno.EPERM: "no privilege for a userfaultfd that sees kernel-mode faults",
-           errno.EOPNOTSUPP: "the kernel lacks userfaultfd minor/write-protect faults on shmem",
+           errno.EOPNOTSUPP: "the kernel lacks userfaultfd write-protect on shmem",
            errno.ENOSYS: "the kernel has no userfaultfd"}.get(rc, os.strerror(rc))
-    if want == "userfaultfd":
-        raise ImportError(f"{KERNEL_WRITES_ENV}=userfaultfd, but it cannot be used: {why}")
-    return "signal", why
+    if want == "1":
+        raise ImportError(f"{USERFAULTFD_ENV}=1, but userfaultfd cannot be used: {why}")
+    return "mprotect", why
 
 
-KERNEL_WRITES, KERNEL_WRITES_REASON = _choose_kernel_writes()
+FOLD_PROTECT, FOLD_PROTECT_REASON = _choose_fold_protect()
+
+# -- kernel writes into chunk-mode arenas -------------------------------------
+
+_EFAULT_NOTE = (
+    "odfork_user: EFAULT ('Bad address') here is most likely a system call writing into memory "
+    "of an Arena(cow='chunk') that is still shared after a fork: in chunk mode shared chunks are "
+    "read-only and a write the kernel makes cannot be trapped.  Remedy: call "
+    "arena.prepare_write(view) on the buffer before the call, or use the default page mode, "
+    "where kernel writes just work."
+)
+_chunk_mode_used = False
 
 
 def explain_efault(exc):
     """Add a note naming the cause and the remedy to an OSError(EFAULT) when
-    kernel writes into shared arena chunks cannot be trapped.  Returns exc."""
-    if (KERNEL_WRITES == "signal" and isinstance(exc, OSError) and exc.errno == errno.EFAULT
+    this process has a chunk-mode arena.  Returns exc."""
+    if (_chunk_mode_used and isinstance(exc, OSError) and exc.errno == errno.EFAULT
             and not any(n.startswith("odfork_user:") for n in getattr(exc, "__notes__", ()))):
-        exc.add_note(_EFAULT_NOTE.format(why=KERNEL_WRITES_REASON))
+        exc.add_note(_EFAULT_NOTE)
     return exc
 
 
-def _install_efault_hooks():
-    """In the fallback, uncaught EFAULT errors (main thread and threads) carry the note."""
-    if KERNEL_WRITES != "signal" or getattr(sys.excepthook, "_odfork_wrapped", False):
+def _chunk_mode_created():
+    """A chunk-mode arena exists: uncaught EFAULT errors (main thread and
+    threads) carry the note from now on."""
+    global _chunk_mode_used
+    _chunk_mode_used = True
+    if getattr(sys.excepthook, "_odfork_wrapped", False):
         return
     prev_sys, prev_thr = sys.excepthook, threading.excepthook
 
@@ -105,6 +126,3 @@ def _install_efault_hooks():
 
     sys_hook._odfork_wrapped = thr_hook._odfork_wrapped = True
     sys.excepthook, threading.excepthook = sys_hook, thr_hook
-
-
-_install_efault_hooks()

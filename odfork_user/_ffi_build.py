@@ -11,7 +11,7 @@ from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
 CSRC = HERE.parent / "csrc"
-SOURCES = ["region.c", "pagetable.c", "fault_sigsegv.c", "fault_uffd.c", "fork.c", "snapshot.c", "heap.c", "py/pyalloc.c"]
+SOURCES = ["region.c", "pagetable.c", "fault_sigsegv.c", "uffd.c", "cow.c", "fork.c", "snapshot.c", "heap.c", "py/pyalloc.c"]
 
 ffi = FFI()
 ffi.cdef((CSRC / "odfork_cdef.h").read_text())

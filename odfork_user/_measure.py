@@ -4,13 +4,12 @@ A holder owns `size` bytes of written memory of one kind:
   bytearray    ordinary heap memory, 4 KiB pages, forked with os.fork
   numpy-thp    a numpy array (transparent huge pages where the kernel gives
                them: THP 'madvise' mode + numpy's madvise), forked with os.fork
-  odfork       an arena block, forked with odfork, the default configuration:
-               kernel writes through userfaultfd where the process can have one
-               (KERNEL_WRITES), and then page-granular copy with background folding
-  odfork-chunk the same, Arena(cow="chunk"): whole 2 MiB copies on first write
+  odfork       an arena block, forked with odfork, the default configuration
+               (page mode: private views at fork time, the kernel copies the
+               pages written; cheap views folded by the next fork)
+  odfork-chunk the same, Arena(cow="chunk"): read-only shared chunks, a
+               SIGSEGV and a whole 2 MiB copy on the first write of each
   odfork-empty an arena of the same size with nothing written, forked with odfork
-  odfork-signal  odfork on the fallback mechanism: shared chunks read-only,
-               SIGSEGV only (bench groups 3, 6 and 8 compare the two)
 
 Metrics (all medians; one fork per round):
   fork_ms             until fork returns in the parent
@@ -32,10 +31,10 @@ import time
 import zlib
 
 from odfork_user import Arena, odfork
-from odfork_user._core import CHUNK_SIZE, KERNEL_WRITES, lib
+from odfork_user._core import CHUNK_SIZE, lib
 
 KINDS = ("bytearray", "numpy-thp", "odfork", "odfork-empty")
-EXTRA_KINDS = ("odfork-page", "odfork-chunk", "odfork-signal")  # measured on request / in some groups
+EXTRA_KINDS = ("odfork-chunk",)  # measured on request / in some groups
 _BLOCK = b"\x02" * CHUNK_SIZE
 
 
@@ -101,13 +100,8 @@ class Holder:
         elif kind == "numpy-thp":
             import numpy as np
             self.data = np.zeros(size, dtype=np.uint8)
-        elif kind in ("odfork", "odfork-empty", "odfork-page", "odfork-chunk", "odfork-signal"):
-            if kind == "odfork-signal":
-                lib.odf_uffd_enable(0)  # for this arena only
-            try:
-                self.arena = Arena(size, cow={"odfork-page": "page", "odfork-chunk": "chunk"}.get(kind))
-            finally:
-                lib.odf_uffd_enable(KERNEL_WRITES == "userfaultfd")
+        elif kind in ("odfork", "odfork-empty", "odfork-chunk"):
+            self.arena = Arena(size, cow="chunk" if kind == "odfork-chunk" else None)
             self.fork = odfork
             if kind != "odfork-empty":
                 self.data = self.arena.alloc(size)
@@ -146,14 +140,14 @@ class Holder:
 
     @property
     def mechanism(self):
-        """How kernel writes reach this memory after a fork, and the copy mode."""
-        return f"{self.arena.kernel_writes}/{self.arena.cow}" if self.arena is not None else "kernel"
+        """The copy mode (and how kernel writes fare in it)."""
+        return f"{self.arena.cow}/{self.arena.kernel_writes}" if self.arena is not None else "kernel"
 
     def kernel_write(self, off, src_fd, n=4096):
         """Let the kernel write n bytes at off (os.preadv from src_fd); on the
-        fallback mechanism prepare_write() must come first, and is timed too."""
+        chunk mode prepare_write() must come first, and is timed too."""
         view = self.view[off:off + n]
-        if self.arena is not None and self.arena.kernel_writes == "signal":
+        if self.arena is not None and self.arena.kernel_writes == "prepare_write":
             self.arena.prepare_write(view)
         return os.preadv(src_fd, [view], 0)
 

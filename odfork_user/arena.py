@@ -1,19 +1,24 @@
 """Arena: memory that forks on demand."""
+import errno
+import operator
 import os
 import re
 import sys
 import threading
 import weakref
 
+from odfork_user import _core, _forklocks
 from odfork_user._alloc import BlockAllocator
 from odfork_user._core import CHUNK_SIZE, ffi, lib
 from odfork_user._errors import CorruptionError, _check
 
 _STATS_KEYS = (
     "chunks", "chunks_resident", "chunks_shared", "faults", "cow_copies", "reuses",
-    "bytes_copied", "forks", "segments_live", "segments_max", "slots_used", "uffd_faults",
+    "bytes_copied", "forks", "segments_live", "segments_max", "slots_used", "views",
     "folds",
 )
+MAX_ARENAS = 64  # per process (ODF_MAX_ARENAS in the core)
+_open_arenas = weakref.WeakSet()
 
 
 def _closed_error():
@@ -27,20 +32,20 @@ class Arena:
     Args:
         size: bytes to reserve, rounded up to whole chunks.  Virtual until written.
         max_procs: processes (and snapshots) a family can hold at once (default 1024).
-        cow: what the first write to a shared chunk copies.  "page" maps the chunk
-            privately so the kernel copies only the 4 KiB pages written; the
-            userfaultfd thread folds such chunks back into whole segments once the
-            process is quiet (stats()["folds"]), so later forks stay O(chunks).
-            "chunk" copies the whole 2 MiB at once.  Default: "page" where kernel
-            writes go through userfaultfd (the folding thread exists), else
-            "chunk".  In page mode stats()["cow_copies"] counts chunks made
-            private, and "bytes_copied" the bytes of folds (the kernel's page
-            copies are not counted).
+        cow: what a write to a shared chunk copies.  "page" (the default): at a
+            fork or snapshot every chunk becomes a private view of its segment,
+            so the kernel copies only the 4 KiB pages written, by user code or
+            by the kernel (read(2), recv_into: they just work); views are
+            folded back into segments by fold(), by later forks when cheap,
+            and by snapshots.  "chunk": shared chunks are read-only and the
+            first write copies the whole 2 MiB (a trap per chunk); kernel
+            writes into a shared chunk then need prepare_write() first.
 
     Raises:
         TypeError: size is not an int.
-        ValueError: size <= 0.
-        MemoryError: the range cannot be reserved.
+        ValueError: size <= 0, or a bad option.
+        MemoryError: the range cannot be reserved, or the process already has
+            64 arenas open.
     """
 
     chunk_size = CHUNK_SIZE
@@ -54,22 +59,29 @@ class Arena:
             raise ValueError("max_procs must be an int >= 2")
         if cow not in (None, "chunk", "page"):
             raise ValueError(f"cow must be 'chunk' or 'page', not {cow!r}")
+        self._closed = True  # until built
         out = ffi.new("odf_arena_t **")
-        _check(lib.odf_arena_create(size, max_procs or 0, _max_segments, out),
-               f"cannot reserve an arena of {size} bytes")
+        rc = lib.odf_arena_create(size, max_procs or 0, _max_segments, out)
+        if rc == errno.ENOMEM and sum(1 for a in list(_open_arenas) if not a._closed) >= MAX_ARENAS:
+            raise MemoryError(f"cannot create an arena: a process can have at most {MAX_ARENAS} "
+                              "arenas open (close one first)")
+        _check(rc, f"cannot reserve an arena of {size} bytes")
         self._h = out[0]
-        if cow is None:
-            cow = "page" if lib.odf_arena_uffd(self._h) else "chunk"
-        self.cow = cow
-        lib.odf_arena_set_page_cow(self._h, cow == "page")
+        self.cow = cow or "page"
+        lib.odf_arena_set_page_cow(self._h, self.cow == "page")
+        if self.cow == "chunk":
+            _core._chunk_mode_created()
         self._base = lib.odf_arena_base(self._h)
         self._size = lib.odf_arena_size(self._h)
         self._alloc = BlockAllocator(self._size)
         self._blocks = {}  # offset -> [rounded size, exporter, nbytes]
+        self._freed = {}   # offset -> [rounded size, exporter]: freed while views lived
         self._lock = threading.RLock()
         self._snaps = weakref.WeakSet()
         self._closed = False
         self._holds_heap = False  # odfork_user.install() put the Python heap here
+        _open_arenas.add(self)
+        _forklocks.register(self, _forklocks.LEVEL_ARENA)
 
     # -- properties ---------------------------------------------------------
     @property
@@ -83,10 +95,12 @@ class Arena:
 
     @property
     def kernel_writes(self):
-        """How this arena takes writes the kernel makes into shared chunks in
-        this process: "userfaultfd" (they just work) or "signal" (they fail
-        with EFAULT unless prepare_write() made the range private first)."""
-        return "userfaultfd" if lib.odf_arena_uffd(self._live()) else "signal"
+        """How writes the kernel makes into shared chunks (read(2), recv_into)
+        fare: "direct" in page mode (they just work, as after fork(2)),
+        "prepare_write" in chunk mode (EFAULT unless prepare_write() made the
+        range writable first)."""
+        self._live()
+        return "direct" if self.cow == "page" else "prepare_write"
 
     @property
     def address(self):
@@ -116,6 +130,7 @@ class Arena:
         with self._lock:
             self._live()
             lib.odf_handler_ensure()  # a SIGSEGV handler installed since: chain to it, stay on top
+            self._sweep_freed()
             got = self._alloc.alloc(nbytes)
             if got is None:
                 raise MemoryError(
@@ -143,11 +158,15 @@ class Arena:
         except ImportError as exc:  # pragma: no cover - numpy is an optional extra
             raise ImportError("Arena.ndarray needs numpy: pip install 'odfork_user[numpy]'") from exc
         dt = np.dtype(dtype)
-        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        try:
+            shape = (operator.index(shape),) if not isinstance(shape, (tuple, list)) else \
+                tuple(operator.index(n) for n in shape)
+        except TypeError:
+            raise ValueError(f"bad shape {shape!r}: expected an int or a sequence of ints") from None
         count = 1
         for n in shape:
-            if not isinstance(n, int) or n < 0:
-                raise ValueError(f"bad shape {shape!r}")
+            if n < 0:
+                raise ValueError(f"bad shape {shape!r}: negative dimension")
             count *= n
         buf = self.alloc(max(count * dt.itemsize, 1))
         return np.frombuffer(buf, dtype=dt, count=count).reshape(shape)
@@ -166,19 +185,41 @@ class Arena:
     def free(self, obj):
         """Give a block (the memoryview or array that alloc/ndarray returned) back.
 
+        A memoryview passed in is released: using it afterwards raises
+        ValueError.  Space that other views (slices, numpy arrays) still show
+        is only reused once they are gone, so a write through a stale view
+        never lands in another block; close() refuses while they live.
+
         Raises:
             ValueError: obj is not a block of this arena, or was already freed.
         """
         with self._lock:
             self._live()
             off = self._block_offset(obj)
-            rounded = self._blocks.pop(off)[0]
-            self._alloc.free(off, rounded)
+            rounded, exporter, _ = self._blocks.pop(off)
+            if isinstance(obj, memoryview):
+                try:
+                    obj.release()
+                except BufferError:  # something was made from it (an array): it lives on
+                    pass
+            del obj
+            self._freed[off] = [rounded, exporter]
+            del exporter
+            self._sweep_freed()
+
+    def _sweep_freed(self):
+        """Return freed blocks that no view shows any more to the allocator."""
+        for off, (rounded, exporter) in list(self._freed.items()):
+            if sys.getrefcount(exporter) <= 3:  # the list, the loop variable, the call's argument
+                del self._freed[off]
+                self._alloc.free(off, rounded)
 
     def _exports(self):
         # Each memoryview made from a block's exporter holds one reference to
         # it (slices and numpy arrays share that view's managed buffer).
-        return sum(sys.getrefcount(b[1]) - 2 for b in self._blocks.values())
+        self._sweep_freed()
+        return (sum(sys.getrefcount(b[1]) - 2 for b in self._blocks.values())
+                + sum(sys.getrefcount(b[1]) - 2 for b in self._freed.values()))
 
     # -- state --------------------------------------------------------------
     def stats(self):
@@ -193,24 +234,36 @@ class Arena:
         with self._lock:
             msg = ffi.new("char[]", lib.ODF_CHECK_MSG_LEN)
             rc = lib.odf_arena_check(self._live(), msg, lib.ODF_CHECK_MSG_LEN)
-            if rc == 117:  # EUCLEAN
+            if rc == errno.EUCLEAN:
                 raise CorruptionError(ffi.string(msg).decode(errors="replace"))
             _check(rc, "check")
 
     def prepare_write(self, view, nbytes=None):
-        """Make the memory of `view` private and writable now (copying its
-        shared chunks).
+        """Make the memory of `view` writable now, keeping every byte written
+        so far.
 
-        Needed only where kernel_writes == "signal": there a write the kernel
-        makes into a shared chunk (read(2), recv_into, readinto) fails with
-        EFAULT, because no signal handler sees it; calling this first makes it
-        work.  With userfaultfd such writes are trapped and this is optional.
+        Needed only in chunk mode (kernel_writes == "prepare_write"): there a
+        write the kernel makes into a shared chunk (read(2), recv_into,
+        readinto) fails with EFAULT, because no signal handler sees it; this
+        copies the shared chunks first.  In page mode it only maps chunks that
+        were never touched (views take kernel writes as they are).
         """
         with self._lock:
             ptr = ffi.from_buffer(view)
             n = len(ffi.buffer(ptr)) if nbytes is None else nbytes
             _check(lib.odf_arena_prepare_write(self._live(), int(ffi.cast("uintptr_t", ptr)), n),
                    "prepare_write")
+
+    def fold(self, max_dirty=None):
+        """Fold this process's private views back into their segments where
+        nobody else shares them (page mode): their copied pages are written
+        into the segment, so that the next fork has no page-table entries to
+        copy for them.  Forks fold cheap views themselves (a few pages each);
+        call this off the critical path after heavy writes.  `max_dirty`:
+        skip views with more private pages than this."""
+        with self._lock:
+            n = 0xFFFFFFFF if max_dirty is None else int(max_dirty)
+            _check(lib.odf_arena_fold(self._live(), n), "fold")
 
     # -- snapshots ----------------------------------------------------------
     def snapshot(self):
@@ -254,6 +307,7 @@ class Arena:
                 snap.close()
             self._closed = True
             self._blocks.clear()
+            self._freed.clear()
             lib.odf_arena_close(self._h)
             self._h = ffi.NULL
 
@@ -280,7 +334,8 @@ class Arena:
 
 
 _default = None
-_default_lock = threading.Lock()
+_default_lock = threading.RLock()
+_forklocks.register_lock(_default_lock, _forklocks.LEVEL_DEFAULT)
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)i?b?\s*$", re.I)
 
 

@@ -12,10 +12,12 @@ static state.
 """
 import threading
 
+from odfork_user import _forklocks
 from odfork_user._core import ffi, lib
 from odfork_user._errors import _check
 
-_lock = threading.Lock()
+_lock = threading.RLock()
+_forklocks.register_lock(_lock, _forklocks.LEVEL_HEAP)
 _state = {"arena": None, "heap": None}
 _HEAP_STATS = ("live_bytes", "live_blocks", "raw_bytes", "top_bytes", "mapped_bytes",
                "free_page_bytes", "free_extents")

@@ -2,6 +2,7 @@
 import sys
 import threading
 
+from odfork_user import _forklocks
 from odfork_user._core import ffi, lib
 from odfork_user._errors import _check
 
@@ -21,8 +22,9 @@ class Snapshot:
         self._id = snap_id
         self._addr = 0
         self._exporter = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._closed = False
+        _forklocks.register(self, _forklocks.LEVEL_SNAPSHOT)
 
     def _check_open(self):
         if self._closed:

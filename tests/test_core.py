@@ -52,7 +52,8 @@ def test_fork_copies_nothing_and_reads_copy_nothing(arena):
     assert s1["bytes_copied"] == s0["bytes_copied"] and s1["forks"] == s0["forks"] + 1
 
 
-def test_reuse_when_count_is_back_to_one(arena):
+def test_reuse_when_count_is_back_to_one(chunk_arena):
+    arena = chunk_arena
     buf = arena.alloc(3 * CH)
     buf[:] = b"u" * len(buf)
     in_child(lambda: None)                    # child exits: counts drop back to 1
@@ -64,7 +65,8 @@ def test_reuse_when_count_is_back_to_one(arena):
     assert delta(s0, s1, "reuses", "cow_copies", "faults") == {"reuses": 3, "cow_copies": 0, "faults": 3}
 
 
-def test_parent_copies_while_child_alive(arena):
+def test_parent_copies_while_child_alive(chunk_arena):
+    arena = chunk_arena
     buf = arena.alloc(2 * CH)
     buf[:] = b"v" * len(buf)
     go_r, go_w = os.pipe()

@@ -1,14 +1,12 @@
 """Writes the kernel makes into arena memory (readinto, os.readv, recv_into)
-right after a fork, with each mechanism:
+right after a fork, in each copy mode:
 
-- userfaultfd: shared chunks are registered; the write traps and succeeds;
-- signal (the fallback): shared chunks are read-only; the write fails with
-  EFAULT until prepare_write() makes the range private.
+- page (the default): shared chunks are private views of their segments;
+  the write is an ordinary kernel copy-on-write and succeeds, no trap;
+- chunk: shared chunks are read-only; the write fails with EFAULT until
+  prepare_write() makes the range writable.
 
-Isolation is checked in every case, both ways.  The mechanism is chosen per
-arena (lib.odf_uffd_enable sets it for arenas created afterwards), so both run
-in one process; the environment variable that forces the fallback is tested in
-subprocesses.
+Isolation is checked in every case, both ways.
 """
 import errno
 import os
@@ -27,38 +25,23 @@ from odfork_user._core import lib
 from conftest import CH, checked_arena, finish_child, in_child, start_child
 
 HAVE_UFFD = lib.odf_uffd_probe() == 0
-MECHANISMS = [
-    pytest.param("userfaultfd", marks=pytest.mark.skipif(not HAVE_UFFD, reason="no full userfaultfd here")),
-    "signal",
-]
+MODES = ["page", "chunk"]
 KINDS = ["readinto", "readv", "recv_into"]
 PAYLOAD = bytes((i * 7 + 3) % 251 for i in range(10000))
 
 
-@pytest.fixture(params=MECHANISMS)
+@pytest.fixture(params=MODES)
 def kw_arena(request):
-    """An arena using the given mechanism (the process default is restored)."""
-    default = ou.KERNEL_WRITES == "userfaultfd"
-    assert lib.odf_uffd_enable(request.param == "userfaultfd") == 0
-    try:
-        a = ou.Arena(16 * CH)
-    finally:
-        lib.odf_uffd_enable(default)
-    assert a.kernel_writes == request.param
+    """An arena in the given copy mode."""
+    a = ou.Arena(16 * CH, cow=request.param)
+    assert a.kernel_writes == ("direct" if request.param == "page" else "prepare_write")
     yield from checked_arena(a)
 
 
 @pytest.fixture
-def uffd_arena():
-    """An arena on userfaultfd whatever the process default (restored after)."""
-    if not HAVE_UFFD:
-        pytest.skip("no full userfaultfd here")
-    lib.odf_uffd_enable(1)
-    try:
-        a = ou.Arena(16 * CH)
-    finally:
-        lib.odf_uffd_enable(ou.KERNEL_WRITES == "userfaultfd")
-    yield from checked_arena(a)
+def view_arena():
+    """A default (page-mode) arena."""
+    yield from checked_arena(ou.Arena(16 * CH))
 
 
 class Source:
@@ -95,9 +78,9 @@ class Source:
 
 
 def deliver(arena, src, view):
-    """Kernel write of PAYLOAD into view, the way each mechanism is used:
-    plainly with userfaultfd; with the fallback, EFAULT first, then prepare_write."""
-    if arena.kernel_writes == "signal":
+    """Kernel write of PAYLOAD into view, the way each mode is used: plainly in
+    page mode; in chunk mode, EFAULT first, then prepare_write."""
+    if arena.kernel_writes == "prepare_write":
         with pytest.raises(OSError) as ei:
             src.write_into(view)
         assert ei.value.errno == errno.EFAULT
@@ -118,11 +101,15 @@ def test_kernel_write_in_child_after_fork(kw_arena, kind, tmp_path):
     def child():
         src = Source(kind, tmp_path)
         deliver(kw_arena, src, view)
-        return bytes(view), bytes(buf[:3]), kw_arena.stats()["uffd_faults"]
+        st = kw_arena.stats()
+        return bytes(view), bytes(buf[:3]), st["faults"], st["bytes_copied"]
 
-    got, elsewhere, ufaults = in_child(child)
+    got, elsewhere, faults, copied = in_child(child)
     assert got == PAYLOAD and elsewhere == b"ppp"
-    assert (ufaults > 0) == (kw_arena.kernel_writes == "userfaultfd")
+    if kw_arena.cow == "page":   # no trap; the kernel copied the 4 pages written
+        assert faults == 0 and copied == 4 * 4096, (faults, copied)
+    else:                        # one whole-chunk copy per chunk of the view
+        assert faults == 2 and copied == 2 * CH, (faults, copied)
     assert bytes(view) == b"p" * len(view)  # the parent never sees the child's write
     del view
 
@@ -155,10 +142,10 @@ def test_kernel_write_into_fresh_memory_without_fork(kw_arena, tmp_path):
     del buf
 
 
-def test_uffd_reads_then_writes_stay_isolated_nested(uffd_arena, tmp_path):
-    # Parent reads every chunk after the fork (write-protected mappings), then
-    # writes with user code and with the kernel; a grandchild does the same.
-    a = uffd_arena
+def test_views_read_then_written_stay_isolated_nested(view_arena, tmp_path):
+    # Parent reads every chunk after the fork, then writes with user code and
+    # with the kernel; a grandchild does the same.
+    a = view_arena
     buf = a.alloc(8 * CH)
     for c in range(8):
         buf[c * CH:(c + 1) * CH] = bytes([c + 1]) * CH
@@ -187,15 +174,15 @@ def test_uffd_reads_then_writes_stay_isolated_nested(uffd_arena, tmp_path):
     assert (c3, c5) == (4, bytes([6]) * 4)            # the child sees none of them
     assert bytes(buf[6 * CH - 10:6 * CH]) == bytes([6]) * 10  # nor the parent the child's
     assert buf[2 * CH + 5] == 77 and bytes(buf[4 * CH:4 * CH + len(PAYLOAD)]) == PAYLOAD
-    assert a.stats()["uffd_faults"] >= 8
+    assert a.stats()["faults"] == 8   # the first touches of alloc(); no trap after the fork
     a.check()
     del buf
 
 
-def test_uffd_threads_write_shared_chunks_at_once(uffd_arena, tmp_path):
+def test_threads_write_shared_chunks_at_once(kw_arena, tmp_path):
     # Eight threads of a child fault on the same shared chunks at once, half
     # with kernel writes, half with user writes; every write lands, none leaks.
-    a = uffd_arena
+    a = kw_arena
     buf = a.alloc(4 * CH)
     buf[:] = b"s" * len(buf)
 
@@ -208,6 +195,8 @@ def test_uffd_threads_write_shared_chunks_at_once(uffd_arena, tmp_path):
                 off = (i % 4) * CH + (i // 4) * (CH // 2) + 100
                 start.wait()
                 if i % 2:
+                    if a.kernel_writes == "prepare_write":
+                        a.prepare_write(buf[off:off + len(PAYLOAD)])
                     Source("readv", tmp_path).write_into(buf[off:off + len(PAYLOAD)])
                 else:
                     buf[off:off + len(PAYLOAD)] = PAYLOAD
@@ -229,8 +218,8 @@ def test_uffd_threads_write_shared_chunks_at_once(uffd_arena, tmp_path):
     del buf
 
 
-def test_uffd_kernel_write_after_restore_and_in_os_fork_child(uffd_arena, tmp_path):
-    a = uffd_arena
+def test_kernel_write_after_restore_and_in_os_fork_child(view_arena, tmp_path):
+    a = view_arena
     buf = a.alloc(2 * CH)
     buf[:] = b"a" * len(buf)
     snap = a.snapshot()
@@ -259,16 +248,15 @@ def _run(code, **env):
                           capture_output=True, text=True, timeout=60)
 
 
-def test_forced_fallback_explains_efault(tmp_path):
-    # ODFORK_KERNEL_WRITES=signal forces the fallback; an uncaught EFAULT from a
-    # kernel write into a shared chunk carries a note naming cause and remedy.
+def test_chunk_mode_explains_efault(tmp_path):
+    # In chunk mode an uncaught EFAULT from a kernel write into a shared chunk
+    # carries a note naming cause and remedy.
     src = tmp_path / "src.bin"
     src.write_bytes(b"K" * 100)
     p = _run(f"""
         import os, odfork_user as ou
-        assert ou.KERNEL_WRITES == "signal", ou.KERNEL_WRITES
-        a = ou.Arena(4 * ou.CHUNK_SIZE)
-        assert a.kernel_writes == "signal"
+        a = ou.Arena(4 * ou.CHUNK_SIZE, cow="chunk")
+        assert a.kernel_writes == "prepare_write"
         buf = a.alloc(100)
         pid = ou.odfork()
         if pid:
@@ -276,19 +264,19 @@ def test_forced_fallback_explains_efault(tmp_path):
             raise SystemExit(0)
         with open({str(src)!r}, "rb", buffering=0) as f:
             f.readinto(buf)
-    """, ODFORK_KERNEL_WRITES="signal")
+    """)
     assert "Bad address" in p.stderr
-    assert "arena.prepare_write(view)" in p.stderr and "userfaultfd" in p.stderr, p.stderr
+    assert "arena.prepare_write(view)" in p.stderr and "cow='chunk'" in p.stderr, p.stderr
 
 
-def test_environment_variable_picks_the_mechanism():
-    code = "import odfork_user as ou; print(ou.KERNEL_WRITES, ou.Arena(ou.CHUNK_SIZE).kernel_writes)"
-    p = _run(code, ODFORK_KERNEL_WRITES="signal")
-    assert p.stdout.split() == ["signal", "signal"], p.stderr
-    p = _run(code, ODFORK_KERNEL_WRITES="bogus")
-    assert p.returncode != 0 and "expected auto, userfaultfd or signal" in p.stderr
-    p = _run(code, ODFORK_KERNEL_WRITES="userfaultfd")
+def test_environment_variable_picks_the_fold_protection():
+    code = "import odfork_user as ou; print(ou.FOLD_PROTECT)"
+    p = _run(code, ODFORK_USERFAULTFD="0")
+    assert p.stdout.split() == ["mprotect"], p.stderr
+    p = _run(code, ODFORK_USERFAULTFD="bogus")
+    assert p.returncode != 0 and "expected auto, 1 or 0" in p.stderr
+    p = _run(code, ODFORK_USERFAULTFD="1")
     if HAVE_UFFD:
-        assert p.stdout.split() == ["userfaultfd", "userfaultfd"], p.stderr
+        assert p.stdout.split() == ["userfaultfd"], p.stderr
     else:
         assert p.returncode != 0 and "cannot be used" in p.stderr

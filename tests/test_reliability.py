@@ -136,7 +136,7 @@ def test_failed_fork_leaves_counts_as_they_were():
         pytest.skip("needs root to drop to another user")
     p = run_py("""
         import os, resource, odfork_user as ou
-        a = ou.Arena(4 << 21); b = a.alloc(2 << 21); b[:] = b"z" * len(b)
+        a = ou.Arena(4 << 21, cow="chunk"); b = a.alloc(2 << 21); b[:] = b"z" * len(b)
         before = a.stats()
         os.setgid(65534); os.setuid(65534)
         resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))

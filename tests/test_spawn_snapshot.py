@@ -144,7 +144,8 @@ def test_snapshot_freezes_bytes_and_copies_nothing(arena):
     arena.check()
 
 
-def test_write_after_snapshot_closed_reuses(arena):
+def test_write_after_snapshot_closed_reuses(chunk_arena):
+    arena = chunk_arena
     buf = arena.alloc(CH)
     buf[0] = 1
     snap = arena.snapshot()
@@ -153,6 +154,19 @@ def test_write_after_snapshot_closed_reuses(arena):
     buf[0] = 2
     s1 = arena.stats()
     assert (s1["reuses"] - s0["reuses"], s1["cow_copies"] - s0["cow_copies"]) == (1, 0)
+
+
+def test_view_after_snapshot_closed_folds_in_place(arena):
+    buf = arena.alloc(CH)
+    buf[0] = 1
+    snap = arena.snapshot()
+    snap.close()
+    s0 = arena.stats()
+    buf[0] = 2                               # the kernel copies one page of the view
+    arena.fold()                             # ... which goes back into the same segment
+    s1 = arena.stats()
+    assert (s1["reuses"] - s0["reuses"], s1["views"], s1["segments_live"]) == (1, 0, s0["segments_live"])
+    assert buf[0] == 2
 
 
 def test_restore_twice_and_live_views_see_it(arena):

@@ -1,0 +1,248 @@
+/* cow.c - VIEW chunks (page mode): folding them back into segments, and
+ * counting the pages the kernel copied for them.
+ *
+ * A VIEW (internal.h) is a MAP_PRIVATE mapping of its segment: its bytes are
+ * the segment's except where a write made the kernel copy a page into private
+ * anonymous memory.  Those pages cost at the next fork (the kernel copies the
+ * page-table entries of a VMA that has private pages) and a snapshot cannot
+ * share them, so a view is folded:
+ *   in place, when the segment's count is back to 1: the private pages
+ *     (found in /proc/self/pagemap) are written into the segment, then the
+ *     segment is mapped MAP_SHARED in place of the view (the parked entries
+ *     moved back when the chunk has them): 18-40 us for a few pages;
+ *   into a new segment, when it is still shared (snapshots need it): the
+ *     whole 2 MiB read through the view into a new segment.
+ * Writers are held off between the copy and the remap (uffd.c).
+ *
+ * Pre for everything here: a->local and the family lock held, signals
+ * blocked.  Nothing here writes arena memory; it is only read, by the kernel
+ * (pwrite from the view), which a write-protected range allows.
+ */
+#include "internal.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#define PAGE 4096UL
+#define NPAGES (ODF_CHUNK_SIZE / PAGE)
+#define PM_PRESENT (1ULL << 63)
+#define PM_SWAPPED (1ULL << 62)
+#define PM_FILE (1ULL << 61)      /* file page or shared anonymous: not a private copy */
+#define PM_EXCLUSIVE (1ULL << 56) /* mapped by this process only */
+#define PM_UFFD_WP (1ULL << 57)   /* write-protected: a swap-like marker on a page never mapped */
+
+static int open_pagemap(void) { return open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC); }
+
+/* pagemap entries of chunk c into pm[NPAGES]; 0 or errno. */
+static int read_pagemap(odf_arena_t *a, int pm_fd, uint32_t c, uint64_t *pm)
+{
+    uintptr_t addr = a->base + ((uintptr_t)c << ODF_CHUNK_SHIFT);
+    size_t want = NPAGES * sizeof(uint64_t), got = 0;
+    off_t off = (off_t)(addr / PAGE * sizeof(uint64_t));
+    while (got < want) {
+        ssize_t n = pread(pm_fd, (char *)pm + got, want - got, off + (off_t)got);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return n < 0 ? errno : EIO;
+        got += (size_t)n;
+    }
+    return 0;
+}
+
+static int is_private(uint64_t e) { return ((e & PM_PRESENT) && !(e & PM_FILE)) || (e & PM_SWAPPED); }
+
+static uint32_t count_private(const uint64_t *pm, uint32_t *copied)
+{
+    uint32_t n = 0, mine = 0;
+    for (uint32_t i = 0; i < NPAGES; i++) {
+        if (is_private(pm[i])) {
+            n++;
+            mine += (pm[i] & PM_EXCLUSIVE) || (pm[i] & PM_SWAPPED);
+        }
+    }
+    if (copied)
+        *copied = mine;
+    return n;
+}
+
+int _odf_open_pagemap(void) { return open_pagemap(); }
+
+uint32_t _odf_view_copied_pages(odf_arena_t *a, uint32_t c, int pm_fd)
+{
+    uint64_t pm[NPAGES];
+    uint32_t copied = 0;
+    if (pm_fd >= 0 && read_pagemap(a, pm_fd, c, pm) == 0)
+        count_private(pm, &copied);
+    return copied;
+}
+
+static int pwrite_all(int fd, const void *src, size_t len, off_t off)
+{
+    size_t done = 0;
+    while (done < len) {
+        ssize_t n = pwrite(fd, (const char *)src + done, len - done, off + (off_t)done);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return n < 0 ? errno : EIO;
+        done += (size_t)n;
+    }
+    return 0;
+}
+
+/* Undo a hold that is being abandoned: the view is writable again. */
+static void resume_view(uintptr_t addr, int token)
+{
+    if (token < 0)
+        mprotect((void *)addr, ODF_CHUNK_SIZE, PROT_READ | PROT_WRITE);
+    _odf_writers_resume(token);
+}
+
+static int fold_in_place(odf_arena_t *a, uint32_t c, uint32_t seg, uint64_t *pm, int pm_fd)
+{
+    uintptr_t addr = a->base + ((uintptr_t)c << ODF_CHUNK_SHIFT);
+    uintptr_t sh = a->shadow + ((uintptr_t)c << ODF_CHUNK_SHIFT);
+    off_t base = (off_t)seg << ODF_CHUNK_SHIFT;
+    int token, rc;
+    if ((rc = _odf_writers_hold(addr, ODF_CHUNK_SIZE, &token)))
+        return rc;
+    a->flags[c] |= ODF_F_FOLDING;
+    /* Read again now that no page can be added, and keep what the first
+     * read saw: write-protect markers on pages never mapped read as swapped
+     * (PM_SWAPPED | PM_UFFD_WP) and are not private pages. */
+    uint32_t copied = 0, n = 0;
+    uint64_t now[NPAGES];
+    if (pm_fd < 0 || read_pagemap(a, pm_fd, c, now)) {
+        for (uint32_t i = 0; i < NPAGES; i++) /* cannot tell: copy every page */
+            pm[i] = PM_PRESENT;
+    } else {
+        for (uint32_t i = 0; i < NPAGES; i++)
+            if (!is_private(pm[i]) && !((now[i] & PM_SWAPPED) && (now[i] & PM_UFFD_WP)))
+                pm[i] = now[i];
+    }
+    for (uint32_t i = 0; i < NPAGES && !rc;) {
+        if (!is_private(pm[i])) {
+            i++;
+            continue;
+        }
+        uint32_t j = i;
+        while (j < NPAGES && is_private(pm[j])) {
+            copied += (pm[j] & PM_EXCLUSIVE) || (pm[j] & PM_SWAPPED);
+            j++;
+        }
+        rc = pwrite_all(a->pool_fd, (const void *)(addr + i * PAGE), (j - i) * PAGE, base + (off_t)(i * PAGE));
+        n += j - i;
+        i = j;
+    }
+    if (!rc) {
+        if (a->flags[c] & ODF_F_PARKED) {
+            void *p = mremap((void *)sh, ODF_CHUNK_SIZE, ODF_CHUNK_SIZE, MREMAP_MAYMOVE | MREMAP_FIXED,
+                             (void *)addr);
+            rc = p == MAP_FAILED ? errno : 0;
+            if (!rc)
+                _odf_reserve(sh, ODF_CHUNK_SIZE);
+        } else {
+            rc = _odf_map_seg(a, addr, seg, PROT_READ | PROT_WRITE, 0);
+        }
+    }
+    if (rc) {
+        /* The segment may hold some of the pages now: harmless, the view
+         * still shows them and nobody else maps the segment. */
+        a->flags[c] &= (uint8_t)~ODF_F_FOLDING;
+        resume_view(addr, token);
+        return rc;
+    }
+    a->flags[c] = ODF_F_WRITABLE;
+    _odf_writers_resume(token);
+    a->n_cow += copied > 0;
+    a->n_bytes += (uint64_t)copied * PAGE + (uint64_t)n * PAGE; /* the kernel's copies, then ours */
+    a->n_reuse++;
+    a->n_folds++;
+    return 0;
+}
+
+static int fold_shared(odf_arena_t *a, uint32_t c, uint32_t seg, const uint64_t *pm)
+{
+    uintptr_t addr = a->base + ((uintptr_t)c << ODF_CHUNK_SHIFT);
+    uint32_t nseg, copied = 0;
+    int token, rc = _odf_seg_alloc(a, &nseg, 1);
+    if (rc)
+        return rc;
+    count_private(pm, &copied);
+    if ((rc = _odf_writers_hold(addr, ODF_CHUNK_SIZE, &token))) {
+        _odf_seg_decref(a, nseg);
+        return rc;
+    }
+    a->flags[c] |= ODF_F_FOLDING;
+    /* pwrite reads the view: private pages from memory, the rest from seg */
+    if ((rc = pwrite_all(a->pool_fd, (const void *)addr, ODF_CHUNK_SIZE, (off_t)nseg << ODF_CHUNK_SHIFT)) ||
+        (rc = _odf_map_seg(a, addr, nseg, PROT_READ | PROT_WRITE, 1))) {
+        _odf_seg_decref(a, nseg);
+        a->flags[c] &= (uint8_t)~ODF_F_FOLDING;
+        resume_view(addr, token);
+        return rc;
+    }
+    if (a->flags[c] & ODF_F_PARKED)
+        _odf_reserve(a->shadow + ((uintptr_t)c << ODF_CHUNK_SHIFT), ODF_CHUNK_SIZE);
+    a->mypt[c] = nseg + 1;
+    _odf_seg_decref(a, seg);
+    a->flags[c] = ODF_F_WRITABLE;
+    _odf_writers_resume(token);
+    a->n_cow++;
+    a->n_bytes += (uint64_t)copied * PAGE + ODF_CHUNK_SIZE;
+    a->n_folds++;
+    return 0;
+}
+
+int _odf_fold_locked(odf_arena_t *a, uint32_t c, uint32_t max_dirty, int shared, int *folded)
+{
+    uint64_t pm[NPAGES];
+    *folded = 0;
+    if (!(a->flags[c] & ODF_F_PRIVATE) || !a->mypt[c])
+        return 0;
+    uint32_t seg = a->mypt[c] - 1;
+    if (a->refcnt[seg] > 1)
+        _odf_reap_locked(a); /* a sharer may have died: then it is ours alone */
+    int alone = a->refcnt[seg] == 1;
+    if (!alone && !shared)
+        return 0;
+    int pm_fd = open_pagemap();
+    uint32_t dirty = NPAGES;
+    if (pm_fd >= 0 && read_pagemap(a, pm_fd, c, pm) == 0)
+        dirty = count_private(pm, NULL);
+    else
+        for (uint32_t i = 0; i < NPAGES; i++)
+            pm[i] = PM_PRESENT | PM_EXCLUSIVE;
+    int rc = 0;
+    if (dirty == 0)
+        goto out; /* the segment holds the chunk's bytes already */
+    if (alone && dirty <= max_dirty)
+        rc = fold_in_place(a, c, seg, pm, pm_fd);
+    else if (!alone)
+        rc = fold_shared(a, c, seg, pm);
+    else
+        goto out; /* too many pages to fold here */
+    *folded = rc == 0;
+out:
+    if (pm_fd >= 0)
+        close(pm_fd);
+    return rc;
+}
+
+int odf_arena_fold(odf_arena_t *a, uint32_t max_dirty)
+{
+    /* One chunk per lock hold: a fault or a fork waits for one fold at most. */
+    int rc = 0;
+    for (uint32_t c = 0; c < a->hi && !rc; c++) {
+        if (!(a->flags[c] & ODF_F_PRIVATE))
+            continue;
+        ODF_LOCKED(a, rc, {
+            int folded;
+            rc = _odf_fold_locked(a, c, max_dirty, 0, &folded);
+        });
+    }
+    return rc;
+}
