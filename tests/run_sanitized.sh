@@ -10,11 +10,25 @@ cp -r "$root/csrc" "$root/odfork_user" "$root/tests" "$work/"
 rm -f "$work"/odfork_user/*.so
 (cd "$work" && ODFORK_SANITIZE=address,undefined python3 odfork_user/_ffi_build.py >/dev/null)
 cd "$work/tests"
-if [ $# -eq 0 ]; then set -- test_isolation.py test_core.py test_spawn_snapshot.py test_kernel_writes.py; fi
+if [ $# -eq 0 ]; then
+    set -- test_isolation.py test_core.py test_spawn_snapshot.py test_kernel_writes.py test_page_cow.py test_adversarial.py
+fi
 # Python itself is not built with ASan: preload the runtimes.  Leak detection is
 # off (the interpreter keeps memory at exit on purpose); ASan's own SIGSEGV
 # handler is off so that arena faults reach the core's handler.
-export ASAN_OPTIONS=detect_leaks=0:handle_segv=0:abort_on_error=1
-export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+# Reports go to files (log_path): pytest's fd capture would swallow the fd 2
+# of a process that dies, and with it the report; they are printed below.
+logs="$work/sanitizer-logs"
+mkdir -p "$logs"
+export ASAN_OPTIONS=detect_leaks=0:handle_segv=0:abort_on_error=1:log_path=$logs/asan
+export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1:log_path=$logs/ubsan
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)"
-PYTHONPATH="$work" python3 -P -m pytest -q -p no:cacheprovider "$@"
+rc=0
+PYTHONPATH="$work" python3 -P -m pytest -q -p no:cacheprovider "$@" || rc=$?
+for f in "$logs"/*; do
+    [ -e "$f" ] || continue
+    echo "==== sanitizer report $(basename "$f") ===="
+    cat "$f"
+    rc=1
+done
+exit $rc

@@ -1,0 +1,204 @@
+"""Defects an adversarial run found: each test here failed before its fix.
+
+Daemon-style children that close or replace every descriptor, freed views,
+threads inside Arena methods at fork time, snapshots at the slot limit, Python
+SIGSEGV handlers, the arena limit, numpy integer shapes."""
+import errno
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+import odfork_user as ou
+from odfork_user import odfork
+from conftest import CH, _children, finish_child, in_child
+
+
+def run_py(code, timeout=60):
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(ou.__file__)))
+    return subprocess.run([sys.executable, "-P", "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, env=env, timeout=timeout)
+
+
+def _daemon_child(arena, buf, how, go_r):
+    """Fork a child that drops every descriptor but its result pipe ('close':
+    os.closerange; 'dup2': /dev/null over each), then writes the arena with user
+    code and with the kernel, waits for the parent to write and fold, and
+    reports what it sees."""
+    r, w = os.pipe()
+    pid = odfork()
+    if pid == 0:
+        try:
+            keep = {w, go_r}
+            if how == "close":
+                for lo, hi in ((3, min(keep)), (min(keep) + 1, max(keep)), (max(keep) + 1, 4096)):
+                    os.closerange(lo, hi)
+            else:
+                null = os.open("/dev/null", os.O_RDWR)
+                for fd in range(3, 512):
+                    if fd not in keep and fd != null:
+                        try:
+                            os.fstat(fd)
+                        except OSError:
+                            continue
+                        os.dup2(null, fd)
+            buf[0:4] = b"kid!"                        # user write
+            pr, pw = os.pipe()
+            os.write(pw, b"KERN")
+            os.readv(pr, [buf[CH + 8:CH + 12]])       # kernel write
+            os.read(go_r, 1)                          # the parent has written and folded
+            buf[2 * CH] = ord("Z")                    # a fresh chunk: needs the pool
+            msg = ("ok", (bytes(buf[0:4]), bytes(buf[CH + 8:CH + 12]), bytes(buf[2 * CH:2 * CH + 1])))
+        except BaseException as e:
+            msg = ("err", repr(e))
+        os.write(w, pickle.dumps(msg))
+        os._exit(0)
+    os.close(w)
+    _children.add(pid)
+    return pid, r
+
+
+@pytest.mark.parametrize("how", ["close", "dup2"])
+def test_child_that_drops_its_descriptors_stays_isolated_and_alive(arena, how):
+    buf = arena.alloc(3 * CH)
+    buf[0:2 * CH] = b"p" * (2 * CH)
+    go_r, go_w = os.pipe()
+    pid, r = _daemon_child(arena, buf, how, go_r)
+    time.sleep(0.3)                                   # the child has dropped everything and written
+    st = arena.stats()
+    assert st["slots_used"] == 2, st                  # not reaped: it is alive
+    assert bytes(buf[0:4]) == b"pppp" and bytes(buf[CH + 8:CH + 12]) == b"pppp"
+    buf[0:4] = b"mom!"
+    buf[CH + 8:CH + 12] = b"MOM!"
+    arena.fold()                                      # shared: must not write the segments
+    os.write(go_w, b"x")
+    kind, value = pickle.loads(os.fdopen(r, "rb").read())
+    os.waitpid(pid, 0)
+    _children.discard(pid)
+    assert kind == "ok", value
+    assert value == (b"kid!", b"KERN", b"Z")
+    assert bytes(buf[0:4]) == b"mom!" and bytes(buf[CH + 8:CH + 12]) == b"MOM!"
+    assert buf[2 * CH] == 0
+    arena.check()
+
+
+def test_freed_view_is_released_and_close_waits_for_slices(arena):
+    v = arena.alloc(100)
+    v[0] = 1
+    arena.free(v)
+    with pytest.raises(ValueError):
+        v[0] = 2
+    with pytest.raises(ValueError):
+        bytes(v)
+    w = arena.alloc(4096)
+    part = w[100:200]                                 # a slice outlives the block
+    arena.free(w)
+    x = arena.alloc(4096)                             # must not be the freed, still-viewed space
+    x[:] = b"\x00" * 4096
+    part[:] = b"s" * 100
+    assert bytes(x) == b"\x00" * 4096
+    with pytest.raises(BufferError):
+        arena.close()
+    del part
+    arena.free(x)
+    y = arena.alloc(4096)                             # now the space comes back
+    del y
+    arena.check()
+
+
+def test_fork_while_other_threads_are_inside_arena_methods(arena):
+    buf = arena.alloc(CH)
+    stop = threading.Event()
+
+    def busy():
+        while not stop.is_set():
+            v = arena.alloc(64)
+            arena.stats()
+            arena.free(v)
+            with arena.snapshot() as s:
+                s.buffer().release()
+
+    ts = [threading.Thread(target=busy) for _ in range(2)]
+    for t in ts:
+        t.start()
+    hung = 0
+    try:
+        for _ in range(30):
+            def child():
+                signal.alarm(10)                       # a hang fails the test instead of blocking it
+                v = arena.alloc(64)
+                arena.free(v)
+                return arena.stats()["slots_used"] >= 2
+            assert in_child(child) is True
+    finally:
+        stop.set()
+        for t in ts:
+            t.join()
+    del buf
+
+
+def test_fork_check_counts_the_slots_of_inherited_snapshots():
+    a = ou.Arena(4 * CH, max_procs=4)                 # this process's slot + 3
+    try:
+        buf = a.alloc(CH)
+        buf[0] = 1
+        s1, s2 = a.snapshot(), a.snapshot()           # 3 slots used; a child needs 1 + 2
+        with pytest.raises(OSError) as ei:
+            ou.spawn(int)
+        assert ei.value.errno == errno.EAGAIN
+        s2.close()                                    # 2 used; a child needs 1 + 1: fits
+        assert ou.spawn(lambda: bytes(buf[:1])).result(timeout=30) == b"\x01"
+        s1.close()
+        del buf
+        a.check()
+    finally:
+        import gc
+        gc.collect()
+        a.close()
+
+
+def test_python_sigsegv_handler_in_a_child_does_not_loop_on_copy_on_write():
+    p = run_py("""
+        import os, signal, odfork_user as ou
+        a = ou.Arena(4 << 21, cow="chunk")           # chunk mode: the first write traps
+        b = a.alloc(2 << 21); b[:] = b"p" * len(b)
+        pid = ou.odfork()
+        if pid == 0:
+            signal.alarm(10)
+            signal.signal(signal.SIGSEGV, lambda *args: None)
+            b[0] = ord("c")
+            os._exit(0 if b[0] == ord("c") else 1)
+        _, st = os.waitpid(pid, 0)
+        print("child", st, bytes(b[:1]))
+    """)
+    assert "child 0 b'p'" in p.stdout, p
+
+
+def test_the_arena_limit_is_named():
+    p = run_py("""
+        import odfork_user as ou
+        arenas = []
+        try:
+            for i in range(70):
+                arenas.append(ou.Arena(ou.CHUNK_SIZE))
+        except MemoryError as e:
+            print(len(arenas), e)
+    """)
+    assert "64 cannot create an arena: a process can have at most 64 arenas open" in p.stdout, p
+
+
+def test_ndarray_takes_numpy_integer_shapes(arena):
+    np = pytest.importorskip("numpy")
+    a = arena.ndarray((np.int64(3), np.int32(2)), "int16")
+    assert a.shape == (3, 2) and a.dtype == np.int16
+    b = arena.ndarray(np.int64(5))
+    assert b.shape == (5,)
+    with pytest.raises(ValueError):
+        arena.ndarray((2.5,))
+    del a, b
