@@ -202,3 +202,51 @@ def test_ndarray_takes_numpy_integer_shapes(arena):
     with pytest.raises(ValueError):
         arena.ndarray((2.5,))
     del a, b
+
+
+def test_out_of_vmas_every_path_ends():
+    # vm.max_map_count lowered to just above what the test process maps: a
+    # chunk-mode child that needs a new VMA per copy dies with a message, a
+    # page-mode child writes everything (kernel copies need no VMA), a fold
+    # that cannot map fails with an exception; nothing spins.
+    if os.geteuid() != 0 or not os.access("/proc/sys/vm/max_map_count", os.W_OK):
+        pytest.skip("needs root to lower vm.max_map_count")
+    p = run_py("""
+        import os, signal, odfork_user as ou
+        CH = ou.CHUNK_SIZE
+        pa = ou.Arena(400 * CH); pb = pa.alloc(400 * CH); pb[:] = b"p" * len(pb)
+        ca = ou.Arena(400 * CH, cow="chunk"); cb = ca.alloc(400 * CH); cb[:] = b"c" * len(cb)
+        def run(fn):
+            pid = ou.odfork()
+            if pid == 0:
+                signal.alarm(20)                   # a spin would end as SIGALRM, not 11
+                fn(); os._exit(0)
+            return os.waitpid(pid, 0)[1]
+        def alternate(b):
+            def fn():
+                for c in range(0, 400, 2):
+                    b[c * CH] = 1
+            return fn
+        with open("/proc/sys/vm/max_map_count") as f:
+            old = f.read().strip()
+        maps = sum(1 for _ in open("/proc/self/maps"))
+        with open("/proc/sys/vm/max_map_count", "w") as f:
+            f.write(str(maps + 60))
+        try:
+            st_chunk = run(alternate(cb))
+            st_page = run(alternate(pb))
+            for c in range(0, 400, 2):
+                pb[c * CH] = 2                     # views, count 1 again
+            try:
+                pa.fold()
+                fold = "ok"
+            except (MemoryError, OSError) as e:
+                fold = type(e).__name__
+        finally:
+            with open("/proc/sys/vm/max_map_count", "w") as f:
+                f.write(old)
+        print("chunk", st_chunk & 0x7f, "page", st_page, "fold", fold, bytes(cb[:1]), bytes(pb[1:2]))
+        pa.check(); ca.check(); print("check ok")
+    """, timeout=120)
+    assert "chunk 11 page 0 fold MemoryError b'c' b'p'" in p.stdout and "check ok" in p.stdout, p
+    assert "cannot resolve a write fault" in p.stderr and "errno 12" in p.stderr, p.stderr
