@@ -1,6 +1,8 @@
-"""A stateful property test: random sequences of alloc, free, write, odfork,
-child write, child exit, kill, snapshot and restore, checked against a model of
-the bytes every process should see.
+"""A stateful property test: random sequences of alloc, free, write, kernel
+write (os.readv), prepare_write, fold, odfork, child write (user and kernel),
+a child dropping every descriptor, child exit, kill, snapshot and restore,
+checked against a model of the bytes every process should see; in page mode
+(the default) and in chunk mode.
 
 Children are small servers forked with odfork: they answer commands over a
 pipe pair (write, read, exit), so a step can act inside any live child.
@@ -40,12 +42,34 @@ def _recv(fd):
     return pickle.loads(exact(n))
 
 
+def kernel_write(arena, view, data):
+    """Let the kernel write data into view (os.readv from a pipe)."""
+    if arena.kernel_writes == "prepare_write":
+        arena.prepare_write(view)
+    r, w = os.pipe()
+    try:
+        os.write(w, data)
+        assert os.readv(r, [view]) == len(data)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def _serve(arena, views, cmd_r, ans_w):
     while True:
         op, *args = _recv(cmd_r)
-        if op == "write":
+        if op in ("write", "kwrite"):
             key, off, data = args
-            views[key][off:off + len(data)] = data
+            if op == "write":
+                views[key][off:off + len(data)] = data
+            else:
+                kernel_write(arena, views[key][off:off + len(data)], data)
+            _send(ans_w, "ok")
+        elif op == "drop_fds":  # what a daemon does after fork
+            keep = sorted({cmd_r, ans_w})
+            os.closerange(3, keep[0])
+            os.closerange(keep[0] + 1, keep[-1])
+            os.closerange(keep[-1] + 1, 4096)
             _send(ans_w, "ok")
         elif op == "read":
             _send(ans_w, {k: hashlib.sha1(v).digest() for k, v in views.items()})
@@ -58,10 +82,11 @@ def _serve(arena, views, cmd_r, ans_w):
 
 class ArenaMachine(RuleBasedStateMachine):
     blocks = Bundle("blocks")
+    cow = "page"
 
     def __init__(self):
         super().__init__()
-        self.arena = ou.Arena(ARENA)
+        self.arena = ou.Arena(ARENA, cow=self.cow)
         self.views = {}       # key -> memoryview (parent)
         self.model = {}       # key -> bytearray: what the parent should see
         self.children = []    # [pid, cmd_w, ans_r, {key: bytearray}]
@@ -100,6 +125,25 @@ class ArenaMachine(RuleBasedStateMachine):
         v[off:off + len(data)] = data
         self.model[key][off:off + len(data)] = data
 
+    @rule(key=blocks, frac=st.floats(0, 1), data=st.binary(min_size=1, max_size=64))
+    def kwrite(self, key, frac, data):
+        if key not in self.views:
+            return
+        v = self.views[key]
+        off = int(frac * max(len(v) - len(data), 0))
+        data = data[:len(v) - off]
+        kernel_write(self.arena, v[off:off + len(data)], data)
+        self.model[key][off:off + len(data)] = data
+
+    @rule(key=blocks)
+    def prepare_write(self, key):
+        if key in self.views:
+            self.arena.prepare_write(self.views[key])
+
+    @rule(max_dirty=st.sampled_from([None, 4]))
+    def fold(self, max_dirty):
+        self.arena.fold(max_dirty)
+
     # -- children ----------------------------------------------------------------
     @precondition(lambda self: len(self.children) < MAX_CHILDREN)
     @rule()
@@ -128,9 +172,16 @@ class ArenaMachine(RuleBasedStateMachine):
         key = sorted(cmodel)[pick % len(cmodel)]
         off = int(frac * max(len(cmodel[key]) - len(data), 0))
         data = data[:len(cmodel[key]) - off]
-        _send(cmd_w, ("write", key, off, data))
+        _send(cmd_w, ("kwrite" if pick % 3 == 0 else "write", key, off, data))
         assert _recv(ans_r) == "ok"
         cmodel[key][off:off + len(data)] = data
+
+    @precondition(lambda self: self.children)
+    @rule(i=st.integers(0, MAX_CHILDREN - 1))
+    def child_drops_descriptors(self, i):
+        pid, cmd_w, ans_r, _ = self.children[i % len(self.children)]
+        _send(cmd_w, ("drop_fds",))
+        assert _recv(ans_r) == "ok"
 
     def _end_child(self, i, kill):
         pid, cmd_w, ans_r, _ = self.children.pop(i % len(self.children))
@@ -229,7 +280,14 @@ class ArenaMachine(RuleBasedStateMachine):
                 self.arena._closed = True
 
 
+class ChunkArenaMachine(ArenaMachine):
+    cow = "chunk"
+
+
+_EXAMPLES = int(os.environ.get("ODFORK_STATEFUL_EXAMPLES", "200"))
 TestArenaMachine = ArenaMachine.TestCase
-TestArenaMachine.settings = settings(
-    max_examples=int(os.environ.get("ODFORK_STATEFUL_EXAMPLES", "200")), stateful_step_count=20,
-    deadline=None, suppress_health_check=list(HealthCheck))
+TestArenaMachine.settings = settings(max_examples=_EXAMPLES, stateful_step_count=20, deadline=None,
+                                     suppress_health_check=list(HealthCheck))
+TestChunkArenaMachine = ChunkArenaMachine.TestCase
+TestChunkArenaMachine.settings = settings(max_examples=max(_EXAMPLES // 2, 1), stateful_step_count=20,
+                                          deadline=None, suppress_health_check=list(HealthCheck))
