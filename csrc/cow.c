@@ -232,6 +232,32 @@ out:
     return rc;
 }
 
+int odf_arena_fold_step(odf_arena_t *a, uint64_t budget_ns, uint32_t *left)
+{
+    /* Reap once, then fold views whose count is 1, one per lock hold, until
+     * the budget is spent; shared views are skipped without reaping again. */
+    uint64_t end = _odf_now_ns() + budget_ns;
+    uint32_t pending = 0;
+    int rc;
+    ODF_LOCKED(a, rc, _odf_reap_locked(a));
+    for (uint32_t c = 0; c < a->hi && !rc; c++) {
+        if (!(a->flags[c] & ODF_F_PRIVATE))
+            continue;
+        if (_odf_now_ns() > end) {
+            pending++;
+            continue;
+        }
+        ODF_LOCKED(a, rc, {
+            int folded = 0;
+            uint32_t e = a->mypt[c];
+            if ((a->flags[c] & ODF_F_PRIVATE) && e && a->refcnt[e - 1] == 1)
+                rc = _odf_fold_locked(a, c, ODF_FOLD_ANY, 0, &folded);
+        });
+    }
+    *left = pending;
+    return rc;
+}
+
 int odf_arena_fold(odf_arena_t *a, uint32_t max_dirty)
 {
     /* One chunk per lock hold: a fault or a fork waits for one fold at most. */

@@ -88,6 +88,9 @@ int odf_uffd_enable(int on);
  * segment's count is 1 and the view holds at most max_dirty private pages
  * (UINT32_MAX: any).  Later forks then have no private pages to copy. */
 int odf_arena_fold(odf_arena_t *a, uint32_t max_dirty);
+/* One step of background folding: fold views whose count is 1 (any number
+ * of private pages) for about budget_ns; *left: views not looked at. */
+int odf_arena_fold_step(odf_arena_t *a, uint64_t budget_ns, uint32_t *left);
 
 /* Make every chunk of [addr, addr+len) resident (fresh chunks get a zero
  * segment, mapped but not populated), so that a kernel write into newly

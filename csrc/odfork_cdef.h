@@ -27,6 +27,7 @@ int odf_arena_close(odf_arena_t *a);
 int odf_uffd_probe(void);
 int odf_uffd_enable(int on);
 int odf_arena_fold(odf_arena_t *a, uint32_t max_dirty);
+int odf_arena_fold_step(odf_arena_t *a, uint64_t budget_ns, uint32_t *left);
 int odf_arena_populate(odf_arena_t *a, uintptr_t addr, size_t len);
 uintptr_t odf_arena_base(const odf_arena_t *a);
 size_t odf_arena_size(const odf_arena_t *a);

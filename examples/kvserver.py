@@ -159,7 +159,7 @@ def summarize(samples, windows):
             "snapshot_s": statistics.median([b - a for a, b in windows]) if windows else 0.0}
 
 
-def run(size, seconds, interval, cow="chunk"):
+def run(size, seconds, interval, cow="page"):
     nkeys = size // REC
     out = {}
     with tempfile.TemporaryDirectory() as d:
@@ -183,7 +183,7 @@ def main(argv=None):
     p.add_argument("--size", default="2G")
     p.add_argument("--seconds", type=float, default=12)
     p.add_argument("--interval", type=float, default=None, help="seconds between snapshots (default seconds/4)")
-    p.add_argument("--cow", choices=("chunk", "page"), default="chunk", help="the arena's copy mode")
+    p.add_argument("--cow", choices=("chunk", "page"), default="page", help="the arena copy mode (default: page, the library default)")
     p.add_argument("--json")
     a = p.parse_args(argv)
     size = parse_size(a.size)

@@ -7,7 +7,7 @@ import sys
 import threading
 import weakref
 
-from odfork_user import _core, _forklocks
+from odfork_user import _core, _folder, _forklocks
 from odfork_user._alloc import BlockAllocator
 from odfork_user._core import CHUNK_SIZE, ffi, lib
 from odfork_user._errors import CorruptionError, _check
@@ -40,6 +40,11 @@ class Arena:
             and by snapshots.  "chunk": shared chunks are read-only and the
             first write copies the whole 2 MiB (a trap per chunk); kernel
             writes into a shared chunk then need prepare_write() first.
+        background_fold: page mode: once this process has forked, a daemon
+            thread folds views nobody else shares back into their segments
+            (at most ~10% of a CPU, one chunk per lock hold), so that the next
+            fork or snapshot is O(chunks) again (default True; ODFORK_FOLD=0
+            turns it off for every arena).
 
     Raises:
         TypeError: size is not an int.
@@ -50,7 +55,7 @@ class Arena:
 
     chunk_size = CHUNK_SIZE
 
-    def __init__(self, size, *, max_procs=None, cow=None, _max_segments=0):
+    def __init__(self, size, *, max_procs=None, cow=None, background_fold=True, _max_segments=0):
         if not isinstance(size, int) or isinstance(size, bool):
             raise TypeError(f"Arena size must be an int, not {type(size).__name__}")
         if size <= 0:
@@ -71,6 +76,8 @@ class Arena:
         lib.odf_arena_set_page_cow(self._h, self.cow == "page")
         if self.cow == "chunk":
             _core._chunk_mode_created()
+        elif background_fold:
+            _folder.watch(self)
         self._base = lib.odf_arena_base(self._h)
         self._size = lib.odf_arena_size(self._h)
         self._alloc = BlockAllocator(self._size)

@@ -18,7 +18,8 @@ from conftest import CH, checked_arena, finish_child, in_child, start_child
 
 @pytest.fixture
 def parena():
-    yield from checked_arena(ou.Arena(16 * CH, cow="page"), strict=True)
+    # no background folds: these tests count what happened
+    yield from checked_arena(ou.Arena(16 * CH, cow="page", background_fold=False), strict=True)
 
 
 def test_bad_mode():
@@ -278,4 +279,32 @@ def test_writers_during_folds_lose_nothing(parena, kernel):
     errors, lost_user, lost_kernel, writes, kwrites, folds = run()
     assert errors == [] and (lost_user, lost_kernel) == (0, 0)
     assert writes > 1000 and folds > 3 and (kwrites > 100 or not kernel)
+    del buf
+
+
+def _wait_views(arena, want, timeout=5.0):
+    end = time.monotonic() + timeout
+    while arena.stats()["views"] > want and time.monotonic() < end:
+        time.sleep(0.01)
+    return arena.stats()["views"]
+
+
+@pytest.mark.skipif(os.environ.get("ODFORK_FOLD", "1") == "0", reason="background folding turned off")
+def test_background_folder_folds_views_once_the_child_is_gone(arena):
+    parena = arena                              # the default configuration
+    buf = parena.alloc(4 * CH)
+    buf[:] = b"a" * len(buf)
+    go_r, go_w = os.pipe()
+    pid, r = start_child(lambda: (os.read(go_r, 1), bytes(buf[7:8]),
+                                  any(t.name == "odfork-folder" for t in threading.enumerate()))[1:])
+    for c in range(4):
+        buf[c * CH + 7] = ord("b")
+    time.sleep(0.2)
+    assert parena.stats()["views"] == 4          # shared with the child: never folded
+    os.write(go_w, b"x")
+    assert finish_child(pid, r) == (b"a", False)  # a child that never forked runs no folder
+    assert _wait_views(parena, 0) == 0           # in place, by the folder thread
+    st = parena.stats()
+    assert st["folds"] >= 4 and st["chunks_shared"] == 0
+    assert bytes(buf[7:8]) == b"b" and in_child(lambda: bytes(buf[3 * CH + 6:3 * CH + 9])) == b"aba"
     del buf

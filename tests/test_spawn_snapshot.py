@@ -156,7 +156,8 @@ def test_write_after_snapshot_closed_reuses(chunk_arena):
     assert (s1["reuses"] - s0["reuses"], s1["cow_copies"] - s0["cow_copies"]) == (1, 0)
 
 
-def test_view_after_snapshot_closed_folds_in_place(arena):
+def test_view_after_snapshot_closed_folds_in_place():
+    arena = ou.Arena(4 * CH, background_fold=False)  # this test counts the folds
     buf = arena.alloc(CH)
     buf[0] = 1
     snap = arena.snapshot()
@@ -167,6 +168,9 @@ def test_view_after_snapshot_closed_folds_in_place(arena):
     s1 = arena.stats()
     assert (s1["reuses"] - s0["reuses"], s1["views"], s1["segments_live"]) == (1, 0, s0["segments_live"])
     assert buf[0] == 2
+    del buf
+    arena.check()
+    arena.close()
 
 
 def test_restore_twice_and_live_views_see_it(arena):
