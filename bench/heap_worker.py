@@ -4,8 +4,8 @@
 
 MODE: empty (no dict: an empty interpreter's os.fork), os (the dict in the
 ordinary heap, os.fork), odfork (odfork_user.install() into an arena, then the
-dict; the arena's default configuration: page-granular copies with background
-folding where userfaultfd is available), odfork-chunk (the same with
+dict; the arena's default configuration: page mode (private views at fork time,
+the kernel copies the pages written, background folding), odfork-chunk (the same with
 Arena(cow="chunk"): whole 2 MiB copies).
 FREEZE: 1 runs gc.freeze() after building (the usual trick against the
 collector's writes).  Commands on stdin, one per line, each answered with one

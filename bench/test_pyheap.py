@@ -5,7 +5,7 @@ str -> int entries (default 8,000,000, ~1.1 GB here) in one of:
   empty        an empty interpreter (the floor of os.fork)
   os           the ordinary heap (pymalloc + glibc malloc, 4 KiB pages), os.fork
   odfork       odfork_user.install() into an arena before building, the default configuration
-               (page-granular copy with background folding where userfaultfd is available)
+               (page mode: private views at fork time, background folding)
   odfork-chunk the same, Arena(cow="chunk"): whole 2 MiB copies
 each with and without gc.freeze().  Groups:
   heap-0-build          building the dict (the allocator's speed; measured once per worker)

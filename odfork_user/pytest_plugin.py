@@ -7,20 +7,31 @@ Fixtures are set up and torn down in the pytest process, and the test body runs
 in a child forked after the setup: a session fixture built once (for instance a
 dataset held in an arena) is shared with every test on demand, each test's
 writes stay in its child, and teardown sees the parent's state, untouched.
-Outcomes, captured output, skips and xfails come back as pytest reports; a child
-that crashes is reported as a failure naming the signal, as pytest-forked does.
+Every report the call phase makes in the child (the test's own, and those of
+subtests: pytest's `subtests` fixture, unittest's subTest) comes back through
+pytest's report serialization hooks and is logged by the parent as plain pytest
+would; warnings the body raises are raised again in the parent, where pytest's
+warnings plugin records them with their category, message and location.  A
+child that crashes is reported as a failure naming the signal.  The parent
+waits for the test's child only: processes the test leaves behind keep running
+(they are not killed and do not hold the run up), as they would under plain
+pytest.
 
 `--odfork-with=os` uses os.fork instead (same protocol, for comparisons).
 """
 import os
 import pickle
+import select
 import signal
+import struct
+import sys
+import warnings
 
 import pytest
 from _pytest.runner import call_and_report
 
 from odfork_user._forking import odfork
-from odfork_user._pipes import read_to_eof, write_all
+from odfork_user._pipes import write_all
 
 
 def pytest_addoption(parser):
@@ -45,7 +56,72 @@ def _crash_report(item, status):
                              why, "call", [], 0.0)
 
 
+def _run_in_child(item, w):
+    """The child's side: run the call phase, collecting every report it logs
+    and every warning it raises, and send them (length-prefixed) to the parent."""
+    config = item.config
+    logged = []
+
+    def collect(report):
+        logged.append(report)
+
+    for hook in {id(item.ihook): item.ihook, id(config.hook): config.hook}.values():
+        # reports logged during the call (subtests) come back instead of being
+        # printed here; this is the child, nothing needs restoring
+        setattr(hook, "pytest_runtest_logreport", collect)
+    with warnings.catch_warnings(record=True) as seen:  # the filters pytest set stay in force
+        rep = call_and_report(item, "call", log=False)
+    # Plugins settle a report's final outcome when it is logged, from state
+    # they keep in this process (the subtests plugin fails a test whose
+    # subtests failed): ask them here, where that state is.
+    config.hook.pytest_report_teststatus(report=rep, config=config)
+    caught = []
+    for m in seen:
+        try:
+            pickle.dumps(m.category)
+            caught.append((m.category, str(m.message), m.filename, m.lineno))
+        except Exception:  # a warning class defined where pickle cannot find it
+            caught.append((UserWarning, f"{m.category.__name__}: {m.message}", m.filename, m.lineno))
+    reports = [config.hook.pytest_report_to_serializable(config=config, report=r) for r in logged + [rep]]
+    data = pickle.dumps({"reports": reports, "warnings": caught})
+    write_all(w, struct.pack("<Q", len(data)) + data)
+
+
+def _read_message(r, pid):
+    """The child's message, or None if it exited without sending all of it.
+    Waits for the child, not for every process that inherited the pipe."""
+    pidfd = os.pidfd_open(pid)
+    buf = bytearray()
+    os.set_blocking(r, False)
+
+    def drain():  # False at end of file
+        while True:
+            try:
+                chunk = os.read(r, 1 << 20)
+            except BlockingIOError:
+                return True
+            if not chunk:
+                return False
+            buf.extend(chunk)
+
+    def complete():
+        return len(buf) >= 8 and len(buf) >= 8 + struct.unpack("<Q", buf[:8])[0]
+
+    try:
+        while True:
+            ready, _, _ = select.select([r, pidfd], [], [])
+            more = drain()
+            if complete():
+                n = struct.unpack("<Q", buf[:8])[0]
+                return pickle.loads(bytes(buf[8:8 + n]))
+            if not more or pidfd in ready:  # what it wrote before exiting was drained above
+                return None
+    finally:
+        os.close(pidfd)
+
+
 def _call_in_child(item):
+    """Reports of the call phase (the last is the test's own), run in a child."""
     fork = os.fork if item.config.getoption("odfork_with") == "os" else odfork
     r, w = os.pipe()
     pid = fork()
@@ -53,22 +129,26 @@ def _call_in_child(item):
         code = 0
         try:
             os.close(r)
-            rep = call_and_report(item, "call", log=False)
-            write_all(w, pickle.dumps(item.config.hook.pytest_report_to_serializable(config=item.config,
-                                                                                    report=rep)))
+            _run_in_child(item, w)
         except BaseException:
             code = 70
         finally:
-            os._exit(code)
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
     os.close(w)
     try:
-        data = read_to_eof(r)
+        msg = _read_message(r, pid)
     finally:
         os.close(r)
     _, status = os.waitpid(pid, 0)
-    if data and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
-        return item.config.hook.pytest_report_from_serializable(config=item.config, data=pickle.loads(data))
-    return _crash_report(item, status)
+    if msg is None or not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
+        return [_crash_report(item, status)]
+    for category, message, filename, lineno in msg["warnings"]:
+        warnings.warn_explicit(message, category, filename, lineno)
+    return [item.config.hook.pytest_report_from_serializable(config=item.config, data=d) for d in msg["reports"]]
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -80,7 +160,7 @@ def pytest_runtest_protocol(item, nextitem):
     setup = call_and_report(item, "setup", log=False)
     reports = [setup]
     if setup.passed and not item.config.getoption("setuponly", False):
-        reports.append(_call_in_child(item))
+        reports += _call_in_child(item)
     if item.session.shouldfail or item.session.shouldstop:
         nextitem = None
     reports.append(call_and_report(item, "teardown", log=False, nextitem=nextitem))

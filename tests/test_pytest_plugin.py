@@ -117,3 +117,72 @@ def test_not_forked():
 ''')
     result = pytester.runpytest_subprocess(*_plugin_args())
     result.assert_outcomes(passed=2)
+
+
+PARITY_SUITE = '''
+import os, time, unittest, warnings
+import pytest
+import odfork_user as ou
+
+def test_subtests(subtests):
+    for i in range(3):
+        with subtests.test(i=i):
+            assert i != 1, "subtest one fails"
+
+class TestUnit(unittest.TestCase):
+    def test_subtest(self):
+        for i in range(2):
+            with self.subTest(i=i):
+                self.assertEqual(i, 0)
+
+def test_warns():
+    warnings.warn("body warning", UserWarning)
+
+def test_property(record_property):
+    record_property("answer", 42)
+
+def test_leaves_a_process_behind():
+    child = ou.spawn(time.sleep, 30)
+    with open(os.environ["LEFT_BEHIND"], "a") as f:
+        f.write(f"{child.pid}\\n")
+'''
+
+
+def _outcomes(result):
+    out = {}
+    for rep in result.getreports("pytest_runtest_logreport"):
+        if rep.when == "call" or rep.outcome != "passed":
+            out.setdefault(rep.nodeid, []).append((type(rep).__name__, rep.outcome,
+                                                   getattr(getattr(rep, "context", None), "kwargs", None)))
+    return out
+
+
+def test_odfork_reports_what_plain_pytest_reports(pytester, monkeypatch, tmp_path):
+    import signal
+    left = tmp_path / "left"
+    monkeypatch.setenv("LEFT_BEHIND", str(left))
+    pytester.makepyfile(test_parity=PARITY_SUITE)
+    plain = pytester.inline_run("-p", "no:cacheprovider", "-W", "always")
+    forked = pytester.inline_run("--odfork", "-p", "no:cacheprovider", "-W", "always")
+    plain_out, forked_out = _outcomes(plain), _outcomes(forked)
+    assert forked_out == plain_out
+    # the subtest failures make their tests fail in both
+    assert any(o == "failed" for _, o, _ in plain_out["test_parity.py::test_subtests"])
+    for run in (plain, forked):
+        rec = run.getcalls("pytest_warning_recorded")
+        assert [str(c.warning_message.message) for c in rec if "body warning" in str(c.warning_message.message)] \
+            == ["body warning"]
+        props = [r.user_properties for r in run.getreports("pytest_runtest_logreport")
+                 if r.nodeid.endswith("test_property") and r.when == "call"]
+        assert props == [[("answer", 42)]]
+    # the run did not wait for the process the test left behind: it is still running
+    pids = [int(x) for x in left.read_text().split()]
+    assert len(pids) == 2
+    try:
+        os.kill(pids[1], 0)
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
