@@ -217,8 +217,8 @@ int _odf_fold_locked(odf_arena_t *a, uint32_t c, uint32_t max_dirty, int shared,
         for (uint32_t i = 0; i < NPAGES; i++)
             pm[i] = PM_PRESENT | PM_EXCLUSIVE;
     int rc = 0;
-    if (dirty == 0)
-        goto out; /* the segment holds the chunk's bytes already */
+    if (dirty == 0 && (!alone || !(a->flags[c] & ODF_F_PARKED)))
+        goto out; /* the segment holds the chunk's bytes already (an unparked clean view stays a view) */
     if (alone && dirty <= max_dirty)
         rc = fold_in_place(a, c, seg, pm, pm_fd);
     else if (!alone)

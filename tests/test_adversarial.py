@@ -208,7 +208,7 @@ def test_out_of_vmas_every_path_ends():
     # vm.max_map_count lowered to just above what the test process maps: a
     # chunk-mode child that needs a new VMA per copy dies with a message, a
     # page-mode child writes everything (kernel copies need no VMA), a fold
-    # that cannot map fails with an exception; nothing spins.
+    # either works or fails with an exception; nothing spins.
     if os.geteuid() != 0 or not os.access("/proc/sys/vm/max_map_count", os.W_OK):
         pytest.skip("needs root to lower vm.max_map_count")
     p = run_py("""
@@ -248,5 +248,8 @@ def test_out_of_vmas_every_path_ends():
         print("chunk", st_chunk & 0x7f, "page", st_page, "fold", fold, bytes(cb[:1]), bytes(pb[1:2]))
         pa.check(); ca.check(); print("check ok")
     """, timeout=120)
-    assert "chunk 11 page 0 fold MemoryError b'c' b'p'" in p.stdout and "check ok" in p.stdout, p
+    # a fold either finds the mappings it needs (folded neighbours merge back into one VMA) or
+    # raises MemoryError and leaves the views as they were; it never spins
+    assert ("chunk 11 page 0 fold ok b'c' b'p'" in p.stdout or "chunk 11 page 0 fold MemoryError b'c' b'p'" in p.stdout) \
+        and "check ok" in p.stdout, p
     assert "cannot resolve a write fault" in p.stderr and "errno 12" in p.stderr, p.stderr
