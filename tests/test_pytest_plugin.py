@@ -152,8 +152,11 @@ def _outcomes(result):
     out = {}
     for rep in result.getreports("pytest_runtest_logreport"):
         if rep.when == "call" or rep.outcome != "passed":
-            out.setdefault(rep.nodeid, []).append((type(rep).__name__, rep.outcome,
-                                                   getattr(getattr(rep, "context", None), "kwargs", None)))
+            kwargs = getattr(getattr(rep, "context", None), "kwargs", None)
+            # which subtest (some pytest versions repr the values once more when a report is
+            # serialized, as they would for xdist: compare the names, and the values unquoted)
+            which = None if kwargs is None else sorted((k, str(v).strip("'\"")) for k, v in kwargs.items())
+            out.setdefault(rep.nodeid, []).append((type(rep).__name__, rep.outcome, which))
     return out
 
 
