@@ -15,7 +15,8 @@ warnings plugin records them with their category, message and location.  A
 child that crashes is reported as a failure naming the signal.  The parent
 waits for the test's child only: processes the test leaves behind keep running
 (they are not killed and do not hold the run up), as they would under plain
-pytest.
+pytest.  The child saves its coverage data before it leaves (coverage gives a
+forked process its own data file; pytest-cov combines them).
 
 `--odfork-with=os` uses os.fork instead (same protocol, for comparisons).
 """
@@ -120,6 +121,17 @@ def _read_message(r, pid):
         os.close(pidfd)
 
 
+def _save_coverage():
+    """The child leaves with os._exit, which skips coverage's atexit save: save
+    what this process measured through coverage's own API.  Coverage gives a
+    forked process its own data file; pytest-cov combines them at the end."""
+    cov_module = sys.modules.get("coverage")
+    cov = cov_module.Coverage.current() if cov_module is not None else None
+    if cov is not None:
+        cov.stop()
+        cov.save()
+
+
 def _call_in_child(item):
     """Reports of the call phase (the last is the test's own), run in a child."""
     fork = os.fork if item.config.getoption("odfork_with") == "os" else odfork
@@ -136,6 +148,7 @@ def _call_in_child(item):
             try:
                 sys.stdout.flush()
                 sys.stderr.flush()
+                _save_coverage()
             finally:
                 os._exit(code)
     os.close(w)

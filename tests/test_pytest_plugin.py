@@ -189,3 +189,42 @@ def test_odfork_reports_what_plain_pytest_reports(pytester, monkeypatch, tmp_pat
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+COV_MODULE = '''
+def a(x):
+    if x > 0:
+        return "pos"
+    return "neg"
+
+def b():
+    return 42
+
+def never():
+    return 0
+'''
+COV_TESTS = '''
+import covmod
+
+def test_a():
+    assert covmod.a(1) == "pos"
+
+def test_b():
+    assert covmod.b() == 42
+'''
+
+
+def test_coverage_with_odfork_equals_plain(pytester):
+    pytest.importorskip("pytest_cov")
+    pytester.makepyfile(covmod=COV_MODULE, test_cov=COV_TESTS)
+
+    def total(*extra):
+        res = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--cov=covmod", "--cov-report=term",
+                                            *extra)
+        line = [ln for ln in res.outlines if ln.startswith("TOTAL")]
+        assert line, res.outlines
+        return line[-1].split()[-1]
+
+    plain = total()
+    assert plain == "75%"   # test_a and test_b leave 2 of 8 statements out
+    assert total("--odfork") == plain
