@@ -132,6 +132,14 @@ def _save_coverage():
         cov.save()
 
 
+def _kill(pid):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    os.waitpid(pid, 0)
+
+
 def _call_in_child(item):
     """Reports of the call phase (the last is the test's own), run in a child."""
     fork = os.fork if item.config.getoption("odfork_with") == "os" else odfork
@@ -152,10 +160,22 @@ def _call_in_child(item):
             finally:
                 os._exit(code)
     os.close(w)
+    # Waiting runs as the call phase would: an exception here (pytest-timeout's
+    # alarm, which fires in this process because a child has no timers of its
+    # parent's, or a KeyboardInterrupt) kills the child and becomes the test's
+    # report, and the run goes on.
     try:
-        msg = _read_message(r, pid)
+        call = pytest.CallInfo.from_call(lambda: _read_message(r, pid), when="call",
+                                         reraise=(KeyboardInterrupt, SystemExit))
+    except BaseException:
+        _kill(pid)
+        raise
     finally:
         os.close(r)
+    if call.excinfo is not None:
+        _kill(pid)
+        return [item.ihook.pytest_runtest_makereport(item=item, call=call)]
+    msg = call.result
     _, status = os.waitpid(pid, 0)
     if msg is None or not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
         return [_crash_report(item, status)]

@@ -228,3 +228,20 @@ def test_coverage_with_odfork_equals_plain(pytester):
     plain = total()
     assert plain == "75%"   # test_a and test_b leave 2 of 8 statements out
     assert total("--odfork") == plain
+
+
+def test_pytest_timeout_kills_a_hanging_test_and_the_run_goes_on(pytester):
+    pytest.importorskip("pytest_timeout")
+    pytester.makepyfile(test_hang='''
+import time
+
+def test_hangs():
+    time.sleep(60)
+
+def test_after():
+    pass
+''')
+    res = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--odfork", "--timeout=2",
+                                        "-o", "timeout_method=signal")
+    res.assert_outcomes(failed=1, passed=1)
+    assert any("Timeout" in ln for ln in res.outlines), res.outlines
