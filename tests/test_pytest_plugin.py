@@ -245,3 +245,16 @@ def test_after():
                                         "-o", "timeout_method=signal")
     res.assert_outcomes(failed=1, passed=1)
     assert any("Timeout" in ln for ln in res.outlines), res.outlines
+
+
+def test_xdist_with_odfork_gives_plain_xdist_outcomes(pytester):
+    pytest.importorskip("xdist")
+    pytester.makepyfile(test_parity=PARITY_SUITE.split("def test_leaves_a_process_behind")[0])
+
+    def summary(*extra):
+        res = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", "-W", "always", *extra)
+        return res.parseoutcomes()
+
+    plain = summary()
+    assert plain.get("failed") == 3 and plain.get("warnings") == 1, plain   # two subtest failures + their test
+    assert summary("--odfork") == plain
