@@ -104,7 +104,6 @@ static void resume_view(uintptr_t addr, int token)
 static int fold_in_place(odf_arena_t *a, uint32_t c, uint32_t seg, uint64_t *pm, int pm_fd)
 {
     uintptr_t addr = a->base + ((uintptr_t)c << ODF_CHUNK_SHIFT);
-    uintptr_t sh = a->shadow + ((uintptr_t)c << ODF_CHUNK_SHIFT);
     off_t base = (off_t)seg << ODF_CHUNK_SHIFT;
     int token, rc;
     if ((rc = _odf_writers_hold(addr, ODF_CHUNK_SIZE, &token)))
@@ -139,11 +138,7 @@ static int fold_in_place(odf_arena_t *a, uint32_t c, uint32_t seg, uint64_t *pm,
     }
     if (!rc) {
         if (a->flags[c] & ODF_F_PARKED) {
-            void *p = mremap((void *)sh, ODF_CHUNK_SIZE, ODF_CHUNK_SIZE, MREMAP_MAYMOVE | MREMAP_FIXED,
-                             (void *)addr);
-            rc = p == MAP_FAILED ? errno : 0;
-            if (!rc)
-                _odf_reserve(sh, ODF_CHUNK_SIZE);
+            rc = _odf_unpark(a, c);
         } else {
             rc = _odf_map_seg(a, addr, seg, PROT_READ | PROT_WRITE, 0);
         }

@@ -538,12 +538,9 @@ int _odf_fault(odf_arena_t *a, uint32_t c)
          * (fork and snapshot take a->local, which we hold). */
         _odf_family_unlock(a);
         if (a->flags[c] & ODF_F_PARKED) {
-            void *p = mremap((void *)sh, ODF_CHUNK_SIZE, ODF_CHUNK_SIZE,
-                             MREMAP_MAYMOVE | MREMAP_FIXED, (void *)addr);
-            if (p == MAP_FAILED)
-                return errno;
+            if ((rc = _odf_unpark(a, c)))
+                return rc;
             a->flags[c] &= (uint8_t)~ODF_F_PARKED;
-            _odf_reserve(sh, ODF_CHUNK_SIZE);
         } else if (mprotect((void *)addr, ODF_CHUNK_SIZE, PROT_READ | PROT_WRITE) < 0) {
             return errno;
         }

@@ -64,6 +64,20 @@ int _odf_map_view(odf_arena_t *a, uintptr_t addr, uint32_t seg, size_t len)
     return p == MAP_FAILED ? errno : 0;
 }
 
+/* Move chunk c's parked mapping (populated, MAP_SHARED of its segment) from
+ * the shadow back over the arena chunk, replacing what is there, and put the
+ * reservation back in the shadow.  O(1): the page tables move.  0 or errno. */
+int _odf_unpark(odf_arena_t *a, uint32_t c)
+{
+    uintptr_t off = (uintptr_t)c << ODF_CHUNK_SHIFT;
+    void *p = mremap((void *)(a->shadow + off), ODF_CHUNK_SIZE, ODF_CHUNK_SIZE, MREMAP_MAYMOVE | MREMAP_FIXED,
+                     (void *)(a->base + off));
+    if (p == MAP_FAILED)
+        return errno;
+    _odf_reserve(a->shadow + off, ODF_CHUNK_SIZE);
+    return 0;
+}
+
 /* Put an inaccessible reservation over [addr, addr+len): drops whatever was
  * mapped there (and its page tables) without leaving a hole another thread's
  * mmap could take. */
