@@ -79,20 +79,6 @@ uint32_t _odf_view_copied_pages(odf_arena_t *a, uint32_t c, int pm_fd)
     return copied;
 }
 
-static int pwrite_all(int fd, const void *src, size_t len, off_t off)
-{
-    size_t done = 0;
-    while (done < len) {
-        ssize_t n = pwrite(fd, (const char *)src + done, len - done, off + (off_t)done);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            return n < 0 ? errno : EIO;
-        done += (size_t)n;
-    }
-    return 0;
-}
-
 /* Undo a hold that is being abandoned: the view is writable again. */
 static void resume_view(uintptr_t addr, int token)
 {
@@ -132,7 +118,7 @@ static int fold_in_place(odf_arena_t *a, uint32_t c, uint32_t seg, uint64_t *pm,
             copied += (pm[j] & PM_EXCLUSIVE) || (pm[j] & PM_SWAPPED);
             j++;
         }
-        rc = pwrite_all(a->pool_fd, (const void *)(addr + i * PAGE), (j - i) * PAGE, base + (off_t)(i * PAGE));
+        rc = _odf_pwrite_all(a->pool_fd, (const void *)(addr + i * PAGE), (j - i) * PAGE, base + (off_t)(i * PAGE));
         n += j - i;
         i = j;
     }
@@ -173,7 +159,7 @@ static int fold_shared(odf_arena_t *a, uint32_t c, uint32_t seg, const uint64_t 
     }
     a->flags[c] |= ODF_F_FOLDING;
     /* pwrite reads the view: private pages from memory, the rest from seg */
-    if ((rc = pwrite_all(a->pool_fd, (const void *)addr, ODF_CHUNK_SIZE, (off_t)nseg << ODF_CHUNK_SHIFT)) ||
+    if ((rc = _odf_pwrite_all(a->pool_fd, (const void *)addr, ODF_CHUNK_SIZE, (off_t)nseg << ODF_CHUNK_SHIFT)) ||
         (rc = _odf_map_seg(a, addr, nseg, PROT_READ | PROT_WRITE, 1))) {
         _odf_seg_decref(a, nseg);
         a->flags[c] &= (uint8_t)~ODF_F_FOLDING;

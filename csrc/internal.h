@@ -190,6 +190,7 @@ int _odf_map_seg(odf_arena_t *a, uintptr_t addr, uint32_t seg, int prot, int pop
 int _odf_map_view(odf_arena_t *a, uintptr_t addr, uint32_t seg, size_t len); /* MAP_PRIVATE, RW */
 int _odf_reserve(uintptr_t addr, size_t len);
 int _odf_unpark(odf_arena_t *a, uint32_t c); /* parked entries back over the arena chunk */
+int _odf_pwrite_all(int fd, const void *src, size_t len, off_t off);
 uint64_t _odf_now_ns(void);
 char *_odf_fmt_u(char *p, unsigned long long v, int base); /* async-signal-safe formatting */
 

@@ -468,25 +468,11 @@ void _odf_reap_locked(odf_arena_t *a)
 
 /* ---- fault resolution ---- */
 
+/* pwrite lets the kernel allocate the pool pages as it copies: no zeroing and
+ * no 512 separate first-write faults. */
 static int copy_chunk(odf_arena_t *a, uintptr_t src, uint32_t dst_seg)
 {
-    /* pwrite lets the kernel allocate the pool pages as it copies: no zeroing
-     * and no 512 separate first-write faults (measured: README, Design). */
-    size_t done = 0;
-    off_t off = (off_t)dst_seg << ODF_CHUNK_SHIFT;
-    while (done < ODF_CHUNK_SIZE) {
-        ssize_t n = pwrite(a->pool_fd, (const char *)src + done, ODF_CHUNK_SIZE - done,
-                           off + (off_t)done);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return errno;
-        }
-        if (n == 0)
-            return EIO;
-        done += (size_t)n;
-    }
-    return 0;
+    return _odf_pwrite_all(a->pool_fd, (const void *)src, ODF_CHUNK_SIZE, (off_t)dst_seg << ODF_CHUNK_SHIFT);
 }
 
 /* pre: a->local held, signals blocked, chunk c is in the arena.

@@ -64,6 +64,21 @@ int _odf_map_view(odf_arena_t *a, uintptr_t addr, uint32_t seg, size_t len)
     return p == MAP_FAILED ? errno : 0;
 }
 
+/* pwrite all of [src, src+len) to fd at off (EINTR retried): 0 or errno. */
+int _odf_pwrite_all(int fd, const void *src, size_t len, off_t off)
+{
+    size_t done = 0;
+    while (done < len) {
+        ssize_t n = pwrite(fd, (const char *)src + done, len - done, off + (off_t)done);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return n < 0 ? errno : EIO;
+        done += (size_t)n;
+    }
+    return 0;
+}
+
 /* Move chunk c's parked mapping (populated, MAP_SHARED of its segment) from
  * the shadow back over the arena chunk, replacing what is there, and put the
  * reservation back in the shadow.  O(1): the page tables move.  0 or errno. */
