@@ -217,7 +217,7 @@ void _odf_child_setup(odf_arena_t *a)
     for (uint32_t c = 0; c < a->nchunks; c++) /* private mappings are inherited as they are */
         a->flags[c] &= ODF_F_PRIVATE;
     _odf_reserve(a->shadow, a->size); /* inherited parked mappings: no PTEs here */
-    a->n_faults = a->n_cow = a->n_reuse = a->n_bytes = a->n_forks = a->n_wp = a->n_folds = 0;
+    a->n_faults = a->n_cow = a->n_reuse = a->n_bytes = a->n_forks = a->n_folds = 0;
 }
 
 static void child(void)

@@ -179,7 +179,7 @@ struct odf_arena_s {
     /* last fork, for odf_fork_note_child / odf_fork_abort in the parent */
     uint32_t last_child_slot, last_child_gen;
     /* stats, under a->local */
-    uint64_t n_faults, n_cow, n_reuse, n_bytes, n_forks, n_wp, n_folds;
+    uint64_t n_faults, n_cow, n_reuse, n_bytes, n_forks, n_folds;
     int broken_cow;            /* test hook (_odf_debug_break): resolve shared faults without a copy */
     int page_cow;              /* copy mode, see odf_arena_set_page_cow */
     int crash_in_handler;      /* test hook: fault inside the SIGSEGV handler */
@@ -230,7 +230,6 @@ void _odf_restore_signals(const sigset_t *old);
 void _odf_write_stderr(const char *msg);
 
 /* uffd.c: holding writers off a range while it is folded. */
-int _odf_uffd_wanted(void);
 /* Make [addr, addr+len) trap writes: userfaultfd write-protect (writers,
  * user or kernel, wait in the kernel) where a full userfaultfd can be had,
  * else PROT_READ (user writers wait in the SIGSEGV handler on a->local;

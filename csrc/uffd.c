@@ -111,8 +111,6 @@ int odf_uffd_enable(int on)
     return rc;
 }
 
-int _odf_uffd_wanted(void) { return atomic_load(&uffd_wanted); }
-
 int _odf_writers_hold(uintptr_t addr, size_t len, int *token)
 {
     *token = -1;
