@@ -64,7 +64,9 @@ def _run_in_child(item, w):
     logged = []
 
     def collect(report):
-        logged.append(report)
+        # serialized now, as plain pytest would print it now: a subtest's arguments
+        # may be objects the test goes on changing
+        logged.append(config.hook.pytest_report_to_serializable(config=config, report=report))
 
     for hook in {id(item.ihook): item.ihook, id(config.hook): config.hook}.values():
         # reports logged during the call (subtests) come back instead of being
@@ -83,7 +85,7 @@ def _run_in_child(item, w):
             caught.append((m.category, str(m.message), m.filename, m.lineno))
         except Exception:  # a warning class defined where pickle cannot find it
             caught.append((UserWarning, f"{m.category.__name__}: {m.message}", m.filename, m.lineno))
-    reports = [config.hook.pytest_report_to_serializable(config=config, report=r) for r in logged + [rep]]
+    reports = logged + [config.hook.pytest_report_to_serializable(config=config, report=rep)]
     data = pickle.dumps({"reports": reports, "warnings": caught})
     write_all(w, struct.pack("<Q", len(data)) + data)
 

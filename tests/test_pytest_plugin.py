@@ -258,3 +258,41 @@ def test_xdist_with_odfork_gives_plain_xdist_outcomes(pytester):
     plain = summary()
     assert plain.get("failed") == 3 and plain.get("warnings") == 1, plain   # two subtest failures + their test
     assert summary("--odfork") == plain
+
+
+SELECT_SUITE = '''
+def test_1_fails():
+    assert False
+
+def test_2_passes():
+    pass
+
+def test_3_fails():
+    assert False
+
+def test_4_passes():
+    pass
+'''
+
+
+def test_selection_and_stopping_options_match_plain_pytest(pytester):
+    """-x, --maxfail, -k and --lf choose and stop the same tests with --odfork as without."""
+    pytester.makepyfile(test_sel=SELECT_SUITE)
+
+    def outcomes(*args):
+        # (hypothesis, a plugin of the outer run, would be imported again by every inner run)
+        rec = pytester.inline_run("-p", "no:hypothesispytest", *args)
+        calls = sorted((r.nodeid, r.outcome) for r in rec.getreports("pytest_runtest_logreport")
+                       if r.when == "call")
+        return rec.ret, calls
+
+    for args in (["-x"], ["--maxfail=2"], ["-k", "passes or 3"], ["-p", "no:cacheprovider"]):
+        plain = outcomes(*args)
+        assert outcomes("--odfork", *args) == plain, args
+    assert len(outcomes("-x")[1]) == 1 and len(outcomes("--maxfail=2")[1]) == 3
+    # --lf after a plain run, and after an --odfork run: the cache the parent writes is the same
+    outcomes()
+    plain_lf = outcomes("--lf")
+    outcomes("--odfork")
+    assert outcomes("--odfork", "--lf") == plain_lf
+    assert [o for _, o in plain_lf[1]] == ["failed", "failed"]
