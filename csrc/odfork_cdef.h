@@ -75,3 +75,5 @@ int odf_arena_release(odf_arena_t *a, uintptr_t addr, size_t len);
 int odf_py_install(odf_heap_t *h);
 void odf_py_uninstall(void);
 int odf_py_installed(void);
+int odf_py_numpy_hook(void);
+void odf_py_numpy_stats(size_t *in_heap, size_t *outside);

@@ -1,4 +1,7 @@
-"""Command line: python -m odfork_user compare [--sizes 256M,1G] [--rounds N] [--json FILE] [--plot FILE.png]"""
+"""Command line:
+    python -m odfork_user compare [--sizes 256M,1G] [--rounds N] [--json FILE] [--plot FILE.png]
+    python -m odfork_user run [--heap-size N] [--gc-freeze] [--heap-stats] script.py args... | -m module args...
+"""
 import argparse
 import json
 import os
@@ -115,7 +118,8 @@ def compare(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m odfork_user", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m odfork_user", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("compare", help="odfork vs os.fork at a few sizes, every metric")
     c.add_argument("--sizes", default="64M,256M,1G", help="comma-separated sizes (default 64M,256M,1G)")
@@ -124,7 +128,11 @@ def main(argv=None):
     c.add_argument("--json", help="write the raw results to this file")
     c.add_argument("--plot", help="write a log-log plot of latency vs size (PNG, needs matplotlib)")
     c.add_argument("--no-progress", dest="progress", action="store_false", help="no progress lines on stderr")
+    from odfork_user import launcher
+    r = launcher.add_parser(sub)
     args = p.parse_args(argv)
+    if args.cmd == "run":
+        return launcher.run(args, r)
     if args.rounds < 1 or args.heavy_rounds < 1:
         p.error("--rounds and --heavy-rounds must be >= 1")
     return compare(args)

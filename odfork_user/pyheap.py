@@ -6,11 +6,14 @@ What moves (csrc/py/pyalloc.c): pymalloc's arenas, where every object of up to
 domains (dict tables, list item arrays, big str/bytes/bytearray, most
 C-extension PyMem_Malloc memory).  What does not: memory allocated before
 install (it is still freed and resized by the allocator that made it), memory
-C libraries take from malloc directly or through PyMem_RawMalloc, numpy array
-data (numpy has its own allocator hooks), thread stacks, the interpreter's own
-static state.
+C libraries take from malloc directly or through PyMem_RawMalloc, thread
+stacks, the interpreter's own static state.  numpy array data moves too once
+hook_numpy() has run (odfork_user.launcher does it when numpy is imported).
 """
+import errno
+import sys
 import threading
+import warnings
 
 from odfork_user import _forklocks
 from odfork_user._core import ffi, lib
@@ -112,3 +115,117 @@ def heap_check():
     h = _state["heap"]
     if h is not None and lib.odf_heap_check(h):
         raise CorruptionError("the Python heap's free extents or block headers are inconsistent")
+
+
+def hook_numpy():
+    """Send numpy's array data to the heap (numpy's NEP 49 allocator hook) in
+    this thread's context and in contexts made from it.  Needs install() first
+    and numpy >= 1.22; warns (and changes nothing) where numpy is older."""
+    rc = lib.odf_py_numpy_hook()
+    if rc == errno.ENOTSUP:
+        import numpy
+        warnings.warn(f"numpy {numpy.__version__} has no allocator hook (NEP 49 needs numpy >= 1.22): "
+                      "its array data stays outside the arena and every fork copies its page-table entries",
+                      RuntimeWarning, stacklevel=2)
+        return False
+    _check(rc, "cannot install numpy's allocator hook")
+    return True
+
+
+class _NumpyImportHook:
+    """A meta-path finder that only watches for `import numpy` and hooks
+    numpy's allocator once numpy's own module has run."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "numpy":
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        import importlib.util
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_hook(module):
+            exec_module(module)
+            hook_numpy()
+        spec.loader.exec_module = exec_then_hook
+        return spec
+
+
+def hook_numpy_on_import():
+    """hook_numpy() now if numpy is imported, else right after it is."""
+    if "numpy" in sys.modules:
+        return hook_numpy()
+    if not any(isinstance(f, _NumpyImportHook) for f in sys.meta_path):
+        sys.meta_path.insert(0, _NumpyImportHook())
+    return None
+
+
+_CLASSES = (
+    ("arena", "arena: private pages of views (written since a fork)"),
+    ("brk", "[heap] (malloc: raw domain, C libraries, objects from before install)"),
+    ("anon", "anonymous mappings (big malloc blocks, pymalloc arenas from before install, "
+             "numpy data outside the hook, thread stacks)"),
+    ("stack", "main thread's stack"),
+    ("file", "files mapped private, pages written (.data, relocations)"),
+)
+
+
+def _smaps_anonymous():
+    """Private anonymous bytes per kind of mapping, from /proc/self/smaps: the
+    pages a fork copies page-table entries for (and later copies)."""
+    from odfork_user.arena import _open_arenas
+    ranges = [(a.address, a.address + a.size) for a in list(_open_arenas) if not a.closed]
+    out = dict.fromkeys((k for k, _ in _CLASSES), 0)
+    kind = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(None, 5)
+            if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+                lo, hi = (int(x, 16) for x in head[0].split("-"))
+                name = head[5].strip() if len(head) > 5 else ""
+                if any(s <= lo and hi <= e for s, e in ranges) or "odfork-" in name:
+                    kind = "arena"
+                elif name == "[heap]":
+                    kind = "brk"
+                elif name.startswith("[stack"):
+                    kind = "stack"
+                elif name == "" or name.startswith("["):
+                    kind = "anon"
+                else:
+                    kind = "file"
+            elif head[0] == "Anonymous:":
+                out[kind] += int(head[1]) << 10
+    return out
+
+
+def memory_report():
+    """Where this process's memory is: the heap's own counters (heap_stats()),
+    numpy data made through the hook (in the heap, or outside when the heap was
+    full or uninstalled), and the private anonymous bytes of every other kind
+    of mapping, which a fork still copies page-table entries for."""
+    n_in, n_out = ffi.new("size_t *"), ffi.new("size_t *")
+    if _state["heap"] is not None:
+        lib.odf_py_numpy_stats(n_in, n_out)
+    return {"heap": heap_stats(), "numpy_in_heap": int(n_in[0]), "numpy_outside": int(n_out[0]),
+            "outside": _smaps_anonymous()}
+
+
+def format_memory_report(report=None):
+    r = report or memory_report()
+    mib = 1 << 20
+    h = r["heap"]
+    lines = ["odfork_user memory report (MiB)"]
+    if h is None:
+        lines.append("  arena heap: not installed")
+    else:
+        lines.append(f"  arena heap: {h['live_bytes'] / mib:.1f} in blocks, {h['raw_bytes'] / mib:.1f} in "
+                     f"pymalloc arenas, {h['mapped_bytes'] / mib:.1f} resident")
+    lines.append(f"  numpy data through the hook: {r['numpy_in_heap'] / mib:.1f} in the heap, "
+                 f"{r['numpy_outside'] / mib:.1f} outside")
+    lines.append("  private anonymous memory by mapping (a fork copies its page-table entries):")
+    for key, label in _CLASSES:
+        lines.append(f"    {r['outside'][key] / mib:10.1f}  {label}")
+    return "\n".join(lines)

@@ -18,8 +18,25 @@
  *
  * Every entry point runs with the GIL held (CPython's rule for these domains),
  * which is the heap's lock; odf_py_install takes the GIL itself.
+ *
+ * numpy (odf_py_numpy_hook): array data goes to the same heap through numpy's
+ * allocator hook (NEP 49: a PyDataMem_Handler set with PyDataMem_SetHandler,
+ * numpy >= 1.22).  numpy keeps the handler that allocated an array with the
+ * array and frees it through that one, so arrays made before the hook are
+ * unaffected.  numpy does not promise to hold the GIL when it calls the handler,
+ * so each call takes it (PyGILState_Ensure: a counter bump when already held).
+ * The handler lives in a context variable of numpy's: it applies to the thread
+ * (context) that set it and to contexts copied from it; threads started later
+ * begin with numpy's default.  No numpy header is needed: the two functions are
+ * entries 211 and 304 of numpy's C-API table, which numpy only ever appends to.
+ *
+ * The raw domain (PyMem_RawMalloc) is not served: its callers hold no GIL (some
+ * have no thread state at all, so PyGILState_Ensure could recurse into it), and
+ * the heap has no lock of its own; every MEM/OBJ allocation would pay for one.
  */
 #include <Python.h>
+
+#include <malloc.h>
 
 #include "odfork.h"
 
@@ -144,3 +161,130 @@ void odf_py_uninstall(void)
 }
 
 int odf_py_installed(void) { return active; }
+
+/* numpy's PyDataMem_Handler, version 1 (numpy/ndarraytypes.h) */
+typedef struct {
+    void *ctx;
+    void *(*malloc)(void *ctx, size_t size);
+    void *(*calloc)(void *ctx, size_t nelem, size_t elsize);
+    void *(*realloc)(void *ctx, void *ptr, size_t new_size);
+    void (*free)(void *ctx, void *ptr, size_t size);
+} np_allocator_t;
+
+typedef struct {
+    char name[127];
+    uint8_t version;
+    np_allocator_t allocator;
+} np_handler_t;
+
+#define NP_API_FEATURE_VERSION 211 /* unsigned int PyArray_GetNDArrayCFeatureVersion(void) */
+#define NP_API_SET_HANDLER 304     /* PyObject *PyDataMem_SetHandler(PyObject *) */
+#define NP_1_22_API_VERSION 0x0f
+
+static size_t np_in_heap, np_outside; /* live bytes of arrays made through the hook */
+
+static void *n_malloc(void *ctx, size_t n)
+{
+    (void)ctx;
+    PyGILState_STATE g = PyGILState_Ensure();
+    void *p = active ? odf_heap_alloc(heap, n ? n : 1) : NULL;
+    if (p) {
+        np_in_heap += odf_heap_usable(heap, p);
+    } else if ((p = malloc(n ? n : 1)) != NULL) {
+        np_outside += malloc_usable_size(p);
+    }
+    PyGILState_Release(g);
+    return p;
+}
+
+static void *n_calloc(void *ctx, size_t nelem, size_t elsize)
+{
+    if (elsize && nelem > (size_t)-1 / elsize)
+        return NULL;
+    size_t n = nelem * elsize;
+    void *p = n_malloc(ctx, n);
+    if (p)
+        memset(p, 0, n); /* heap pages may be reused; malloc's too */
+    return p;
+}
+
+static void n_free(void *ctx, void *ptr, size_t size)
+{
+    (void)ctx;
+    (void)size;
+    if (!ptr)
+        return;
+    PyGILState_STATE g = PyGILState_Ensure();
+    if (odf_heap_owns(heap, ptr)) {
+        np_in_heap -= odf_heap_usable(heap, ptr);
+        odf_heap_free(heap, ptr);
+    } else {
+        np_outside -= malloc_usable_size(ptr);
+        free(ptr);
+    }
+    PyGILState_Release(g);
+}
+
+static void *n_realloc(void *ctx, void *ptr, size_t n)
+{
+    if (!ptr)
+        return n_malloc(ctx, n);
+    PyGILState_STATE g = PyGILState_Ensure();
+    void *p;
+    if (odf_heap_owns(heap, ptr)) {
+        size_t before = odf_heap_usable(heap, ptr);
+        p = odf_heap_realloc(heap, ptr, n ? n : 1);
+        if (p)
+            np_in_heap += odf_heap_usable(heap, p) - before;
+    } else {
+        size_t before = malloc_usable_size(ptr);
+        p = realloc(ptr, n ? n : 1);
+        if (p)
+            np_outside += malloc_usable_size(p) - before;
+    }
+    PyGILState_Release(g);
+    return p;
+}
+
+static np_handler_t np_handler = {"odfork_user", 1, {NULL, n_malloc, n_calloc, n_realloc, n_free}};
+
+int odf_py_numpy_hook(void)
+{
+    if (!hooked)
+        return EINVAL; /* the heap first */
+    PyGILState_STATE g = PyGILState_Ensure();
+    int rc = 0;
+    PyObject *mod = PyImport_ImportModule("numpy._core._multiarray_umath");
+    if (!mod) {
+        PyErr_Clear();
+        mod = PyImport_ImportModule("numpy.core._multiarray_umath");
+    }
+    PyObject *api = mod ? PyObject_GetAttrString(mod, "_ARRAY_API") : NULL;
+    void **table = api && PyCapsule_CheckExact(api) ? PyCapsule_GetPointer(api, NULL) : NULL;
+    if (!table) {
+        rc = ENOENT;
+    } else if (((unsigned int (*)(void))table[NP_API_FEATURE_VERSION])() < NP_1_22_API_VERSION) {
+        rc = ENOTSUP;
+    } else {
+        PyObject *cap = PyCapsule_New(&np_handler, "mem_handler", NULL);
+        PyObject *old = cap ? ((PyObject * (*)(PyObject *)) table[NP_API_SET_HANDLER])(cap) : NULL;
+        if (!old)
+            rc = EIO;
+        Py_XDECREF(old);
+        Py_XDECREF(cap);
+    }
+    if (rc)
+        PyErr_Clear();
+    Py_XDECREF(api);
+    Py_XDECREF(mod);
+    PyGILState_Release(g);
+    return rc;
+}
+
+void odf_py_numpy_stats(size_t *in_heap, size_t *outside)
+{
+    PyGILState_STATE g = PyGILState_Ensure();
+    *in_heap = np_in_heap;
+    *outside = np_outside;
+    PyGILState_Release(g);
+}
