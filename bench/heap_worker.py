@@ -3,7 +3,8 @@
     python bench/heap_worker.py MODE FREEZE N
 
 MODE: empty (no dict: an empty interpreter's os.fork), os (the dict in the
-ordinary heap, os.fork), odfork (odfork_user.install() into an arena, then the
+ordinary heap, os.fork), run (this program unchanged under `python -m odfork_user
+run`: the launcher installed the heap), odfork (odfork_user.install() into an arena, then the
 dict; the arena's default configuration: page mode (private views at fork time,
 the kernel copies the pages written, background folding), odfork-chunk (the same with
 Arena(cow="chunk"): whole 2 MiB copies).
@@ -12,6 +13,7 @@ collector's writes).  Commands on stdin, one per line, each answered with one
 JSON line on stdout (timings measured here, in the process that does the work):
   fork    fork, the child _exits at once; {"fork_s": until fork returns}
   pickle  fork, the child pickles the whole dict; {"child_s", "child_copied"}
+  collect fork, the child runs gc.collect(); {"child_s", "child_copied"}
   mutate  fork, the child stays alive while the parent rewrites 10% of the
           values; {"parent_s", "parent_copied"}
   stats   {"rss", "build_s", "heap": heap_stats() or None}
@@ -48,6 +50,12 @@ if MODE in ("odfork", "odfork-chunk"):
     import odfork_user as ou
     arena = ou.Arena(64 << 30, cow="chunk" if MODE == "odfork-chunk" else None)
     ou.install(arena)
+elif MODE == "run":
+    # started by `python -m odfork_user run`, which installed the heap before this
+    # program ran; odfork_user is imported only to report stats
+    import odfork_user as ou
+    assert ou.installed(), "MODE run needs python -m odfork_user run"
+    arena = ou.default_arena()
 t0 = time.perf_counter()
 d = {str(i): i for i in range(N)} if MODE != "empty" else {}
 build_s = time.perf_counter() - t0
@@ -56,9 +64,11 @@ if FREEZE:
 
 
 def arena_copied():
-    """Bytes this process's chunk copies made (the pool's pages are shared
-    memory, which Private_Dirty does not count)."""
-    return arena.stats()["bytes_copied"] if MODE in ("odfork", "odfork-chunk") else 0
+    """Bytes this process's whole-chunk copies made (chunk mode: the pool's
+    pages are shared memory, which Private_Dirty does not count).  In page mode
+    the kernel's page copies are private pages of views, already in
+    Private_Dirty (bytes_copied counts them too: adding it would count them twice)."""
+    return arena.stats()["bytes_copied"] if MODE == "odfork-chunk" else 0
 
 
 def answer(obj):
@@ -117,6 +127,19 @@ for line in sys.stdin:
         res = json.loads(read_all(r))
         os.waitpid(pid, 0)
         answer(res)
+    elif cmd == "collect":
+        # what a full collection in a child costs: without gc.freeze() it visits (and
+        # writes the header of) every object, so the kernel copies every page of them
+        def body(w):
+            before = private_dirty()
+            t0 = time.perf_counter()
+            gc.collect()
+            t = time.perf_counter() - t0
+            os.write(w, json.dumps({"child_s": t, "child_copied": private_dirty() - before}).encode())
+        pid, r = fork_child(body)
+        res = json.loads(read_all(r))
+        os.waitpid(pid, 0)
+        answer(res)
     elif cmd == "mutate":
         go_r, go_w = os.pipe()
         pid, r = fork_child(lambda w: os.read(go_r, 1))
@@ -134,7 +157,7 @@ for line in sys.stdin:
         answer({"parent_s": t, "parent_copied": copied})
     elif cmd == "stats":
         heap = None
-        if MODE in ("odfork", "odfork-chunk"):
+        if MODE in ("odfork", "odfork-chunk", "run"):
             heap = dict(ou.heap_stats(), cow=arena.cow, kernel_writes=arena.kernel_writes)
         answer({"rss": rss(), "build_s": build_s, "heap": heap})
     elif cmd == "quit":

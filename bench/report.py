@@ -201,13 +201,24 @@ def workload_section(w):
                 "and for odfork the fork itself, which copies the entries of views the server wrote since the "
                 "last fold (the folder thread gets 10% of a CPU and the segments are shared while the child "
                 "saves).  Single runs vary by 2x here.", ""]
+    if "mp" in w:
+        res = w["mp"]["results"]
+        out += [f"### multiprocessing: Pool(4, maxtasksperchild=1), a {w['mp']['dict_bytes']} dict of str and a "
+                f"{w['mp']['array_bytes']} numpy array (bench/programs/mp_pool.py, unmodified)", "",
+                "| interpreter | tasks/s | build (s) |", "|---|---|---|"]
+        out += [f"| {k} | {r['tasks_per_s']:.1f} | {r['build_s']:.1f} |" for k, r in res.items()]
+        plain, ran, empty = (res[k]["tasks_per_s"] for k in ("python", "python -m odfork_user run", "python (empty)"))
+        out += ["", f"Goal 10x python: {ran / plain:.1f}x ({'met' if ran >= 10 * plain else 'not met'}); "
+                    f"an empty interpreter's rate is {empty / ran:.2f}x run's.", ""]
     return out
 
 
 HEAP_GROUPS = [("heap-0-build", "building the dict", "s"), ("heap-1-fork-latency", "fork latency", "ms"),
                ("heap-2-child-pickle", "child pickles the whole dict", "s"),
-               ("heap-3-parent-mutate", "parent rewrites 10% of the values, child alive", "ms")]
-HEAP_KINDS = ("empty", "os", "os-freeze", "odfork", "odfork-freeze", "odfork-chunk", "odfork-chunk-freeze")
+               ("heap-3-parent-mutate", "parent rewrites 10% of the values, child alive", "ms"),
+               ("heap-4-child-collect", "child runs gc.collect()", "ms")]
+HEAP_KINDS = ("empty", "os", "os-freeze", "run", "run-freeze", "odfork", "odfork-freeze", "odfork-chunk",
+              "odfork-chunk-freeze")
 
 
 def heap_section(data):
@@ -225,7 +236,8 @@ def heap_section(data):
     out = [f"## Python objects in an arena (`odfork_user.install()`), a dict of {n:,} str -> int", "",
            "A worker process per kind (bench/heap_worker.py); times are the worker's own (medians), memory is "
            "the Private_Dirty growth of the process that wrote plus the arena's bytes_copied.  **os** = the "
-           "ordinary heap, os.fork; **odfork** = install() into an arena before building, default "
+           "ordinary heap, os.fork; **run** = the same worker, unmodified, under `python -m odfork_user run`; "
+           "**odfork** = install() into an arena before building, default "
            "configuration (page mode, background folding); **odfork-chunk** = the same with "
            "`Arena(cow=\"chunk\")`; **-freeze** = gc.freeze() after building; **empty** = an empty "
            "interpreter's os.fork.", "",
@@ -237,6 +249,9 @@ def heap_section(data):
             f"{r[k]['inner_s'] * scale:.3g}" if k in r else "-" for k in HEAP_KINDS) + " |")
         if prefix == "heap-2-child-pickle":
             out.append("| child's copied memory (MiB) | " + " | ".join(
+                f"{r[k].get('child_copied', 0) / (1 << 20):.0f}" if k in r else "-" for k in HEAP_KINDS) + " |")
+        if prefix == "heap-4-child-collect":
+            out.append("| child's copied memory by gc.collect() (MiB) | " + " | ".join(
                 f"{r[k].get('child_copied', 0) / (1 << 20):.0f}" if k in r else "-" for k in HEAP_KINDS) + " |")
         if prefix == "heap-3-parent-mutate":
             out.append("| parent's copied memory (MiB) | " + " | ".join(
@@ -251,7 +266,8 @@ def heap_section(data):
         return v["inner_s"] if v else None
 
     lines = ["| goal | measured | met |", "|---|---|---|"]
-    for kind, base in (("odfork", "os"), ("odfork-freeze", "os-freeze"), ("odfork-chunk", "os"),
+    for kind, base in (("run", "os"), ("run-freeze", "os-freeze"), ("odfork", "os"), ("odfork-freeze", "os-freeze"),
+                       ("odfork-chunk", "os"),
                        ("odfork-chunk-freeze", "os-freeze")):
         f_os, f_od, f_empty = t("heap-1-fork-latency", base), t("heap-1-fork-latency", kind), \
             t("heap-1-fork-latency", "empty")

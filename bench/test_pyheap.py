@@ -4,6 +4,8 @@ A worker process (bench/heap_worker.py) holds a dict of ODFORK_HEAP_OBJECTS
 str -> int entries (default 8,000,000, ~1.1 GB here) in one of:
   empty        an empty interpreter (the floor of os.fork)
   os           the ordinary heap (pymalloc + glibc malloc, 4 KiB pages), os.fork
+  run          the same worker, unmodified, under `python -m odfork_user run` (the
+               launcher installs the heap, in the default arena, before the program)
   odfork       odfork_user.install() into an arena before building, the default configuration
                (page mode: private views at fork time, background folding)
   odfork-chunk the same, Arena(cow="chunk"): whole 2 MiB copies
@@ -13,6 +15,8 @@ each with and without gc.freeze().  Groups:
   heap-2-child-pickle   the child pickles the whole dict (reference counts are written:
                         a reading child still copies), with the memory it made private
   heap-3-parent-mutate  the parent rewrites 10% of the values while a child is alive
+  heap-4-child-collect  the child runs gc.collect() (what gc.freeze() saves), with the
+                        memory it made private
 The timed call is one command to the worker and its answer (a pipe round trip,
 ~50 us, the same for every kind); the worker's own timing of the operation is
 in extra_info["inner_s"], and bench/report.py reports that.
@@ -28,7 +32,8 @@ from conftest import require_memory
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 N = int(os.environ.get("ODFORK_HEAP_OBJECTS", "8000000"))
-KINDS = [("empty", 0), ("os", 0), ("os", 1), ("odfork", 0), ("odfork", 1), ("odfork-chunk", 0), ("odfork-chunk", 1)]
+KINDS = [("empty", 0), ("os", 0), ("os", 1), ("run", 0), ("run", 1), ("odfork", 0), ("odfork", 1),
+         ("odfork-chunk", 0), ("odfork-chunk", 1)]
 
 
 class Worker:
@@ -37,7 +42,9 @@ class Worker:
         # the worker imports the same odfork_user as this process (installed or built in place)
         pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__import__("odfork_user").__file__)))
         env["PYTHONPATH"] = os.pathsep.join(p for p in [pkg_parent, env.get("PYTHONPATH", "")] if p)
-        self.p = subprocess.Popen([sys.executable, "-P", os.path.join(HERE, "heap_worker.py"), mode,
+        # run: the unmodified worker under the launcher, which installs the heap before it
+        launcher = ["-m", "odfork_user", "run"] if mode == "run" else []
+        self.p = subprocess.Popen([sys.executable, "-P", *launcher, os.path.join(HERE, "heap_worker.py"), mode,
                                    str(freeze), str(n)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   text=True, env=env)
         ready = self.read()
@@ -112,6 +119,13 @@ def test_child_pickle(benchmark, worker):
         pytest.skip("nothing to pickle")
     res = _run(benchmark, worker, "heap-2-child-pickle", "pickle", "child_s", 3)
     assert res["bytes"] > N * 5  # the whole dict was pickled
+
+
+def test_child_collect(benchmark, worker):
+    if worker.kind == "empty":
+        pytest.skip("nothing to collect")
+    res = _run(benchmark, worker, "heap-4-child-collect", "collect", "child_s", 3)
+    assert res["child_s"] > 0
 
 
 def test_parent_mutate(benchmark, worker):

@@ -6,6 +6,10 @@
           protocol with os.fork, fixture in ordinary memory); tests per second
   fuzz    examples/fuzz_server.py: executions per second, os.fork / odfork / snapshot
   kv      examples/kvserver.py: request latency while snapshotting, os.fork / odfork / snapshot
+  mp      bench/programs/mp_pool.py, an ordinary multiprocessing program (Pool(4,
+          maxtasksperchild=1): a fork per task) holding a dict of str and a numpy
+          array: tasks per second under python vs python -m odfork_user run, and an
+          empty interpreter's (the floor)
 
     python bench/workloads.py [--quick] [--json bench/workloads.json]
 
@@ -113,13 +117,26 @@ def run_example(script, args):
         return json.load(open(f.name))
 
 
+def run_mp(dict_bytes, array_bytes, tasks):
+    prog = os.path.join(HERE, "programs", "mp_pool.py")
+    kinds = {"python (empty)": ([], "1M", "1M"),
+             "python": ([], dict_bytes, array_bytes),
+             "python -m odfork_user run": (["-m", "odfork_user", "run"], dict_bytes, array_bytes)}
+    out = {}
+    for name, (launcher, db, ab) in kinds.items():
+        p = subprocess.run([sys.executable, "-P", *launcher, prog, "--dict-bytes", db, "--array-bytes", ab,
+                            "--tasks", str(tasks)], capture_output=True, text=True, check=True)
+        out[name] = json.loads(p.stdout.strip().splitlines()[-1])
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes (CI)")
     p.add_argument("--json", help="write all results here")
-    p.add_argument("--only", choices=("plugin", "fuzz", "kv"), action="append")
+    p.add_argument("--only", choices=("plugin", "fuzz", "kv", "mp"), action="append")
     a = p.parse_args(argv)
-    which = a.only or ["plugin", "fuzz", "kv"]
+    which = a.only or ["plugin", "fuzz", "kv", "mp"]
     out = {"quick": a.quick}
     if "plugin" in which:
         n, size = (20, 32 << 20) if a.quick else (200, 1 << 30)
@@ -143,6 +160,12 @@ def main(argv=None):
         for name, r in out["kv"]["results"].items():
             print(f"  {name:<10} p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  max {r['max_ms']:.2f} ms"
                   f"  (during snapshots: max {r['max_during_ms']:.2f} ms)")
+    if "mp" in which:
+        db, ab, n = ("32M", "32M", 20) if a.quick else ("1G", "1G", 200)
+        out["mp"] = {"dict_bytes": db, "array_bytes": ab, "results": run_mp(db, ab, n)}
+        print(f"mp: multiprocessing Pool(4, maxtasksperchild=1), {db} dict of str + {ab} numpy array")
+        for name, r in out["mp"]["results"].items():
+            print(f"  {name:<30} {r['tasks_per_s']:8.1f} tasks/s  (build {r['build_s']:.1f} s)")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -103,6 +103,16 @@ def _run_module(name, run_name):
     return as_main(name, alter_argv=True)
 
 
+def _set_path0(entry):
+    """sys.path[0] as python gives it to the program.  What python put there for
+    the launcher (the working directory for -m odfork_user, the console script's
+    folder) is replaced; under -P (sys.flags.safe_path) python put nothing there."""
+    if sys.flags.safe_path:
+        sys.path.insert(0, entry)
+    else:
+        sys.path[0] = entry
+
+
 def run(args, parser):
     if args.module is None and not args.args:
         parser.error("run: give a script (run script.py ...) or a module (run -m module ...)")
@@ -110,12 +120,12 @@ def run(args, parser):
     import runpy
     if args.module is not None:
         sys.argv = [args.module] + args.args   # runpy puts the module's path in argv[0]
-        sys.path[0] = os.getcwd()              # -m: the working directory comes first
+        _set_path0(os.getcwd())                # -m: the working directory comes first
         target = (_run_module, args.module)
     else:
         script = args.args[0]
         sys.argv = list(args.args)
-        sys.path[0] = os.path.dirname(os.path.abspath(script))
+        _set_path0(os.path.dirname(os.path.abspath(script)))
         target = (_run_script if os.path.isfile(script) else runpy.run_path, script)
     fn, what = target
     program_globals = None

@@ -12,7 +12,7 @@ PROBE = textwrap.dedent('''
     import os, sys
     print("argv", sys.argv)
     print("name", __name__)
-    print("path0", sys.path[0])
+    print("path", sys.path)
     print("spec", __spec__.name if __spec__ else None)
     what = sys.argv[1] if len(sys.argv) > 1 else ""
     if what == "raise":
@@ -135,3 +135,20 @@ def test_heap_stats_names_where_memory_is(tmp_path):
     in_arenas = float(heap[0].split(" in blocks, ")[1].split()[0])
     assert in_arenas >= 20, heap      # the strings are in the heap's pymalloc arenas (~ 40 MiB)
     assert any("[heap]" in ln for ln in lines)
+
+
+def test_gc_freeze_option_freezes_before_every_fork(tmp_path):
+    (tmp_path / "g.py").write_text(textwrap.dedent('''
+        import gc, os
+        objs = [[i] for i in range(1000)]
+        r, w = os.pipe()
+        if os.fork() == 0:
+            os.write(w, str(gc.get_freeze_count()).encode())
+            os._exit(0)
+        os.wait()
+        print(int(os.read(r, 32)) >= 1000)
+    '''))
+    on = _py(["-P", "-m", "odfork_user", "run", "--gc-freeze", "g.py"], tmp_path)
+    off = _py(["-P", "-m", "odfork_user", "run", "g.py"], tmp_path)
+    env = _py(["g.py"], tmp_path, env={"ODFORK_RUN": "1", "ODFORK_GC_FREEZE": "1"})
+    assert (on.stdout, off.stdout, env.stdout) == ("True\n", "False\n", "True\n"), (on.stderr, off.stderr)
