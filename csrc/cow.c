@@ -1,5 +1,8 @@
-/* cow.c - VIEW chunks (page mode): folding them back into segments, and
- * counting the pages the kernel copied for them.
+/* cow.c - what a write to a chunk costs: resolving a write fault (first
+ * touch, whole-chunk copy on first write, reuse at count 1: _odf_fault and the
+ * prepare_write/populate/release operations over it), and in page mode the
+ * VIEW chunks: folding them back into segments, and counting the pages the
+ * kernel copied for them.
  *
  * A VIEW (internal.h) is a MAP_PRIVATE mapping of its segment: its bytes are
  * the segment's except where a write made the kernel copy a page into private
@@ -14,9 +17,11 @@
  *     whole 2 MiB read through the view into a new segment.
  * Writers are held off between the copy and the remap (uffd.c).
  *
- * Pre for everything here: a->local and the family lock held, signals
- * blocked.  Nothing here writes arena memory; it is only read, by the kernel
- * (pwrite from the view), which a write-protected range allows.
+ * Pre for the folds: a->local and the family lock held, signals blocked
+ * (_odf_fault: a->local, see its comment).  Nothing here writes arena memory;
+ * it is only read, by the kernel (pwrite from the view, or from a chunk being
+ * copied), which a write-protected range allows.  Everything _odf_fault
+ * reaches is async-signal-safe: the SIGSEGV handler calls it.
  */
 #include "internal.h"
 
@@ -251,5 +256,167 @@ int odf_arena_fold(odf_arena_t *a, uint32_t max_dirty)
             rc = _odf_fold_locked(a, c, max_dirty, 0, &folded);
         });
     }
+    return rc;
+}
+
+/* pwrite lets the kernel allocate the pool pages as it copies: no zeroing and
+ * no 512 separate first-write faults. */
+static int copy_chunk(odf_arena_t *a, uintptr_t src, uint32_t dst_seg)
+{
+    return _odf_pwrite_all(a->pool_fd, (const void *)src, ODF_CHUNK_SIZE, (off_t)dst_seg << ODF_CHUNK_SHIFT);
+}
+
+/* pre: a->local held, signals blocked, chunk c is in the arena.
+ * Makes chunk c writable in this process, preserving its bytes:
+ *   NONE    -> OWNED, a fresh zero segment;
+ *   LOCKED  -> OWNED: count 1, the parked entries move back (or mprotect);
+ *              count > 1, a copy into a new segment;
+ *   OWNED or VIEW: already writable (a fold that held this writer off has
+ *              finished, or another thread resolved it): the chunk is made
+ *              writable again, so that a retry cannot fault for ever. */
+int _odf_fault(odf_arena_t *a, uint32_t c)
+{
+    uintptr_t addr = a->base + ((uintptr_t)c << ODF_CHUNK_SHIFT);
+    uintptr_t sh = a->shadow + ((uintptr_t)c << ODF_CHUNK_SHIFT);
+    if (a->flags[c] & (ODF_F_WRITABLE | ODF_F_PRIVATE))
+        return mprotect((void *)addr, ODF_CHUNK_SIZE, PROT_READ | PROT_WRITE) < 0 ? errno : 0;
+    odf_slot_t *me = &a->slots[a->self];
+    uint32_t seg, nseg;
+    int rc = _odf_family_lock(a);
+    if (rc)
+        return rc;
+    a->n_faults++;
+    _odf_trim_locked(a, ODF_TRIM_STEP);
+    uint32_t e = a->mypt[c];
+    if (e == 0) { /* first touch: a fresh (zero) segment */
+        if ((rc = _odf_seg_alloc(a, &nseg, 0))) {
+            _odf_family_unlock(a);
+            return rc;
+        }
+        a->mypt[c] = nseg + 1;
+        if (c >= me->hi)
+            me->hi = a->hi = c + 1;
+        _odf_family_unlock(a);
+        if ((rc = _odf_map_seg(a, addr, nseg, PROT_READ | PROT_WRITE, 0))) {
+            _odf_family_lock(a);
+            a->mypt[c] = 0;
+            _odf_seg_decref(a, nseg);
+            _odf_family_unlock(a);
+            return rc;
+        }
+        a->flags[c] = ODF_F_WRITABLE;
+        return 0;
+    }
+    seg = e - 1;
+    if (a->refcnt[seg] > 1)
+        _odf_reap_locked(a); /* a sharer may have died: then it is ours alone */
+    if (a->refcnt[seg] == 1 || a->broken_cow) {
+        /* Ours alone; the count cannot rise again without this process
+         * (fork and snapshot take a->local, which we hold). */
+        _odf_family_unlock(a);
+        if (a->flags[c] & ODF_F_PARKED) {
+            if ((rc = _odf_unpark(a, c)))
+                return rc;
+            a->flags[c] &= (uint8_t)~ODF_F_PARKED;
+        } else if (mprotect((void *)addr, ODF_CHUNK_SIZE, PROT_READ | PROT_WRITE) < 0) {
+            return errno;
+        }
+        a->flags[c] = ODF_F_WRITABLE;
+        a->n_reuse++;
+        return 0;
+    }
+    /* Shared: copy into a new segment.  Our reference to the old one moves to
+     * the pin so it stays alive (and counted) while we read it unlocked. */
+    if ((rc = _odf_seg_alloc(a, &nseg, 1))) {
+        _odf_family_unlock(a);
+        return rc;
+    }
+    a->mypt[c] = nseg + 1;
+    me->pin = seg + 1;
+    _odf_family_unlock(a);
+
+    rc = copy_chunk(a, (a->flags[c] & ODF_F_PARKED) ? sh : addr, nseg);
+    if (!rc)
+        rc = _odf_map_seg(a, addr, nseg, PROT_READ | PROT_WRITE, 1);
+    _odf_family_lock(a);
+    if (rc) { /* undo: chunk c still maps seg, read-only */
+        a->mypt[c] = seg + 1;
+        me->pin = 0;
+        _odf_seg_decref(a, nseg);
+        _odf_family_unlock(a);
+        return rc;
+    }
+    me->pin = 0;
+    _odf_seg_decref(a, seg);
+    _odf_family_unlock(a);
+    if (a->flags[c] & ODF_F_PARKED)
+        _odf_reserve(sh, ODF_CHUNK_SIZE); /* the parked mapping showed seg: drop it */
+    a->flags[c] = ODF_F_WRITABLE;
+    a->n_cow++;
+    a->n_bytes += ODF_CHUNK_SIZE;
+    return 0;
+}
+
+int odf_arena_set_page_cow(odf_arena_t *a, int on)
+{
+    a->page_cow = on ? 1 : 0;
+    return 0;
+}
+
+/* Resolve a fault on every chunk of [addr, addr+len) (only_fresh: only on
+ * chunks not yet resident), as a write there would. */
+static int fault_range(odf_arena_t *a, uintptr_t addr, size_t len, int only_fresh)
+{
+    if (len == 0)
+        return 0;
+    if (addr < a->base || addr + len > a->base + a->size || addr + len < addr)
+        return EINVAL;
+    uint32_t c0 = (uint32_t)((addr - a->base) >> ODF_CHUNK_SHIFT);
+    uint32_t c1 = (uint32_t)((addr + len - 1 - a->base) >> ODF_CHUNK_SHIFT);
+    sigset_t old;
+    int rc = 0;
+    _odf_block_signals(&old);
+    pthread_mutex_lock(&a->local);
+    if (a->orphaned)
+        rc = EOWNERDEAD;
+    for (uint32_t c = c0; c <= c1 && !rc; c++)
+        if (only_fresh ? !a->mypt[c] : !(a->flags[c] & (ODF_F_WRITABLE | ODF_F_PRIVATE)))
+            rc = _odf_fault(a, c);
+    pthread_mutex_unlock(&a->local);
+    _odf_restore_signals(&old);
+    return rc;
+}
+
+int odf_arena_prepare_write(odf_arena_t *a, uintptr_t addr, size_t len)
+{
+    return fault_range(a, addr, len, 0);
+}
+
+int odf_arena_populate(odf_arena_t *a, uintptr_t addr, size_t len)
+{
+    return fault_range(a, addr, len, 1);
+}
+
+int odf_arena_release(odf_arena_t *a, uintptr_t addr, size_t len)
+{
+    if (addr < a->base || addr + len > a->base + a->size || addr + len < addr ||
+        ((addr - a->base) & (ODF_CHUNK_SIZE - 1)) || (len & (ODF_CHUNK_SIZE - 1)))
+        return EINVAL;
+    uint32_t c0 = (uint32_t)((addr - a->base) >> ODF_CHUNK_SHIFT), n = (uint32_t)(len >> ODF_CHUNK_SHIFT);
+    int rc;
+    ODF_LOCKED(a, rc, {
+        for (uint32_t c = c0; c < c0 + n && !rc; c++) {
+            if (!a->mypt[c])
+                continue;
+            uintptr_t ca = a->base + ((uintptr_t)c << ODF_CHUNK_SHIFT);
+            if ((rc = _odf_reserve(ca, ODF_CHUNK_SIZE)))
+                break;
+            if (a->flags[c] & ODF_F_PARKED)
+                _odf_reserve(a->shadow + ((uintptr_t)c << ODF_CHUNK_SHIFT), ODF_CHUNK_SIZE);
+            a->flags[c] = 0;
+            _odf_seg_decref(a, a->mypt[c] - 1);
+            a->mypt[c] = 0;
+        }
+    });
     return rc;
 }

@@ -1,7 +1,7 @@
 /* fault_sigsegv.c - delivers write faults on arena memory to _odf_fault.
  *
  * This file only finds the arena and chunk of a faulting address; what a
- * fault means lives in pagetable.c.
+ * fault means lives in cow.c (_odf_fault).
  *
  * Contract of the handler (it runs at a moment when nothing about the
  * program's state is known): no malloc, no stdio, no locks other than the
@@ -41,27 +41,6 @@ static void die_by_default(int sig, siginfo_t *si)
     if (si->si_code <= 0)
         raise(sig); /* pending until we return, then fatal */
     /* a kernel fault: the instruction faults again, now with no handler */
-}
-
-void _odf_block_signals(sigset_t *old)
-{
-    sigset_t all;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, old);
-}
-
-void _odf_restore_signals(const sigset_t *old) { pthread_sigmask(SIG_SETMASK, old, NULL); }
-
-void _odf_write_stderr(const char *msg)
-{
-    size_t n = strlen(msg);
-    while (n) {
-        ssize_t w = write(2, msg, n);
-        if (w <= 0)
-            return;
-        msg += w;
-        n -= (size_t)w;
-    }
 }
 
 static void report(const char *what, uintptr_t addr, int err)

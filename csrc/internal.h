@@ -38,7 +38,11 @@
  *   a process maps chunk c MAP_SHARED writable only if refcnt[pt[c]] == 1
  *   a segment whose count is above 1 is never written (VIEWs read through it)
  *
- * Locking, outermost first:
+ * Locking, outermost first (a thread takes them only in this order):
+ *   install_lock  fault_sigsegv.c: installing the handler; nothing is taken under it.
+ *   _odf_registry_lock  registry.c: the arena table; the fork handlers hold it
+ *              from prepare to the parent/child handler and take every
+ *              arena's a->local under it, in table order.
  *   a->local   process-private; serialises fault resolution, fork prepare and
  *              every arena operation of this process.  Held with every signal
  *              blocked (the SIGSEGV handler runs with a full mask; other
@@ -185,49 +189,43 @@ struct odf_arena_s {
     int crash_in_handler;      /* test hook: fault inside the SIGSEGV handler */
 };
 
-/* region.c: mappings.  All are async-signal-safe (plain syscalls). */
+/* ---- The files, in layers: each uses only the files listed before it. ----
+ *
+ *   prim.c         clock, formatting, stderr, signal masks, pwrite (async-signal-safe)
+ *   park.c         a chunk's mappings: segment, view, reservation, unpark (async-signal-safe)
+ *   registry.c     the process's table of arenas
+ *   uffd.c         holding writers off a range during a fold; the userfaultfd probe
+ *   family.c       control block, family lock + recovery, segments, slots, liveness, reaping
+ *   cow.c          write faults (_odf_fault), prepare_write/populate/release, views and folds
+ *   fault_sigsegv.c  the SIGSEGV handler: finds the arena and chunk, calls _odf_fault
+ *   fork.c         the pthread_atfork protocol
+ *   snapshot.c     snapshots (slots of state SNAP)
+ *   check.c        stats, the invariant check, test hooks
+ *   arena.c        create / close (installs the handlers, builds the family)
+ *   heap.c         the block allocator over an arena range (public API only)
+ *   py/pyalloc.c   CPython's and numpy's allocator hooks over heap.c
+ */
+
+/* prim.c */
+uint64_t _odf_now_ns(void);
+char *_odf_fmt_u(char *p, unsigned long long v, int base);
+void _odf_write_stderr(const char *msg);
+void _odf_block_signals(sigset_t *old); /* every signal; *old for _odf_restore_signals */
+void _odf_restore_signals(const sigset_t *old);
+int _odf_pwrite_all(int fd, const void *src, size_t len, off_t off); /* EINTR retried; 0 or errno */
+
+/* park.c: a chunk's mappings.  Plain syscalls; the caller holds a->local. */
 int _odf_map_seg(odf_arena_t *a, uintptr_t addr, uint32_t seg, int prot, int populate);
 int _odf_map_view(odf_arena_t *a, uintptr_t addr, uint32_t seg, size_t len); /* MAP_PRIVATE, RW */
 int _odf_reserve(uintptr_t addr, size_t len);
 int _odf_unpark(odf_arena_t *a, uint32_t c); /* parked entries back over the arena chunk */
-int _odf_pwrite_all(int fd, const void *src, size_t len, off_t off);
-uint64_t _odf_now_ns(void);
-char *_odf_fmt_u(char *p, unsigned long long v, int base); /* async-signal-safe formatting */
 
-/* pagetable.c: family state.  pre: a->local held (signals blocked) unless noted. */
-int _odf_family_lock(odf_arena_t *a);
-void _odf_family_unlock(odf_arena_t *a);
-int _odf_fds_check(odf_arena_t *a);                                /* pre: family lock */
-int _odf_slot_hold_alive(odf_arena_t *a, uint32_t idx, int hold); /* take (1) or drop (0) */
-int _odf_slot_is_alive(odf_arena_t *a, uint32_t idx);            /* owner alive (see internal.h) */
-uint64_t _odf_proc_start_ticks(pid_t pid);                       /* 0 if unknown */
-int _odf_slot_alloc(odf_arena_t *a, uint32_t state, uint32_t *idx); /* pre: family lock */
-void _odf_slot_release(odf_arena_t *a, uint32_t idx);                 /* pre: family lock */
-void _odf_slot_share(odf_arena_t *a, uint32_t dst, const uint32_t *pt, uint32_t hi); /* pre: family lock */
-void _odf_reap_locked(odf_arena_t *a);                                /* pre: family lock */
-void _odf_seg_decref(odf_arena_t *a, uint32_t seg);                   /* pre: family lock */
-void _odf_trim_locked(odf_arena_t *a, uint32_t budget);               /* pre: family lock */
-int _odf_seg_alloc(odf_arena_t *a, uint32_t *seg, int overwrite);    /* pre: family lock */
-int _odf_ctl_init(odf_arena_t *a, uint32_t max_slots, uint32_t max_segs);
-/* Resolve a SIGSEGV or prepare_write on chunk c (async-signal-safe).  0 = resolved. */
-int _odf_fault(odf_arena_t *a, uint32_t c);
-
-/* cow.c: VIEW chunks.  pre: a->local and the family lock held. */
-#define ODF_FOLD_ANY UINT32_MAX
-/* Fold VIEW chunk c back into a segment: in place when its count is 1 and
- * it holds at most max_dirty private pages (else nothing is done and 0 is
- * returned), into a new segment when shared and `shared` is set. */
-int _odf_fold_locked(odf_arena_t *a, uint32_t c, uint32_t max_dirty, int shared, int *folded);
-/* Pages of VIEW chunk c the kernel copied for this process (private and
- * exclusive in /proc/self/pagemap, read through pm_fd; 0 if it is < 0). */
-int _odf_open_pagemap(void);
-uint32_t _odf_view_copied_pages(odf_arena_t *a, uint32_t c, int pm_fd);
-
-/* fault_sigsegv.c */
-int _odf_handler_install(void);
-void _odf_block_signals(sigset_t *old);
-void _odf_restore_signals(const sigset_t *old);
-void _odf_write_stderr(const char *msg);
+/* registry.c: lock-free reads (the handler), writes under _odf_registry_lock */
+extern odf_arena_t *_Atomic _odf_registry[ODF_MAX_ARENAS];
+extern pthread_mutex_t _odf_registry_lock;
+int _odf_registry_add(odf_arena_t *a);
+void _odf_registry_remove(odf_arena_t *a);
+odf_arena_t *_odf_registry_find(uintptr_t addr); /* async-signal-safe */
 
 /* uffd.c: holding writers off a range while it is folded. */
 /* Make [addr, addr+len) trap writes: userfaultfd write-protect (writers,
@@ -238,17 +236,43 @@ void _odf_write_stderr(const char *msg);
 int _odf_writers_hold(uintptr_t addr, size_t len, int *token);
 void _odf_writers_resume(int token);
 
+/* family.c: family state.  pre: a->local held (signals blocked) unless noted. */
+int _odf_ctl_init(odf_arena_t *a, uint32_t max_slots, uint32_t max_segs); /* a new family */
+int _odf_family_lock(odf_arena_t *a);
+void _odf_family_unlock(odf_arena_t *a);
+int _odf_fds_check(odf_arena_t *a);                                /* pre: family lock */
+int _odf_seg_alloc(odf_arena_t *a, uint32_t *seg, int overwrite);    /* pre: family lock */
+void _odf_seg_decref(odf_arena_t *a, uint32_t seg);                   /* pre: family lock */
+void _odf_trim_locked(odf_arena_t *a, uint32_t budget);               /* pre: family lock */
+int _odf_slot_alloc(odf_arena_t *a, uint32_t state, uint32_t *idx); /* pre: family lock */
+void _odf_slot_release(odf_arena_t *a, uint32_t idx);                 /* pre: family lock */
+void _odf_slot_share(odf_arena_t *a, uint32_t dst, const uint32_t *pt, uint32_t hi); /* pre: family lock */
+int _odf_slot_hold_alive(odf_arena_t *a, uint32_t idx, int hold); /* take (1) or drop (0) */
+int _odf_slot_is_alive(odf_arena_t *a, uint32_t idx);            /* owner alive (see above) */
+uint64_t _odf_proc_start_ticks(pid_t pid);                       /* 0 if unknown */
+void _odf_reap_locked(odf_arena_t *a);                                /* pre: family lock */
+
+/* cow.c */
+/* Resolve a SIGSEGV or prepare_write on chunk c (async-signal-safe).  0 = resolved. */
+int _odf_fault(odf_arena_t *a, uint32_t c);
+#define ODF_FOLD_ANY UINT32_MAX
+/* Fold VIEW chunk c back into a segment: in place when its count is 1 and
+ * it holds at most max_dirty private pages (else nothing is done and 0 is
+ * returned), into a new segment when shared and `shared` is set.
+ * pre: a->local and the family lock. */
+int _odf_fold_locked(odf_arena_t *a, uint32_t c, uint32_t max_dirty, int shared, int *folded);
+/* Pages of VIEW chunk c the kernel copied for this process (private and
+ * exclusive in /proc/self/pagemap, read through pm_fd; 0 if it is < 0). */
+int _odf_open_pagemap(void);
+uint32_t _odf_view_copied_pages(odf_arena_t *a, uint32_t c, int pm_fd);
+
+/* fault_sigsegv.c */
+int _odf_handler_install(void);
+
 /* fork.c */
 int _odf_fork_handlers_install(void);
 int _odf_write_protect(odf_arena_t *a); /* pre: a->local held; parks every writable chunk */
 void _odf_child_setup(odf_arena_t *a); /* in the child of a fork */
-
-/* registry (region.c): lock-free reads from the handler, writes under a process mutex */
-extern odf_arena_t *_Atomic _odf_registry[ODF_MAX_ARENAS];
-int _odf_registry_add(odf_arena_t *a);
-void _odf_registry_remove(odf_arena_t *a);
-odf_arena_t *_odf_registry_find(uintptr_t addr);
-extern pthread_mutex_t _odf_registry_lock;
 
 /* Run the statements after `rc` with signals blocked, a->local and the family
  * lock held; rc is set to the locking error (EOWNERDEAD for a process that

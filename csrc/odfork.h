@@ -147,11 +147,15 @@ int odf_snapshot_map(odf_arena_t *a, uint64_t id, uintptr_t *addr); /* read-only
 int odf_snapshot_unmap(uintptr_t addr, size_t size);
 int odf_snapshot_restore(odf_arena_t *a, uint64_t id);
 
-/* Debug/test hook: corrupt the family state on purpose (tests prove that
- * check() can fail).  what: 1 = bump a refcount, 2 = map a shared chunk
- * writable without copying (a broken COW), 3 = undo 1, 4 = die of SIGKILL
- * holding the family lock with a count half updated, 5 = fault inside the
- * SIGSEGV handler on the next arena fault. */
+/* Test hooks: break the family state on purpose (tests prove that check()
+ * and the isolation tests can fail).  `what` is one of: */
+enum odf_debug_hook {
+    ODF_DEBUG_EXTRA_REF = 1,       /* one count too many on the chunk's segment */
+    ODF_DEBUG_BROKEN_COW = 2,      /* resolve shared faults without a copy (a broken COW) */
+    ODF_DEBUG_DROP_EXTRA_REF = 3,  /* undo ODF_DEBUG_EXTRA_REF */
+    ODF_DEBUG_DIE_LOCKED = 4,      /* die of SIGKILL holding the family lock, a count half updated */
+    ODF_DEBUG_CRASH_IN_HANDLER = 5 /* fault inside the SIGSEGV handler on the next arena fault */
+};
 int _odf_debug_break(odf_arena_t *a, int what, uint32_t chunk);
 
 /* ---- heap.c: a block allocator in an arena range (see heap.c) ----

@@ -40,6 +40,13 @@ void odf_fork_note_child(pid_t pid);
 void odf_fork_abort(void);
 int odf_fork_last_error(void);
 int odf_handler_ensure(void);
+enum odf_debug_hook {
+    ODF_DEBUG_EXTRA_REF = 1,       /* one count too many on the chunk's segment */
+    ODF_DEBUG_BROKEN_COW = 2,      /* resolve shared faults without a copy (a broken COW) */
+    ODF_DEBUG_DROP_EXTRA_REF = 3,  /* undo ODF_DEBUG_EXTRA_REF */
+    ODF_DEBUG_DIE_LOCKED = 4,      /* die of SIGKILL holding the family lock, a count half updated */
+    ODF_DEBUG_CRASH_IN_HANDLER = 5 /* fault inside the SIGSEGV handler on the next arena fault */
+};
 int _odf_debug_break(odf_arena_t *a, int what, uint32_t chunk);
 void *memset(void *s, int c, size_t n);
 int odf_snapshot_take(odf_arena_t *a, uint64_t *id);

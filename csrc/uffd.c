@@ -46,28 +46,29 @@
 
 static _Atomic int uffd_wanted; /* odf_uffd_enable */
 
-/* A full (kernel-fault) userfaultfd, handshaken for NEEDED_FEATURES, or -errno. */
-static int open_full(void)
+/* A full (kernel-fault) userfaultfd, handshaken for NEEDED_FEATURES, in *out: 0 or errno. */
+static int open_full(int *out)
 {
     int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
         int err = errno;
         int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
         if (dev < 0)
-            return -(err == ENOSYS ? ENOSYS : EPERM);
+            return err == ENOSYS ? ENOSYS : EPERM;
         fd = ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
         err = errno;
         close(dev);
         if (fd < 0)
-            return -err;
+            return err;
     }
     struct uffdio_api api = {.api = UFFD_API, .features = NEEDED_FEATURES};
     if (ioctl(fd, UFFDIO_API, &api) < 0) {
         int err = errno;
         close(fd);
-        return -(err == EINVAL ? EOPNOTSUPP : err);
+        return err == EINVAL ? EOPNOTSUPP : err;
     }
-    return fd;
+    *out = fd;
+    return 0;
 }
 
 /* Register and write-protect [addr, addr+len) on fd: 0 or errno. */
@@ -84,11 +85,11 @@ static int wp_range(int fd, uintptr_t addr, size_t len)
 
 int odf_uffd_probe(void)
 {
-    int fd = open_full();
-    if (fd < 0)
-        return -fd;
+    int fd, rc = open_full(&fd);
+    if (rc)
+        return rc;
     /* Write-protect one page of a private memfd view, as a fold does. */
-    int rc, mfd = memfd_create("odfork-probe", MFD_CLOEXEC);
+    int mfd = memfd_create("odfork-probe", MFD_CLOEXEC);
     void *p = MAP_FAILED;
     if (mfd < 0 || ftruncate(mfd, PAGE) < 0 ||
         (p = mmap(NULL, PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE, mfd, 0)) == MAP_FAILED)
@@ -115,8 +116,8 @@ int _odf_writers_hold(uintptr_t addr, size_t len, int *token)
 {
     *token = -1;
     if (atomic_load(&uffd_wanted)) {
-        int fd = open_full();
-        if (fd >= 0) {
+        int fd;
+        if (open_full(&fd) == 0) {
             if (wp_range(fd, addr, len) == 0) {
                 *token = fd;
                 return 0;

@@ -11,7 +11,9 @@ from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
 CSRC = HERE.parent / "csrc"
-SOURCES = ["region.c", "pagetable.c", "fault_sigsegv.c", "uffd.c", "cow.c", "fork.c", "snapshot.c", "heap.c", "py/pyalloc.c"]
+# in layers, each file using only those before it (see csrc/internal.h)
+SOURCES = ["prim.c", "park.c", "registry.c", "uffd.c", "family.c", "cow.c", "fault_sigsegv.c", "fork.c",
+           "snapshot.c", "check.c", "arena.c", "heap.c", "py/pyalloc.c"]
 
 ffi = FFI()
 ffi.cdef((CSRC / "odfork_cdef.h").read_text())

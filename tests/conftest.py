@@ -19,7 +19,7 @@ if os.environ.get("ODFORK_TEST_BREAK") == "cow":
 
     def _broken_init(self, *a, **kw):
         _orig_init(self, *a, **kw)
-        lib._odf_debug_break(self._h, 2, 0)
+        lib._odf_debug_break(self._h, lib.ODF_DEBUG_BROKEN_COW, 0)
 
     ou.Arena.__init__ = _broken_init
 

@@ -264,10 +264,10 @@ def test_check_detects_a_wrong_count(arena):
     buf = arena.alloc(CH)
     buf[0] = 1
     arena.check()
-    assert lib._odf_debug_break(arena._h, 1, 0) == 0
+    assert lib._odf_debug_break(arena._h, lib.ODF_DEBUG_EXTRA_REF, 0) == 0
     with pytest.raises(ou.CorruptionError, match="count 2 but 1 holders"):
         arena.check()
-    assert lib._odf_debug_break(arena._h, 3, 0) == 0
+    assert lib._odf_debug_break(arena._h, lib.ODF_DEBUG_DROP_EXTRA_REF, 0) == 0
     arena.check()
 
 
@@ -278,7 +278,7 @@ def test_lock_holder_killed_mid_update_is_recovered(arena):
 
     def child():
         buf[CH] = 1                              # a private copy, then die inside the lock
-        lib._odf_debug_break(arena._h, 4, 1)
+        lib._odf_debug_break(arena._h, lib.ODF_DEBUG_DIE_LOCKED, 1)
 
     pid, r = start_child(child)
     _, st = os.waitpid(pid, 0)

@@ -82,7 +82,7 @@ def test_fault_inside_the_handler_kills_instead_of_recursing():
         import ctypes, odfork_user as ou
         from odfork_user._core import lib
         a = ou.Arena(1 << 23)
-        lib._odf_debug_break(a._h, 5, 0)
+        lib._odf_debug_break(a._h, lib.ODF_DEBUG_CRASH_IN_HANDLER, 0)
         ctypes.memset(a.address + (1 << 22), 1, 1)   # first touch: the SIGSEGV handler
         print("survived")
     """, timeout=30)

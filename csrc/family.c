@@ -1,11 +1,12 @@
-/* pagetable.c - family state: segment counts, the free-segment stack, slots
- * (software page tables), reaping of dead members, recovery, the invariant
- * check, and write-fault resolution (copy on first write, reuse at count 1).
+/* family.c - the state a family shares, in its control memfd: the control
+ * block, the family lock and its recovery, segment counts and the free and
+ * kept stacks, slots (software page tables), liveness of their owners, and
+ * reaping of dead members.
  *
- * Everything here that the SIGSEGV handler reaches (_odf_fault and what it
- * calls) is async-signal-safe: no malloc, no stdio, only syscalls, atomics and
- * the robust pthread mutex (whose lock/unlock are futex operations; they are
- * never re-entered, see the locking rules in internal.h).
+ * Above prim.c and park.c only.  Everything the SIGSEGV handler reaches
+ * (through cow.c's _odf_fault) is async-signal-safe: no malloc, no stdio, only
+ * syscalls, atomics and the robust pthread mutex (whose lock/unlock are futex
+ * operations; they are never re-entered, see the locking rules in internal.h).
  */
 #include "internal.h"
 
@@ -117,23 +118,26 @@ int _odf_slot_is_alive(odf_arena_t *a, uint32_t idx)
     return errno == ENOENT ? 0 : 1;
 }
 
-/* Reopen fd's file from /proc/self/map_files/<start>-<end> of a mapping of it. */
-static int reopen_mapped(uintptr_t start, size_t len, uint64_t ino, uint64_t dev)
+/* Reopen fd's file from /proc/self/map_files/<start>-<end> of a mapping of it
+ * into *out (-1 when it cannot be): 0 or errno. */
+static int reopen_mapped(uintptr_t start, size_t len, uint64_t ino, uint64_t dev, int *out)
 {
     char path[96], *p = path;
+    *out = -1;
     memcpy(p, "/proc/self/map_files/", 21);
     p = _odf_fmt_u(p + 21, start, 16);
     *p++ = '-';
     _odf_fmt_u(p, start + len, 16);
     int fd = open(path, O_RDWR | O_CLOEXEC);
     if (fd < 0)
-        return -errno;
+        return errno;
     struct stat st;
     if (fstat(fd, &st) < 0 || (uint64_t)st.st_ino != ino || (uint64_t)st.st_dev != dev) {
         close(fd);
-        return -EBADF;
+        return EBADF;
     }
-    return fd;
+    *out = fd;
+    return 0;
 }
 
 static int fd_is(int fd, uint64_t ino, uint64_t dev)
@@ -144,21 +148,18 @@ static int fd_is(int fd, uint64_t ino, uint64_t dev)
 
 int _odf_fds_check(odf_arena_t *a)
 {
-    int rc = 0;
+    int rc = 0, err;
     if (!fd_is(a->pool_fd, a->pool_ino, a->pool_dev)) {
-        /* the number is the program's now (or nothing): never close it */
-        int fd = reopen_mapped(a->anchor, 4096, a->pool_ino, a->pool_dev);
-        a->pool_fd = fd; /* -errno when it cannot: mmaps and copies fail with EBADF */
-        if (fd < 0)
-            rc = -fd;
+        /* the number is the program's now (or nothing): never close it.  -1 when
+         * it cannot be reopened: mmaps and copies then fail with EBADF */
+        rc = reopen_mapped(a->anchor, 4096, a->pool_ino, a->pool_dev, &a->pool_fd);
     }
     if (!fd_is(a->ctl_fd, a->ctl_ino, a->ctl_dev)) {
-        int fd = reopen_mapped((uintptr_t)a->ctl, a->ctl->total, a->ctl_ino, a->ctl_dev);
-        a->ctl_fd = fd;
-        if (fd >= 0)
+        err = reopen_mapped((uintptr_t)a->ctl, a->ctl->total, a->ctl_ino, a->ctl_dev, &a->ctl_fd);
+        if (!err)
             _odf_slot_hold_alive(a, a->self, 1); /* the lock went with the old descriptor */
         else if (!rc)
-            rc = -fd;
+            rc = err;
     }
     return rc;
 }
@@ -466,112 +467,6 @@ void _odf_reap_locked(odf_arena_t *a)
     errno = saved;
 }
 
-/* ---- fault resolution ---- */
-
-/* pwrite lets the kernel allocate the pool pages as it copies: no zeroing and
- * no 512 separate first-write faults. */
-static int copy_chunk(odf_arena_t *a, uintptr_t src, uint32_t dst_seg)
-{
-    return _odf_pwrite_all(a->pool_fd, (const void *)src, ODF_CHUNK_SIZE, (off_t)dst_seg << ODF_CHUNK_SHIFT);
-}
-
-/* pre: a->local held, signals blocked, chunk c is in the arena.
- * Makes chunk c writable in this process, preserving its bytes:
- *   NONE    -> OWNED, a fresh zero segment;
- *   LOCKED  -> OWNED: count 1, the parked entries move back (or mprotect);
- *              count > 1, a copy into a new segment;
- *   OWNED or VIEW: already writable (a fold that held this writer off has
- *              finished, or another thread resolved it): the chunk is made
- *              writable again, so that a retry cannot fault for ever. */
-int _odf_fault(odf_arena_t *a, uint32_t c)
-{
-    uintptr_t addr = a->base + ((uintptr_t)c << ODF_CHUNK_SHIFT);
-    uintptr_t sh = a->shadow + ((uintptr_t)c << ODF_CHUNK_SHIFT);
-    if (a->flags[c] & (ODF_F_WRITABLE | ODF_F_PRIVATE))
-        return mprotect((void *)addr, ODF_CHUNK_SIZE, PROT_READ | PROT_WRITE) < 0 ? errno : 0;
-    odf_slot_t *me = &a->slots[a->self];
-    uint32_t seg, nseg;
-    int rc = _odf_family_lock(a);
-    if (rc)
-        return rc;
-    a->n_faults++;
-    _odf_trim_locked(a, ODF_TRIM_STEP);
-    uint32_t e = a->mypt[c];
-    if (e == 0) { /* first touch: a fresh (zero) segment */
-        if ((rc = _odf_seg_alloc(a, &nseg, 0))) {
-            _odf_family_unlock(a);
-            return rc;
-        }
-        a->mypt[c] = nseg + 1;
-        if (c >= me->hi)
-            me->hi = a->hi = c + 1;
-        _odf_family_unlock(a);
-        if ((rc = _odf_map_seg(a, addr, nseg, PROT_READ | PROT_WRITE, 0))) {
-            _odf_family_lock(a);
-            a->mypt[c] = 0;
-            _odf_seg_decref(a, nseg);
-            _odf_family_unlock(a);
-            return rc;
-        }
-        a->flags[c] = ODF_F_WRITABLE;
-        return 0;
-    }
-    seg = e - 1;
-    if (a->refcnt[seg] > 1)
-        _odf_reap_locked(a); /* a sharer may have died: then it is ours alone */
-    if (a->refcnt[seg] == 1 || a->broken_cow) {
-        /* Ours alone; the count cannot rise again without this process
-         * (fork and snapshot take a->local, which we hold). */
-        _odf_family_unlock(a);
-        if (a->flags[c] & ODF_F_PARKED) {
-            if ((rc = _odf_unpark(a, c)))
-                return rc;
-            a->flags[c] &= (uint8_t)~ODF_F_PARKED;
-        } else if (mprotect((void *)addr, ODF_CHUNK_SIZE, PROT_READ | PROT_WRITE) < 0) {
-            return errno;
-        }
-        a->flags[c] = ODF_F_WRITABLE;
-        a->n_reuse++;
-        return 0;
-    }
-    /* Shared: copy into a new segment.  Our reference to the old one moves to
-     * the pin so it stays alive (and counted) while we read it unlocked. */
-    if ((rc = _odf_seg_alloc(a, &nseg, 1))) {
-        _odf_family_unlock(a);
-        return rc;
-    }
-    a->mypt[c] = nseg + 1;
-    me->pin = seg + 1;
-    _odf_family_unlock(a);
-
-    rc = copy_chunk(a, (a->flags[c] & ODF_F_PARKED) ? sh : addr, nseg);
-    if (!rc)
-        rc = _odf_map_seg(a, addr, nseg, PROT_READ | PROT_WRITE, 1);
-    _odf_family_lock(a);
-    if (rc) { /* undo: chunk c still maps seg, read-only */
-        a->mypt[c] = seg + 1;
-        me->pin = 0;
-        _odf_seg_decref(a, nseg);
-        _odf_family_unlock(a);
-        return rc;
-    }
-    me->pin = 0;
-    _odf_seg_decref(a, seg);
-    _odf_family_unlock(a);
-    if (a->flags[c] & ODF_F_PARKED)
-        _odf_reserve(sh, ODF_CHUNK_SIZE); /* the parked mapping showed seg: drop it */
-    a->flags[c] = ODF_F_WRITABLE;
-    a->n_cow++;
-    a->n_bytes += ODF_CHUNK_SIZE;
-    return 0;
-}
-
-int odf_arena_set_page_cow(odf_arena_t *a, int on)
-{
-    a->page_cow = on ? 1 : 0;
-    return 0;
-}
-
 /* ---- public operations ---- */
 
 int odf_arena_reap(odf_arena_t *a)
@@ -579,265 +474,4 @@ int odf_arena_reap(odf_arena_t *a)
     int rc;
     ODF_LOCKED(a, rc, _odf_reap_locked(a); _odf_trim_locked(a, UINT32_MAX));
     return rc;
-}
-
-int odf_arena_stats(odf_arena_t *a, odf_stats_t *out)
-{
-    int rc;
-    memset(out, 0, sizeof(*out));
-    ODF_LOCKED(a, rc, {
-        _odf_reap_locked(a);
-        _odf_trim_locked(a, UINT32_MAX);
-        out->chunks = a->nchunks;
-        out->cow_copies = a->n_cow;
-        out->bytes_copied = a->n_bytes;
-        int pm_fd = -1;
-        for (uint32_t c = 0; c < a->hi; c++) {
-            if (a->mypt[c]) {
-                out->chunks_resident++;
-                if (a->refcnt[a->mypt[c] - 1] > 1)
-                    out->chunks_shared++;
-            }
-            if (a->flags[c] & ODF_F_PRIVATE) {
-                /* the kernel's page copies: counted where they live now */
-                out->views++;
-                if (pm_fd < 0)
-                    pm_fd = _odf_open_pagemap();
-                uint32_t n = _odf_view_copied_pages(a, c, pm_fd);
-                out->cow_copies += n > 0;
-                out->bytes_copied += (uint64_t)n * 4096;
-            }
-        }
-        if (pm_fd >= 0)
-            close(pm_fd);
-        out->faults = a->n_faults;
-        out->reuses = a->n_reuse;
-        out->forks = a->n_forks;
-        out->folds = a->n_folds;
-        out->segments_live = a->ctl->segments_live;
-        out->segments_max = a->ctl->max_segs;
-        for (uint32_t i = 0; i < a->ctl->slot_hwm; i++)
-            if (ODF_SG_STATE(atomic_load(&a->slots[i].sg)) != ODF_SLOT_FREE)
-                out->slots_used++;
-    });
-    return rc;
-}
-
-static int check_locked(odf_arena_t *a, char *msg, size_t len)
-{
-    odf_ctl_t *ctl = a->ctl;
-    uint32_t nseg = ctl->seg_hwm;
-    if (ctl->magic != ODF_CTL_MAGIC)
-        return snprintf(msg, len, "control block magic is wrong"), EUCLEAN;
-    uint32_t *cnt = calloc(nseg ? nseg : 1, sizeof(uint32_t));
-    uint8_t *isfree = calloc(nseg ? nseg : 1, 1);
-    int rc = 0;
-    if (!cnt || !isfree) {
-        rc = ENOMEM;
-        goto out;
-    }
-    for (uint32_t i = 0; i < ctl->slot_hwm; i++) {
-        odf_slot_t *s = &a->slots[i];
-        uint32_t st = ODF_SG_STATE(atomic_load(&s->sg));
-        uint32_t *pt = ODF_PT(a, i);
-        if (st == ODF_SLOT_FREE || st == ODF_SLOT_DYING) {
-            for (uint32_t c = 0; c < ctl->nchunks; c++)
-                if (pt[c]) {
-                    snprintf(msg, len, "free slot %u holds chunk %u -> segment %u", i, c, pt[c] - 1);
-                    rc = EUCLEAN;
-                    goto out;
-                }
-            continue;
-        }
-        for (uint32_t c = 0; c < ctl->nchunks; c++) {
-            if (!pt[c])
-                continue;
-            if (c >= s->hi || pt[c] - 1 >= nseg) {
-                snprintf(msg, len, "slot %u chunk %u: entry %u out of range (hi %u, segments %u)",
-                         i, c, pt[c], s->hi, nseg);
-                rc = EUCLEAN;
-                goto out;
-            }
-            cnt[pt[c] - 1]++;
-        }
-        if (s->pin)
-            cnt[s->pin - 1]++;
-    }
-    for (uint32_t k = 0; k < ctl->nfree; k++) {
-        uint32_t s = a->freestack[k];
-        if (s >= nseg || isfree[s]) {
-            snprintf(msg, len, "free stack entry %u (segment %u) is out of range or repeated", k, s);
-            rc = EUCLEAN;
-            goto out;
-        }
-        isfree[s] = 1;
-    }
-    for (uint32_t k = 0; k < ctl->ndirty; k++) {
-        uint32_t s = a->dirty[k];
-        if (s >= nseg || isfree[s]) {
-            snprintf(msg, len, "kept-segment entry %u (segment %u) is out of range or repeated", k, s);
-            rc = EUCLEAN;
-            goto out;
-        }
-        isfree[s] = 1;
-    }
-    for (uint32_t s = 0; s < nseg; s++) {
-        if (cnt[s] != a->refcnt[s]) {
-            snprintf(msg, len, "segment %u: count %u but %u holders", s, a->refcnt[s], cnt[s]);
-            rc = EUCLEAN;
-            goto out;
-        }
-        if ((cnt[s] == 0) != isfree[s]) {
-            snprintf(msg, len, "segment %u: %u holders but %s the free stack", s, cnt[s],
-                     isfree[s] ? "on" : "not on");
-            rc = EUCLEAN;
-            goto out;
-        }
-    }
-    if (ctl->segments_live != (uint64_t)nseg - ctl->nfree - ctl->ndirty) {
-        snprintf(msg, len, "segments_live %llu != %u allocated",
-                 (unsigned long long)ctl->segments_live, nseg - ctl->nfree - ctl->ndirty);
-        rc = EUCLEAN;
-        goto out;
-    }
-    for (uint32_t c = 0; c < a->nchunks; c++) {
-        uint8_t f = a->flags[c];
-        uint32_t e = a->mypt[c];
-        if ((f & (ODF_F_WRITABLE | ODF_F_PARKED | ODF_F_PRIVATE | ODF_F_FOLDING)) && !e) {
-            snprintf(msg, len, "chunk %u: mapped (flags %u) but not in the page table", c, f);
-            rc = EUCLEAN;
-            goto out;
-        }
-        if ((f & ODF_F_WRITABLE) && a->refcnt[e - 1] != 1) {
-            snprintf(msg, len, "chunk %u: writable while segment %u is shared (count %u)", c, e - 1,
-                     a->refcnt[e - 1]);
-            rc = EUCLEAN;
-            goto out;
-        }
-        if ((f & ODF_F_WRITABLE) && (f & (ODF_F_PARKED | ODF_F_PRIVATE))) {
-            snprintf(msg, len, "chunk %u: writable and parked or private (flags %u)", c, f);
-            rc = EUCLEAN;
-            goto out;
-        }
-        if (f & ODF_F_FOLDING) {
-            snprintf(msg, len, "chunk %u: left folding", c);
-            rc = EUCLEAN;
-            goto out;
-        }
-    }
-out:
-    free(cnt);
-    free(isfree);
-    return rc;
-}
-
-int odf_arena_check(odf_arena_t *a, char *msg, size_t msglen)
-{
-    int rc;
-    msg[0] = 0;
-    ODF_LOCKED(a, rc, {
-        _odf_reap_locked(a);
-        _odf_trim_locked(a, UINT32_MAX);
-        rc = check_locked(a, msg, msglen);
-    });
-    return rc;
-}
-
-/* Resolve a fault on every chunk of [addr, addr+len) (only_fresh: only on
- * chunks not yet resident), as a write there would. */
-static int fault_range(odf_arena_t *a, uintptr_t addr, size_t len, int only_fresh)
-{
-    if (len == 0)
-        return 0;
-    if (addr < a->base || addr + len > a->base + a->size || addr + len < addr)
-        return EINVAL;
-    uint32_t c0 = (uint32_t)((addr - a->base) >> ODF_CHUNK_SHIFT);
-    uint32_t c1 = (uint32_t)((addr + len - 1 - a->base) >> ODF_CHUNK_SHIFT);
-    sigset_t old;
-    int rc = 0;
-    _odf_block_signals(&old);
-    pthread_mutex_lock(&a->local);
-    if (a->orphaned)
-        rc = EOWNERDEAD;
-    for (uint32_t c = c0; c <= c1 && !rc; c++)
-        if (only_fresh ? !a->mypt[c] : !(a->flags[c] & (ODF_F_WRITABLE | ODF_F_PRIVATE)))
-            rc = _odf_fault(a, c);
-    pthread_mutex_unlock(&a->local);
-    _odf_restore_signals(&old);
-    return rc;
-}
-
-int odf_arena_prepare_write(odf_arena_t *a, uintptr_t addr, size_t len)
-{
-    return fault_range(a, addr, len, 0);
-}
-
-int odf_arena_populate(odf_arena_t *a, uintptr_t addr, size_t len)
-{
-    return fault_range(a, addr, len, 1);
-}
-
-int odf_arena_release(odf_arena_t *a, uintptr_t addr, size_t len)
-{
-    if (addr < a->base || addr + len > a->base + a->size || addr + len < addr ||
-        ((addr - a->base) & (ODF_CHUNK_SIZE - 1)) || (len & (ODF_CHUNK_SIZE - 1)))
-        return EINVAL;
-    uint32_t c0 = (uint32_t)((addr - a->base) >> ODF_CHUNK_SHIFT), n = (uint32_t)(len >> ODF_CHUNK_SHIFT);
-    int rc;
-    ODF_LOCKED(a, rc, {
-        for (uint32_t c = c0; c < c0 + n && !rc; c++) {
-            if (!a->mypt[c])
-                continue;
-            uintptr_t ca = a->base + ((uintptr_t)c << ODF_CHUNK_SHIFT);
-            if ((rc = _odf_reserve(ca, ODF_CHUNK_SIZE)))
-                break;
-            if (a->flags[c] & ODF_F_PARKED)
-                _odf_reserve(a->shadow + ((uintptr_t)c << ODF_CHUNK_SHIFT), ODF_CHUNK_SIZE);
-            a->flags[c] = 0;
-            _odf_seg_decref(a, a->mypt[c] - 1);
-            a->mypt[c] = 0;
-        }
-    });
-    return rc;
-}
-
-int _odf_debug_break(odf_arena_t *a, int what, uint32_t chunk)
-{
-    if (chunk >= a->nchunks)
-        return EINVAL;
-    int rc;
-    if (what == 1) {
-        ODF_LOCKED(a, rc, {
-            if (a->mypt[chunk])
-                a->refcnt[a->mypt[chunk] - 1]++;
-        });
-        return rc;
-    }
-    if (what == 3) { /* undo what == 1 */
-        ODF_LOCKED(a, rc, {
-            if (a->mypt[chunk] && a->refcnt[a->mypt[chunk] - 1] > 1)
-                a->refcnt[a->mypt[chunk] - 1]--;
-        });
-        return rc;
-    }
-    if (what == 4) { /* die of SIGKILL holding the family lock, mid-update */
-        sigset_t old;
-        _odf_block_signals(&old);
-        pthread_mutex_lock(&a->local);
-        _odf_family_lock(a);
-        if (a->mypt[chunk])
-            a->refcnt[a->mypt[chunk] - 1] += 5;
-        kill(getpid(), SIGKILL);
-        for (;;)
-            pause();
-    }
-    if (what == 5) {
-        a->crash_in_handler = 1;
-        return 0;
-    }
-    if (what == 2) {
-        a->broken_cow = 1;
-        return 0;
-    }
-    return EINVAL;
 }

@@ -1,0 +1,216 @@
+/* check.c - what the core reports about itself: stats, the invariant check,
+ * and the test hooks that break an invariant on purpose (_odf_debug_break).
+ *
+ * Above family.c and cow.c (it reads their state); nothing calls into it
+ * but the public API.
+ */
+#include "internal.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+int odf_arena_stats(odf_arena_t *a, odf_stats_t *out)
+{
+    int rc;
+    memset(out, 0, sizeof(*out));
+    ODF_LOCKED(a, rc, {
+        _odf_reap_locked(a);
+        _odf_trim_locked(a, UINT32_MAX);
+        out->chunks = a->nchunks;
+        out->cow_copies = a->n_cow;
+        out->bytes_copied = a->n_bytes;
+        int pm_fd = -1;
+        for (uint32_t c = 0; c < a->hi; c++) {
+            if (a->mypt[c]) {
+                out->chunks_resident++;
+                if (a->refcnt[a->mypt[c] - 1] > 1)
+                    out->chunks_shared++;
+            }
+            if (a->flags[c] & ODF_F_PRIVATE) {
+                /* the kernel's page copies: counted where they live now */
+                out->views++;
+                if (pm_fd < 0)
+                    pm_fd = _odf_open_pagemap();
+                uint32_t n = _odf_view_copied_pages(a, c, pm_fd);
+                out->cow_copies += n > 0;
+                out->bytes_copied += (uint64_t)n * 4096;
+            }
+        }
+        if (pm_fd >= 0)
+            close(pm_fd);
+        out->faults = a->n_faults;
+        out->reuses = a->n_reuse;
+        out->forks = a->n_forks;
+        out->folds = a->n_folds;
+        out->segments_live = a->ctl->segments_live;
+        out->segments_max = a->ctl->max_segs;
+        for (uint32_t i = 0; i < a->ctl->slot_hwm; i++)
+            if (ODF_SG_STATE(atomic_load(&a->slots[i].sg)) != ODF_SLOT_FREE)
+                out->slots_used++;
+    });
+    return rc;
+}
+
+static int check_locked(odf_arena_t *a, char *msg, size_t len)
+{
+    odf_ctl_t *ctl = a->ctl;
+    uint32_t nseg = ctl->seg_hwm;
+    if (ctl->magic != ODF_CTL_MAGIC)
+        return snprintf(msg, len, "control block magic is wrong"), EUCLEAN;
+    uint32_t *cnt = calloc(nseg ? nseg : 1, sizeof(uint32_t));
+    uint8_t *isfree = calloc(nseg ? nseg : 1, 1);
+    int rc = 0;
+    if (!cnt || !isfree) {
+        rc = ENOMEM;
+        goto out;
+    }
+    for (uint32_t i = 0; i < ctl->slot_hwm; i++) {
+        odf_slot_t *s = &a->slots[i];
+        uint32_t st = ODF_SG_STATE(atomic_load(&s->sg));
+        uint32_t *pt = ODF_PT(a, i);
+        if (st == ODF_SLOT_FREE || st == ODF_SLOT_DYING) {
+            for (uint32_t c = 0; c < ctl->nchunks; c++)
+                if (pt[c]) {
+                    snprintf(msg, len, "free slot %u holds chunk %u -> segment %u", i, c, pt[c] - 1);
+                    rc = EUCLEAN;
+                    goto out;
+                }
+            continue;
+        }
+        for (uint32_t c = 0; c < ctl->nchunks; c++) {
+            if (!pt[c])
+                continue;
+            if (c >= s->hi || pt[c] - 1 >= nseg) {
+                snprintf(msg, len, "slot %u chunk %u: entry %u out of range (hi %u, segments %u)",
+                         i, c, pt[c], s->hi, nseg);
+                rc = EUCLEAN;
+                goto out;
+            }
+            cnt[pt[c] - 1]++;
+        }
+        if (s->pin)
+            cnt[s->pin - 1]++;
+    }
+    for (uint32_t k = 0; k < ctl->nfree; k++) {
+        uint32_t s = a->freestack[k];
+        if (s >= nseg || isfree[s]) {
+            snprintf(msg, len, "free stack entry %u (segment %u) is out of range or repeated", k, s);
+            rc = EUCLEAN;
+            goto out;
+        }
+        isfree[s] = 1;
+    }
+    for (uint32_t k = 0; k < ctl->ndirty; k++) {
+        uint32_t s = a->dirty[k];
+        if (s >= nseg || isfree[s]) {
+            snprintf(msg, len, "kept-segment entry %u (segment %u) is out of range or repeated", k, s);
+            rc = EUCLEAN;
+            goto out;
+        }
+        isfree[s] = 1;
+    }
+    for (uint32_t s = 0; s < nseg; s++) {
+        if (cnt[s] != a->refcnt[s]) {
+            snprintf(msg, len, "segment %u: count %u but %u holders", s, a->refcnt[s], cnt[s]);
+            rc = EUCLEAN;
+            goto out;
+        }
+        if ((cnt[s] == 0) != isfree[s]) {
+            snprintf(msg, len, "segment %u: %u holders but %s the free stack", s, cnt[s],
+                     isfree[s] ? "on" : "not on");
+            rc = EUCLEAN;
+            goto out;
+        }
+    }
+    if (ctl->segments_live != (uint64_t)nseg - ctl->nfree - ctl->ndirty) {
+        snprintf(msg, len, "segments_live %llu != %u allocated",
+                 (unsigned long long)ctl->segments_live, nseg - ctl->nfree - ctl->ndirty);
+        rc = EUCLEAN;
+        goto out;
+    }
+    for (uint32_t c = 0; c < a->nchunks; c++) {
+        uint8_t f = a->flags[c];
+        uint32_t e = a->mypt[c];
+        if ((f & (ODF_F_WRITABLE | ODF_F_PARKED | ODF_F_PRIVATE | ODF_F_FOLDING)) && !e) {
+            snprintf(msg, len, "chunk %u: mapped (flags %u) but not in the page table", c, f);
+            rc = EUCLEAN;
+            goto out;
+        }
+        if ((f & ODF_F_WRITABLE) && a->refcnt[e - 1] != 1) {
+            snprintf(msg, len, "chunk %u: writable while segment %u is shared (count %u)", c, e - 1,
+                     a->refcnt[e - 1]);
+            rc = EUCLEAN;
+            goto out;
+        }
+        if ((f & ODF_F_WRITABLE) && (f & (ODF_F_PARKED | ODF_F_PRIVATE))) {
+            snprintf(msg, len, "chunk %u: writable and parked or private (flags %u)", c, f);
+            rc = EUCLEAN;
+            goto out;
+        }
+        if (f & ODF_F_FOLDING) {
+            snprintf(msg, len, "chunk %u: left folding", c);
+            rc = EUCLEAN;
+            goto out;
+        }
+    }
+out:
+    free(cnt);
+    free(isfree);
+    return rc;
+}
+
+int odf_arena_check(odf_arena_t *a, char *msg, size_t msglen)
+{
+    int rc;
+    msg[0] = 0;
+    ODF_LOCKED(a, rc, {
+        _odf_reap_locked(a);
+        _odf_trim_locked(a, UINT32_MAX);
+        rc = check_locked(a, msg, msglen);
+    });
+    return rc;
+}
+
+int _odf_debug_break(odf_arena_t *a, int what, uint32_t chunk)
+{
+    if (chunk >= a->nchunks)
+        return EINVAL;
+    int rc;
+    if (what == ODF_DEBUG_EXTRA_REF) {
+        ODF_LOCKED(a, rc, {
+            if (a->mypt[chunk])
+                a->refcnt[a->mypt[chunk] - 1]++;
+        });
+        return rc;
+    }
+    if (what == ODF_DEBUG_DROP_EXTRA_REF) {
+        ODF_LOCKED(a, rc, {
+            if (a->mypt[chunk] && a->refcnt[a->mypt[chunk] - 1] > 1)
+                a->refcnt[a->mypt[chunk] - 1]--;
+        });
+        return rc;
+    }
+    if (what == ODF_DEBUG_DIE_LOCKED) {
+        sigset_t old;
+        _odf_block_signals(&old);
+        pthread_mutex_lock(&a->local);
+        _odf_family_lock(a);
+        if (a->mypt[chunk])
+            a->refcnt[a->mypt[chunk] - 1] += 5;
+        kill(getpid(), SIGKILL);
+        for (;;)
+            pause();
+    }
+    if (what == ODF_DEBUG_CRASH_IN_HANDLER) {
+        a->crash_in_handler = 1;
+        return 0;
+    }
+    if (what == ODF_DEBUG_BROKEN_COW) {
+        a->broken_cow = 1;
+        return 0;
+    }
+    return EINVAL;
+}
