@@ -31,8 +31,12 @@ static void arena_unmap(odf_arena_t *a)
         close(a->ctl_fd);
 }
 
-int odf_arena_create(size_t size, uint32_t max_slots, uint32_t max_segs, odf_arena_t **out)
+int odf_arena_create(size_t size, const odf_arena_opts_t *opts, odf_arena_t **out)
 {
+    static const odf_arena_opts_t defaults;
+    if (!opts)
+        opts = &defaults;
+    uint32_t max_slots = opts->max_slots, max_segs = opts->max_segs;
     int rc;
     if (size == 0)
         return EINVAL;
@@ -65,7 +69,7 @@ int odf_arena_create(size_t size, uint32_t max_slots, uint32_t max_segs, odf_are
     a->size = size;
     a->nchunks = (uint32_t)nchunks;
     pthread_mutex_init(&a->local, NULL);
-    a->page_cow = 1;
+    a->page_cow = !opts->chunk_cow;
 
     /* Arena and shadow both start on a 1 GiB boundary: mremap then moves
      * whole page-table pages (a PUD entry per GiB, else a PMD entry per

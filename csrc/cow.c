@@ -357,12 +357,6 @@ int _odf_fault(odf_arena_t *a, uint32_t c)
     return 0;
 }
 
-int odf_arena_set_page_cow(odf_arena_t *a, int on)
-{
-    a->page_cow = on ? 1 : 0;
-    return 0;
-}
-
 /* Resolve a fault on every chunk of [addr, addr+len) (only_fresh: only on
  * chunks not yet resident), as a write there would. */
 static int fault_range(odf_arena_t *a, uintptr_t addr, size_t len, int only_fresh)

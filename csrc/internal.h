@@ -185,7 +185,7 @@ struct odf_arena_s {
     /* stats, under a->local */
     uint64_t n_faults, n_cow, n_reuse, n_bytes, n_forks, n_folds;
     int broken_cow;            /* test hook (_odf_debug_break): resolve shared faults without a copy */
-    int page_cow;              /* copy mode, see odf_arena_set_page_cow */
+    int page_cow;              /* copy mode: !odf_arena_opts_t.chunk_cow */
     int crash_in_handler;      /* test hook: fault inside the SIGSEGV handler */
 };
 

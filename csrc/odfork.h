@@ -53,23 +53,26 @@ typedef struct odf_stats_s {
     uint64_t folds;           /* page mode: views folded back into segments */
 } odf_stats_t;
 
-/* Reserve an arena of `size` bytes (rounded up to whole chunks).
- * pre: size > 0.  max_slots == 0 picks ODF_DEFAULT_MAX_SLOTS; max_segs == 0
- * picks max_slots segments per chunk (the most a family can hold at once).  Installs the SIGSEGV handler and the fork
- * handlers on first use. */
-int odf_arena_create(size_t size, uint32_t max_slots, uint32_t max_segs, odf_arena_t **out);
+/* Options of one arena; all zero = the defaults (odf_arena_opts_default). */
+typedef struct {
+    uint32_t max_slots; /* processes and snapshots a family holds at once; 0: ODF_DEFAULT_MAX_SLOTS */
+    uint32_t max_segs;  /* pool segments; 0: max_slots per chunk (the most a family can hold) */
+    /* Copy mode of this arena (children inherit it).
+     * 0 = page mode (the default): at a fork or snapshot every writable chunk
+     * becomes a MAP_PRIVATE view of its segment, so each later write, by user
+     * code or by the kernel (read(2) and friends), is an ordinary kernel
+     * copy-on-write of one 4 KiB page; views are folded back into segments by
+     * odf_arena_fold and by snapshots.
+     * 1 = chunk mode: shared chunks are read-only and the first write (SIGSEGV)
+     * copies the whole 2 MiB chunk; a kernel write into a shared chunk fails
+     * with EFAULT unless odf_arena_prepare_write made it writable first. */
+    int chunk_cow;
+} odf_arena_opts_t;
 
-/* Copy mode of this arena in this process (children inherit it).
- * 1 = page mode (the default): at a fork or snapshot every writable chunk
- * becomes a MAP_PRIVATE view of its segment, so each later write, by user
- * code or by the kernel (read(2) and friends), is an ordinary kernel
- * copy-on-write of one 4 KiB page; views are folded back into segments by
- * odf_arena_fold, by the next fork when cheap, and by snapshots.
- * 0 = chunk mode: shared chunks are read-only and the first write (SIGSEGV)
- * copies the whole 2 MiB chunk; a kernel write into a shared chunk fails with
- * EFAULT unless odf_arena_prepare_write made it writable first.
- * Set it before the first fork. */
-int odf_arena_set_page_cow(odf_arena_t *a, int on);
+/* Reserve an arena of `size` bytes (rounded up to whole chunks) with `opts`
+ * (NULL: the defaults).  pre: size > 0.  Installs the SIGSEGV handler and the
+ * fork handlers on first use. */
+int odf_arena_create(size_t size, const odf_arena_opts_t *opts, odf_arena_t **out);
 
 /* Give this process's references back and unmap.  The caller guarantees no
  * live pointers into the arena remain.  Other processes are unaffected. */

@@ -22,7 +22,12 @@ typedef struct odf_stats_s {
     uint64_t folds;
 } odf_stats_t;
 
-int odf_arena_create(size_t size, uint32_t max_slots, uint32_t max_segs, odf_arena_t **out);
+typedef struct {
+    uint32_t max_slots;
+    uint32_t max_segs;
+    int chunk_cow;
+} odf_arena_opts_t;
+int odf_arena_create(size_t size, const odf_arena_opts_t *opts, odf_arena_t **out);
 int odf_arena_close(odf_arena_t *a);
 int odf_uffd_probe(void);
 int odf_uffd_enable(int on);
@@ -54,7 +59,6 @@ int odf_snapshot_release(odf_arena_t *a, uint64_t id);
 int odf_snapshot_map(odf_arena_t *a, uint64_t id, uintptr_t *addr);
 int odf_snapshot_unmap(uintptr_t addr, size_t size);
 int odf_snapshot_restore(odf_arena_t *a, uint64_t id);
-int odf_arena_set_page_cow(odf_arena_t *a, int on);
 #define ODF_HEAP_NCLASS ...
 #define ODF_HEAP_MAX_SMALL ...
 typedef struct odf_heap_s odf_heap_t;

@@ -66,14 +66,15 @@ class Arena:
             raise ValueError(f"cow must be 'chunk' or 'page', not {cow!r}")
         self._closed = True  # until built
         out = ffi.new("odf_arena_t **")
-        rc = lib.odf_arena_create(size, max_procs or 0, _max_segments, out)
+        opts = ffi.new("odf_arena_opts_t *", {"max_slots": max_procs or 0, "max_segs": _max_segments,
+                                              "chunk_cow": cow == "chunk"})
+        rc = lib.odf_arena_create(size, opts, out)
         if rc == errno.ENOMEM and sum(1 for a in list(_open_arenas) if not a._closed) >= MAX_ARENAS:
             raise MemoryError(f"cannot create an arena: a process can have at most {MAX_ARENAS} "
                               "arenas open (close one first)")
         _check(rc, f"cannot reserve an arena of {size} bytes")
         self._h = out[0]
         self.cow = cow or "page"
-        lib.odf_arena_set_page_cow(self._h, self.cow == "page")
         if self.cow == "chunk":
             _core._chunk_mode_created()
         elif background_fold:

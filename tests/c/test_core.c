@@ -43,7 +43,8 @@ int main(void)
 {
     odf_arena_t *a;
     odf_stats_t st;
-    CHECK(odf_arena_create(8 * ODF_CHUNK_SIZE, 16, 0, &a) == 0);
+    odf_arena_opts_t opts = {.max_slots = 16};
+    CHECK(odf_arena_create(8 * ODF_CHUNK_SIZE, &opts, &a) == 0);
     unsigned char *p = (unsigned char *)odf_arena_base(a);
     wr(a, p, 0, 'p', 4 * ODF_CHUNK_SIZE); /* first touch of 4 chunks */
     CHECK(odf_arena_stats(a, &st) == 0 && st.chunks_resident == 4 && st.segments_live == 4);
