@@ -2,7 +2,8 @@
 
 Implementation is in submodules, but the public API is all here (see API.md).
 """
-from odfork_user._errors import ChildError, CorruptionError, OdforkError
+from odfork_user._errors import (ChildError, CorruptionError, OdforkBufferError, OdforkError, OdforkMemoryError,
+                                 OdforkOSError, OdforkTimeoutError, OdforkTypeError, OdforkValueError)
 from odfork_user._core import CHUNK_SIZE, FOLD_PROTECT, explain_efault
 from odfork_user.arena import Arena, default_arena
 from odfork_user._forking import odfork
@@ -10,7 +11,9 @@ from odfork_user.process import Child, spawn
 from odfork_user.snapshot import Snapshot
 from odfork_user.pyheap import heap_stats, install, installed, installing, uninstall
 
-__all__ = ["Arena", "default_arena", "odfork", "spawn", "Child", "Snapshot", "OdforkError", "CorruptionError", "ChildError", "CHUNK_SIZE",
+__all__ = ["Arena", "default_arena", "odfork", "spawn", "Child", "Snapshot", "OdforkError", "OdforkMemoryError",
+           "OdforkValueError", "OdforkTypeError", "OdforkBufferError", "OdforkOSError", "OdforkTimeoutError", "CorruptionError",
+           "ChildError", "CHUNK_SIZE",
            "FOLD_PROTECT", "explain_efault", "install", "uninstall", "installed", "installing",
            "heap_stats"]
 __version__ = "0.1.0"

@@ -4,7 +4,33 @@ import os
 
 
 class OdforkError(Exception):
-    """Base class of every exception odfork_user defines."""
+    """Base class of every exception odfork_user raises: `except OdforkError`
+    catches every failure of the library.  Each subclass also inherits the
+    builtin it resembles, so `except MemoryError` (ValueError, ...) keeps working."""
+
+
+class OdforkMemoryError(OdforkError, MemoryError):
+    """No room: the arena, its pool, or the process's arena table is full."""
+
+
+class OdforkValueError(OdforkError, ValueError):
+    """Bad input (a size, a shape, a buffer or snapshot of another arena, a closed object)."""
+
+
+class OdforkTypeError(OdforkError, TypeError):
+    """An argument of the wrong type."""
+
+
+class OdforkBufferError(OdforkError, BufferError):
+    """An arena or snapshot cannot be closed while views of it are alive."""
+
+
+class OdforkTimeoutError(OdforkError, TimeoutError):
+    """A wait (Child.result(timeout=...)) ran out of time."""
+
+
+class OdforkOSError(OdforkError, OSError):
+    """A system call of the core failed (errno and strerror as OSError has them)."""
 
 
 class CorruptionError(OdforkError, AssertionError):
@@ -31,7 +57,7 @@ def _check(rc, what):
         return
     text = f"{what}: {os.strerror(rc)}"
     if rc == errno.ENOMEM:
-        raise MemoryError(text)
+        raise OdforkMemoryError(text)
     if rc == errno.EINVAL:
-        raise ValueError(text)
-    raise OSError(rc, text)
+        raise OdforkValueError(text)
+    raise OdforkOSError(rc, text)

@@ -10,7 +10,8 @@ import weakref
 from odfork_user import _core, _folder, _forklocks
 from odfork_user._alloc import BlockAllocator
 from odfork_user._core import CHUNK_SIZE, ffi, lib
-from odfork_user._errors import CorruptionError, _check
+from odfork_user._errors import (CorruptionError, OdforkBufferError, OdforkMemoryError, OdforkTypeError,
+                                 OdforkValueError, _check)
 
 _STATS_KEYS = (
     "chunks", "chunks_resident", "chunks_shared", "faults", "cow_copies", "reuses",
@@ -22,7 +23,7 @@ _open_arenas = weakref.WeakSet()
 
 
 def _closed_error():
-    return ValueError("arena closed or invalid")
+    return OdforkValueError("arena closed or invalid")
 
 
 class Arena:
@@ -57,20 +58,20 @@ class Arena:
 
     def __init__(self, size, *, max_procs=None, cow=None, background_fold=True, _max_segments=0):
         if not isinstance(size, int) or isinstance(size, bool):
-            raise TypeError(f"Arena size must be an int, not {type(size).__name__}")
+            raise OdforkTypeError(f"Arena size must be an int, not {type(size).__name__}")
         if size <= 0:
-            raise ValueError(f"Arena size must be > 0, got {size}")
+            raise OdforkValueError(f"Arena size must be > 0, got {size}")
         if max_procs is not None and (not isinstance(max_procs, int) or max_procs < 2):
-            raise ValueError("max_procs must be an int >= 2")
+            raise OdforkValueError("max_procs must be an int >= 2")
         if cow not in (None, "chunk", "page"):
-            raise ValueError(f"cow must be 'chunk' or 'page', not {cow!r}")
+            raise OdforkValueError(f"cow must be 'chunk' or 'page', not {cow!r}")
         self._closed = True  # until built
         out = ffi.new("odf_arena_t **")
         opts = ffi.new("odf_arena_opts_t *", {"max_slots": max_procs or 0, "max_segs": _max_segments,
                                               "chunk_cow": cow == "chunk"})
         rc = lib.odf_arena_create(size, opts, out)
         if rc == errno.ENOMEM and sum(1 for a in list(_open_arenas) if not a._closed) >= MAX_ARENAS:
-            raise MemoryError(f"cannot create an arena: a process can have at most {MAX_ARENAS} "
+            raise OdforkMemoryError(f"cannot create an arena: a process can have at most {MAX_ARENAS} "
                               "arenas open (close one first)")
         _check(rc, f"cannot reserve an arena of {size} bytes")
         self._h = out[0]
@@ -132,16 +133,16 @@ class Arena:
             MemoryError: no free extent is large enough (the arena stays usable).
         """
         if not isinstance(nbytes, int) or isinstance(nbytes, bool):
-            raise TypeError(f"alloc size must be an int, not {type(nbytes).__name__}")
+            raise OdforkTypeError(f"alloc size must be an int, not {type(nbytes).__name__}")
         if nbytes <= 0:
-            raise ValueError(f"alloc size must be > 0, got {nbytes}")
+            raise OdforkValueError(f"alloc size must be > 0, got {nbytes}")
         with self._lock:
             self._live()
             lib.odf_handler_ensure()  # a SIGSEGV handler installed since: chain to it, stay on top
             self._sweep_freed()
             got = self._alloc.alloc(nbytes)
             if got is None:
-                raise MemoryError(
+                raise OdforkMemoryError(
                     f"arena has no free block of {nbytes} bytes "
                     f"({self._alloc.free_bytes()} bytes free in all, size {self._size})"
                 )
@@ -170,11 +171,11 @@ class Arena:
             shape = (operator.index(shape),) if not isinstance(shape, (tuple, list)) else \
                 tuple(operator.index(n) for n in shape)
         except TypeError:
-            raise ValueError(f"bad shape {shape!r}: expected an int or a sequence of ints") from None
+            raise OdforkValueError(f"bad shape {shape!r}: expected an int or a sequence of ints") from None
         count = 1
         for n in shape:
             if n < 0:
-                raise ValueError(f"bad shape {shape!r}: negative dimension")
+                raise OdforkValueError(f"bad shape {shape!r}: negative dimension")
             count *= n
         buf = self.alloc(max(count * dt.itemsize, 1))
         return np.frombuffer(buf, dtype=dt, count=count).reshape(shape)
@@ -183,11 +184,13 @@ class Arena:
         try:
             ptr = ffi.from_buffer(obj)
         except TypeError as exc:
-            raise ValueError(f"free() takes a buffer from this arena, not {type(obj).__name__}") from exc
+            raise OdforkValueError(f"free() takes a buffer from this arena, not {type(obj).__name__}") from exc
+        except ValueError as exc:  # a memoryview free() released already
+            raise OdforkValueError("buffer was already freed (its memoryview is released)") from exc
         off = int(ffi.cast("uintptr_t", ptr)) - self._base
         del ptr
         if off not in self._blocks:
-            raise ValueError("buffer is not a block of this arena, or was already freed")
+            raise OdforkValueError("buffer is not a block of this arena, or was already freed")
         return off
 
     def free(self, obj):
@@ -290,9 +293,9 @@ class Arena:
         see the restored bytes.  The snapshot stays valid."""
         from odfork_user.snapshot import Snapshot
         if not isinstance(snap, Snapshot) or snap._arena is not self:
-            raise ValueError("restore() takes a snapshot of this arena")
+            raise OdforkValueError("restore() takes a snapshot of this arena")
         if self._holds_heap:
-            raise ValueError("cannot restore the arena that holds the Python heap: live objects would "
+            raise OdforkValueError("cannot restore the arena that holds the Python heap: live objects would "
                              "be rolled back under the interpreter")
         with self._lock:
             snap._restore_into(self._live())
@@ -307,10 +310,10 @@ class Arena:
             if self._closed:
                 return
             if self._holds_heap:
-                raise BufferError("cannot close the arena that holds the Python heap (odfork_user.install)")
+                raise OdforkBufferError("cannot close the arena that holds the Python heap (odfork_user.install)")
             n = self._exports() + sum(1 for s in self._snaps if s._views_alive())
             if n:
-                raise BufferError(f"cannot close arena: {n} exported view(s) still alive")
+                raise OdforkBufferError(f"cannot close arena: {n} exported view(s) still alive")
             for snap in list(self._snaps):  # their references go with the arena's slot
                 snap.close()
             self._closed = True
@@ -351,7 +354,7 @@ def parse_size(text):
     """'64G', '512M', '1048576' -> bytes."""
     m = _SIZE_RE.match(str(text))
     if not m:
-        raise ValueError(f"cannot parse size {text!r} (examples: 1G, 256M, 1048576)")
+        raise OdforkValueError(f"cannot parse size {text!r} (examples: 1G, 256M, 1048576)")
     return int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}[m.group(2).lower()]
 
 

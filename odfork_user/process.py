@@ -5,7 +5,7 @@ import signal
 import threading
 import traceback
 
-from odfork_user._errors import ChildError
+from odfork_user._errors import ChildError, OdforkTimeoutError, OdforkTypeError
 from odfork_user._forking import odfork
 from odfork_user._pipes import read_to_eof, write_all
 
@@ -92,7 +92,7 @@ class Child:
                 could not be pickled, or the child died (exitcode -N for signal N).
         """
         if not self._done.wait(timeout):
-            raise TimeoutError(f"child {self.pid} did not finish within {timeout} s")
+            raise OdforkTimeoutError(f"child {self.pid} did not finish within {timeout} s")
         code, data = self._exitcode, self._data
         if not data:
             raise ChildError(f"child {self.pid} ended with exit code {code} without a result",
@@ -125,7 +125,7 @@ def spawn(fn, *args, **kwargs):
         OSError: the fork failed.
     """
     if not callable(fn):
-        raise TypeError(f"spawn() needs a callable, not {type(fn).__name__}")
+        raise OdforkTypeError(f"spawn() needs a callable, not {type(fn).__name__}")
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
         pid = odfork()

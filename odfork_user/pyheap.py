@@ -17,7 +17,7 @@ import warnings
 
 from odfork_user import _forklocks
 from odfork_user._core import ffi, lib
-from odfork_user._errors import _check
+from odfork_user._errors import OdforkTypeError, OdforkValueError, _check
 
 _lock = threading.RLock()
 _forklocks.register_lock(_lock, _forklocks.LEVEL_HEAP)
@@ -42,23 +42,23 @@ def install(arena=None, size=None):
         if arena is None:
             arena = _state["arena"] or default_arena()
         if not isinstance(arena, Arena):
-            raise TypeError(f"install() takes an Arena, not {type(arena).__name__}")
+            raise OdforkTypeError(f"install() takes an Arena, not {type(arena).__name__}")
         if _state["heap"] is not None:
             if arena is not _state["arena"]:
-                raise ValueError("the Python heap already lives in another arena (one per process)")
+                raise OdforkValueError("the Python heap already lives in another arena (one per process)")
             _check(lib.odf_py_install(_state["heap"]), "install")
             return arena
         chunk = arena.chunk_size
         if size is None:
             size = arena.size // 2 // chunk * chunk
         if not isinstance(size, int) or size < chunk or size > arena.size:
-            raise ValueError(f"heap size must be an int between {chunk} and {arena.size}")
+            raise OdforkValueError(f"heap size must be an int between {chunk} and {arena.size}")
         size = size // chunk * chunk
         with arena._lock:
             h = arena._live()
             got = arena._alloc.alloc_aligned(size, chunk)
             if got is None:
-                raise ValueError(f"no free extent of {size} bytes in the arena for the heap")
+                raise OdforkValueError(f"no free extent of {size} bytes in the arena for the heap")
             off = got
             out = ffi.new("odf_heap_t **")
             rc = lib.odf_heap_create(h, arena.address + off, size, out)

@@ -4,7 +4,7 @@ import threading
 
 from odfork_user import _forklocks
 from odfork_user._core import ffi, lib
-from odfork_user._errors import _check
+from odfork_user._errors import OdforkBufferError, OdforkValueError, _check
 
 _WRITE_STEP = 64 << 20
 
@@ -28,7 +28,7 @@ class Snapshot:
 
     def _check_open(self):
         if self._closed:
-            raise ValueError("snapshot closed")
+            raise OdforkValueError("snapshot closed")
         return self._arena._live()
 
     @property
@@ -64,7 +64,7 @@ class Snapshot:
     def _restore_into(self, h):
         with self._lock:
             if self._closed:
-                raise ValueError("snapshot closed")
+                raise OdforkValueError("snapshot closed")
             _check(lib.odf_snapshot_restore(h, self._id), "restore")
 
     def _views_alive(self):
@@ -77,7 +77,7 @@ class Snapshot:
                 return
             if self._exporter is not None:
                 if self._views_alive():
-                    raise BufferError("cannot close snapshot: views from buffer() are still alive")
+                    raise OdforkBufferError("cannot close snapshot: views from buffer() are still alive")
                 lib.odf_snapshot_unmap(self._addr, self._arena.size)
                 self._exporter = None
             self._closed = True

@@ -26,6 +26,24 @@ if os.environ.get("ODFORK_TEST_BREAK") == "cow":
 _children = set()
 
 
+class raises_odfork:
+    """pytest.raises(exc), and the exception must also be an ou.OdforkError
+    (every failure of the library is one, and the builtin it resembles)."""
+
+    def __init__(self, exc, **kw):
+        self._cm = pytest.raises(exc, **kw)
+
+    def __enter__(self):
+        self.info = self._cm.__enter__()
+        return self.info
+
+    def __exit__(self, *exc):
+        out = self._cm.__exit__(*exc)
+        assert isinstance(self.info.value, ou.OdforkError), \
+            f"{type(self.info.value).__name__} is not an OdforkError"
+        return out
+
+
 def _reap_all():
     for pid in list(_children):
         try:

@@ -11,7 +11,7 @@ import threading
 import pytest
 
 import odfork_user as ou
-from conftest import CH, MiB, finish_child, in_child, start_child
+from conftest import CH, MiB, finish_child, in_child, raises_odfork, start_child
 from odfork_user import odfork
 from odfork_user._core import lib
 
@@ -150,12 +150,12 @@ def test_odfork_while_other_threads_write(arena):
 @pytest.mark.parametrize("bad, exc", [("1G", TypeError), (1.5, TypeError), (None, TypeError),
                                       (True, TypeError), (0, ValueError), (-5, ValueError)])
 def test_arena_size_errors(bad, exc):
-    with pytest.raises(exc):
+    with raises_odfork(exc):
         ou.Arena(bad)
 
 
 def test_arena_too_big_is_memory_error():
-    with pytest.raises((MemoryError, OSError)):
+    with raises_odfork((MemoryError, OSError)):
         ou.Arena(1 << 60)
 
 
@@ -163,7 +163,7 @@ def test_arena_too_big_is_memory_error():
 def test_alloc_errors_leave_arena_usable(arena, bad, exc):
     keep = arena.alloc(100)
     keep[:] = b"k" * 100
-    with pytest.raises(exc):
+    with raises_odfork(exc):
         arena.alloc(bad)
     assert bytes(keep) == b"k" * 100
     more = arena.alloc(100)
@@ -172,7 +172,7 @@ def test_alloc_errors_leave_arena_usable(arena, bad, exc):
 
 def test_alloc_no_room_is_memory_error_and_arena_usable(arena):
     big = arena.alloc(arena.size - 4096)
-    with pytest.raises(MemoryError):
+    with raises_odfork(MemoryError):
         arena.alloc(8192)
     arena.free(big)
     again = arena.alloc(arena.size)
@@ -181,18 +181,18 @@ def test_alloc_no_room_is_memory_error_and_arena_usable(arena):
 
 def test_free_errors(arena):
     a = arena.alloc(1000)
-    with pytest.raises(ValueError):
+    with raises_odfork(ValueError):
         arena.free(bytearray(10))
-    with pytest.raises(ValueError):
+    with raises_odfork(ValueError):
         arena.free(a[10:20])            # not a block start
-    with pytest.raises(ValueError):
+    with raises_odfork(ValueError):
         arena.free(12345)
     arena.free(a)
-    with pytest.raises(ValueError):
+    with raises_odfork(ValueError):
         arena.free(a)                   # double free
     with ou.Arena(CH) as other:
         b = other.alloc(10)
-        with pytest.raises(ValueError):
+        with raises_odfork(ValueError):
             arena.free(b)               # another arena's block
         del b
 
@@ -210,7 +210,7 @@ def test_close_with_live_views_is_buffer_error():
     a = ou.Arena(2 * CH)
     v = a.alloc(64)
     s = v[3:9]
-    with pytest.raises(BufferError):
+    with raises_odfork(BufferError):
         a.close()
     v[0] = 1  # still usable
     del v, s
@@ -218,7 +218,7 @@ def test_close_with_live_views_is_buffer_error():
     a.close()
     assert a.closed
     for call in (lambda: a.alloc(8), a.stats, a.check):
-        with pytest.raises(ValueError):
+        with raises_odfork(ValueError):
             call()
     a.close()  # idempotent
 
@@ -227,7 +227,7 @@ def test_close_with_live_numpy_array_is_buffer_error():
     np = pytest.importorskip("numpy")
     a = ou.Arena(2 * CH)
     arr = a.ndarray(10, "int32")
-    with pytest.raises(BufferError):
+    with raises_odfork(BufferError):
         a.close()
     del arr
     a.close()
