@@ -4,7 +4,7 @@ Implementation is in submodules, but the public API is all here (see API.md).
 """
 from odfork_user._errors import (ChildError, CorruptionError, OdforkBufferError, OdforkError, OdforkMemoryError,
                                  OdforkOSError, OdforkTimeoutError, OdforkTypeError, OdforkValueError)
-from odfork_user._core import CHUNK_SIZE, FOLD_PROTECT, explain_efault
+from odfork_user._core import CHUNK_SIZE, explain_efault
 from odfork_user.arena import Arena, default_arena
 from odfork_user._forking import odfork
 from odfork_user.process import Child, spawn
@@ -17,3 +17,12 @@ __all__ = ["Arena", "default_arena", "odfork", "spawn", "Child", "Snapshot", "Od
            "FOLD_PROTECT", "explain_efault", "install", "uninstall", "installed", "installing",
            "heap_stats"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # FOLD_PROTECT is known once the process is prepared for arenas (probing
+    # userfaultfd): at the first Arena, or here, on first use; not at import
+    if name == "FOLD_PROTECT":
+        from odfork_user._core import prepare_process
+        return prepare_process()[0]
+    raise AttributeError(f"module 'odfork_user' has no attribute {name!r}")

@@ -79,7 +79,8 @@ def compare(args):
           f"{os.cpu_count()} CPUs, THP {thp_state()}")
     print("# bytearray = os.fork with 4 KiB pages; numpy-thp = os.fork with transparent huge pages;")
     print("# odfork = arena with every byte written; odfork-empty = arena with nothing written.")
-    from odfork_user._core import FOLD_PROTECT
+    from odfork_user._core import prepare_process
+    FOLD_PROTECT = prepare_process()[0]
     print("# odfork configuration: the default (page mode: private views at fork, the kernel copies the "
           f"pages written; folds hold writers off with {FOLD_PROTECT}).")
     print(f"# medians: {args.rounds} forks for latency, {args.heavy_rounds} for the others; each kind in a "

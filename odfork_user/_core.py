@@ -56,7 +56,6 @@ def _keep_handler_on_top():
         _signal.signal = signal_then_chain
 
 
-_keep_handler_on_top()
 
 
 # -- folds: how writers of a view being folded are held off ------------------
@@ -70,7 +69,7 @@ def _choose_fold_protect():
     unavailable), 0 (never: PROT_READ)."""
     want = os.environ.get(USERFAULTFD_ENV, "auto").strip().lower() or "auto"
     if want not in ("auto", "1", "0"):
-        raise ImportError(f"{USERFAULTFD_ENV}={want!r}: expected auto, 1 or 0")
+        raise ImportError(f"{USERFAULTFD_ENV}={want!r}: expected auto, 1 or 0")  # (a ValueError to callers)
     if want == "0":
         return "mprotect", f"{USERFAULTFD_ENV}=0"
     rc = lib.odf_uffd_enable(1)
@@ -80,11 +79,34 @@ def _choose_fold_protect():
            errno.EOPNOTSUPP: "the kernel lacks userfaultfd write-protect on shmem",
            errno.ENOSYS: "the kernel has no userfaultfd"}.get(rc, os.strerror(rc))
     if want == "1":
-        raise ImportError(f"{USERFAULTFD_ENV}=1, but userfaultfd cannot be used: {why}")
+        raise OSError(rc, f"{USERFAULTFD_ENV}=1, but userfaultfd cannot be used: {why}")
     return "mprotect", why
 
 
-FOLD_PROTECT, FOLD_PROTECT_REASON = _choose_fold_protect()
+_prepared = None
+_prepare_lock = threading.Lock()
+
+
+def prepare_process():
+    """What the first arena of a process needs, done once, not at import:
+    the fold protection chosen (ODFORK_USERFAULTFD; probing userfaultfd), and
+    faulthandler.enable / signal.signal wrapped so that the core's SIGSEGV
+    handler stays in front.  Returns (FOLD_PROTECT, FOLD_PROTECT_REASON).
+    Raises OdforkValueError for a bad ODFORK_USERFAULTFD, OdforkOSError when
+    it is 1 and userfaultfd cannot be used."""
+    global _prepared
+    with _prepare_lock:
+        if _prepared is None:
+            from odfork_user._errors import OdforkOSError, OdforkValueError
+            try:
+                choice = _choose_fold_protect()
+            except OSError as exc:
+                raise OdforkOSError(exc.errno, exc.strerror) from None
+            except ImportError as exc:
+                raise OdforkValueError(str(exc)) from None
+            _keep_handler_on_top()
+            _prepared = choice
+        return _prepared
 
 # -- kernel writes into chunk-mode arenas -------------------------------------
 

@@ -66,6 +66,7 @@ class Arena:
         if cow not in (None, "chunk", "page"):
             raise OdforkValueError(f"cow must be 'chunk' or 'page', not {cow!r}")
         self._closed = True  # until built
+        _core.prepare_process()
         out = ffi.new("odf_arena_t **")
         opts = ffi.new("odf_arena_opts_t *", {"max_slots": max_procs or 0, "max_segs": _max_segments,
                                               "chunk_cow": cow == "chunk"})

@@ -194,3 +194,18 @@ def test_faulthandler_enabled_after_the_arena_neither_breaks_cow_nor_loops_on_a_
     """, timeout=30)
     assert "child status 0" in p.stdout, p
     assert p.returncode == -signal.SIGSEGV and "crash_here" in p.stderr, p
+
+
+def test_import_patches_and_probes_nothing_until_the_first_arena():
+    p = run_py("""
+        import faulthandler, signal, sys, threading, os
+        before = (faulthandler.enable, signal.signal, sys.excepthook, threading.excepthook)
+        import odfork_user as ou
+        after_import = (faulthandler.enable, signal.signal, sys.excepthook, threading.excepthook)
+        print("import", after_import == before)
+        a = ou.Arena(1 << 22)
+        print("arena", faulthandler.enable is not before[0] and signal.signal is not before[1])
+        print("mode", ou.FOLD_PROTECT in ("userfaultfd", "mprotect"))
+    """)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["import", "True", "arena", "True", "mode", "True"], p.stdout
