@@ -1,36 +1,10 @@
 """spawn(): run a function in an odfork child and get its result back."""
 import os
-import pickle
 import signal
 import threading
-import traceback
 
+from odfork_user import _child
 from odfork_user._errors import ChildError, OdforkTimeoutError, OdforkTypeError
-from odfork_user._forking import odfork
-from odfork_user._pipes import read_to_eof, write_all
-
-
-def _child_main(w, fn, args, kwargs):
-    code = 0
-    try:
-        try:
-            msg = ("ok", fn(*args, **kwargs))
-        except BaseException as exc:  # the child reports everything, SystemExit included
-            msg = ("raised", f"{type(exc).__name__}: {exc}", traceback.format_exc())
-            code = 1
-        try:
-            data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as exc:
-            data = pickle.dumps(("unpicklable", f"{type(exc).__name__}: {exc}", None))
-            code = 1
-        write_all(w, data)
-    finally:
-        try:
-            import sys
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
 
 
 class Child:
@@ -41,7 +15,7 @@ class Child:
         self.pid = pid
         self._pidfd = os.pidfd_open(pid)
         self._exitcode = None
-        self._data = None
+        self._msg = None
         self._done = threading.Event()
         self._lock = threading.Lock()
         # The reader drains the pipe (a large result never blocks the child)
@@ -50,7 +24,9 @@ class Child:
 
     def _reap(self, r):
         try:
-            data = read_to_eof(r)
+            msg = _child.receive(r, self._pidfd)
+        except Exception as exc:  # a message that cannot be unpickled here
+            msg = ("broken", f"{type(exc).__name__}: {exc}", None)
         finally:
             os.close(r)
         try:
@@ -60,7 +36,7 @@ class Child:
             code = None
         with self._lock:
             self._exitcode = code
-            self._data = data
+            self._msg = msg
             os.close(self._pidfd)
             self._pidfd = None
         self._done.set()
@@ -93,15 +69,13 @@ class Child:
         """
         if not self._done.wait(timeout):
             raise OdforkTimeoutError(f"child {self.pid} did not finish within {timeout} s")
-        code, data = self._exitcode, self._data
-        if not data:
+        code, msg = self._exitcode, self._msg
+        if msg is None:
             raise ChildError(f"child {self.pid} ended with exit code {code} without a result",
                              exitcode=code)
-        try:
-            msg = pickle.loads(data)
-        except Exception as exc:
-            raise ChildError(f"child {self.pid} sent a result that cannot be unpickled: {exc}",
-                             exitcode=code) from exc
+        if msg[0] == "broken":
+            raise ChildError(f"child {self.pid} sent a result that cannot be unpickled: {msg[1]}",
+                             exitcode=code)
         if msg[0] == "ok":
             return msg[1]
         if msg[0] == "raised":
@@ -126,15 +100,5 @@ def spawn(fn, *args, **kwargs):
     """
     if not callable(fn):
         raise OdforkTypeError(f"spawn() needs a callable, not {type(fn).__name__}")
-    r, w = os.pipe2(os.O_CLOEXEC)
-    try:
-        pid = odfork()
-    except BaseException:
-        os.close(r)
-        os.close(w)
-        raise
-    if pid == 0:
-        os.close(r)
-        _child_main(w, fn, args, kwargs)
-    os.close(w)
+    pid, r = _child.fork_call(fn, args, kwargs)
     return Child(pid, r)

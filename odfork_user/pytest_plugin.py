@@ -22,17 +22,14 @@ forked process its own data file; pytest-cov combines them).
 """
 import os
 import pickle
-import select
 import signal
-import struct
-import sys
 import warnings
 
 import pytest
 from _pytest.runner import call_and_report
 
+from odfork_user import _child
 from odfork_user._forking import odfork
-from odfork_user._pipes import write_all
 
 
 def pytest_addoption(parser):
@@ -86,52 +83,7 @@ def _run_in_child(item, w):
         except Exception:  # a warning class defined where pickle cannot find it
             caught.append((UserWarning, f"{m.category.__name__}: {m.message}", m.filename, m.lineno))
     reports = logged + [config.hook.pytest_report_to_serializable(config=config, report=rep)]
-    data = pickle.dumps({"reports": reports, "warnings": caught})
-    write_all(w, struct.pack("<Q", len(data)) + data)
-
-
-def _read_message(r, pid):
-    """The child's message, or None if it exited without sending all of it.
-    Waits for the child, not for every process that inherited the pipe."""
-    pidfd = os.pidfd_open(pid)
-    buf = bytearray()
-    os.set_blocking(r, False)
-
-    def drain():  # False at end of file
-        while True:
-            try:
-                chunk = os.read(r, 1 << 20)
-            except BlockingIOError:
-                return True
-            if not chunk:
-                return False
-            buf.extend(chunk)
-
-    def complete():
-        return len(buf) >= 8 and len(buf) >= 8 + struct.unpack("<Q", buf[:8])[0]
-
-    try:
-        while True:
-            ready, _, _ = select.select([r, pidfd], [], [])
-            more = drain()
-            if complete():
-                n = struct.unpack("<Q", buf[:8])[0]
-                return pickle.loads(bytes(buf[8:8 + n]))
-            if not more or pidfd in ready:  # what it wrote before exiting was drained above
-                return None
-    finally:
-        os.close(pidfd)
-
-
-def _save_coverage():
-    """The child leaves with os._exit, which skips coverage's atexit save: save
-    what this process measured through coverage's own API.  Coverage gives a
-    forked process its own data file; pytest-cov combines them at the end."""
-    cov_module = sys.modules.get("coverage")
-    cov = cov_module.Coverage.current() if cov_module is not None else None
-    if cov is not None:
-        cov.stop()
-        cov.save()
+    _child.send(w, {"reports": reports, "warnings": caught})
 
 
 _unreaped = []
@@ -165,32 +117,28 @@ def _call_in_child(item):
     r, w = os.pipe()
     pid = fork()
     if pid == 0:
-        code = 0
+        code = 70
         try:
             os.close(r)
             _run_in_child(item, w)
-        except BaseException:
-            code = 70
+            code = 0
         finally:
-            try:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                _save_coverage()
-            finally:
-                os._exit(code)
+            _child.leave(code)   # flushes stdio, saves coverage data, os._exit
     os.close(w)
+    pidfd = os.pidfd_open(pid)
     # Waiting runs as the call phase would: an exception here (pytest-timeout's
     # alarm, which fires in this process because a child has no timers of its
     # parent's, or a KeyboardInterrupt) kills the child and becomes the test's
     # report, and the run goes on.
     try:
-        call = pytest.CallInfo.from_call(lambda: _read_message(r, pid), when="call",
+        call = pytest.CallInfo.from_call(lambda: _child.receive(r, pidfd), when="call",
                                          reraise=(KeyboardInterrupt, SystemExit))
     except BaseException:
         _kill(pid)
         raise
     finally:
         os.close(r)
+        os.close(pidfd)
     if call.excinfo is not None:
         _kill(pid)
         return [item.ihook.pytest_runtest_makereport(item=item, call=call)]

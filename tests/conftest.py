@@ -1,12 +1,13 @@
 import os
-import pickle
 import signal
-import traceback
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
 import odfork_user as ou
-from odfork_user import odfork
+from odfork_user import _child, odfork
 from odfork_user._core import lib
 
 MiB = 1 << 20
@@ -24,6 +25,18 @@ if os.environ.get("ODFORK_TEST_BREAK") == "cow":
     ou.Arena.__init__ = _broken_init
 
 _children = set()
+
+
+def run_py(code, timeout=60, env=None, **kw):
+    """Run Python source `code` (dedented) in a fresh interpreter that imports
+    the same odfork_user as this test process (-P and PYTHONPATH: never a
+    source folder that happens to be the working directory).  `env`: extra
+    environment variables.  Returns the CompletedProcess (text output)."""
+    e = dict(os.environ, **(env or {}))
+    root = os.path.dirname(os.path.dirname(ou.__file__))
+    e["PYTHONPATH"] = os.pathsep.join(p for p in [root, e.get("PYTHONPATH", "")] if p)
+    return subprocess.run([sys.executable, "-P", "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, env=e, timeout=timeout, **kw)
 
 
 class raises_odfork:
@@ -65,45 +78,29 @@ def reap_children():
 
 
 def start_child(fn, *args, fork=odfork):
-    """Run fn(*args) in a forked child; returns (pid, read_fd).  The child sends
-    back ('ok', value) or ('err', traceback text) and leaves with os._exit."""
-    r, w = os.pipe()
-    pid = fork()
-    if pid == 0:
-        code = 0
-        try:
-            os.close(r)
-            try:
-                msg = ("ok", fn(*args))
-            except BaseException:
-                msg = ("err", traceback.format_exc())
-                code = 1
-            data = pickle.dumps(msg)
-            while data:
-                data = data[os.write(w, data):]
-        finally:
-            os._exit(code)
-    os.close(w)
+    """Run fn(*args) in a forked child (odfork_user's child protocol); returns
+    (pid, read_fd)."""
+    pid, r = _child.fork_call(fn, args, fork=fork)
     _children.add(pid)
     return pid, r
 
 
-def finish_child(pid, r, timeout=60):
-    chunks = []
-    with os.fdopen(r, "rb") as f:
-        while True:
-            b = f.read(1 << 16)
-            if not b:
-                break
-            chunks.append(b)
+def finish_child(pid, r):
+    """The child's return value; AssertionError with its traceback if it raised,
+    or if it died without answering."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        msg = _child.receive(r, pidfd)
+    finally:
+        os.close(pidfd)
+        os.close(r)
     _, status = os.waitpid(pid, 0)
     _children.discard(pid)
-    if not chunks:
+    if msg is None:
         raise AssertionError(f"child {pid} died without answering (status {status:#x})")
-    kind, value = pickle.loads(b"".join(chunks))
-    if kind == "err":
-        raise AssertionError(f"child failed:\n{value}")
-    return value
+    if msg[0] != "ok":
+        raise AssertionError(f"child failed: {msg[1]}\n{msg[2] or ''}")
+    return msg[1]
 
 
 def in_child(fn, *args, fork=odfork):

@@ -7,9 +7,6 @@ import errno
 import os
 import pickle
 import signal
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 
@@ -17,13 +14,7 @@ import pytest
 
 import odfork_user as ou
 from odfork_user import odfork
-from conftest import CH, _children, finish_child, in_child
-
-
-def run_py(code, timeout=60):
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(ou.__file__)))
-    return subprocess.run([sys.executable, "-P", "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, env=env, timeout=timeout)
+from conftest import CH, _children, finish_child, in_child, run_py
 
 
 def _daemon_child(arena, buf, how, go_r):

@@ -3,15 +3,12 @@ import errno
 import gc
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 import threading
 
 import pytest
 
 import odfork_user as ou
-from conftest import CH, MiB, finish_child, in_child, raises_odfork, start_child
+from conftest import CH, MiB, finish_child, in_child, raises_odfork, run_py, start_child
 from odfork_user import odfork
 from odfork_user._core import lib
 
@@ -372,14 +369,6 @@ def test_fds_are_close_on_exec(arena):
 
 
 # ---- signals ----------------------------------------------------------------
-
-def run_py(code, **kw):
-    # -P and PYTHONPATH: import the same odfork_user this test process imported,
-    # never a source folder that happens to be the current directory
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(ou.__file__)))
-    return subprocess.run([sys.executable, "-P", "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, env=env, timeout=60, **kw)
-
 
 def test_real_crash_outside_arena_still_crashes_with_faulthandler_traceback():
     p = run_py("""

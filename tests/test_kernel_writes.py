@@ -11,9 +11,6 @@ Isolation is checked in every case, both ways.
 import errno
 import os
 import socket
-import subprocess
-import sys
-import textwrap
 import threading
 
 import pytest
@@ -22,7 +19,7 @@ import odfork_user as ou
 from odfork_user import odfork
 from odfork_user._core import lib
 
-from conftest import CH, checked_arena, finish_child, in_child, start_child
+from conftest import CH, checked_arena, finish_child, in_child, run_py, start_child
 
 HAVE_UFFD = lib.odf_uffd_probe() == 0
 MODES = ["page", "chunk"]
@@ -240,20 +237,12 @@ def test_kernel_write_after_restore_and_in_os_fork_child(view_arena, tmp_path):
     del buf
 
 
-def _run(code, **env):
-    e = dict(os.environ, **env)
-    e["PYTHONPATH"] = os.pathsep.join(p for p in [os.path.dirname(os.path.dirname(ou.__file__)),
-                                                  e.get("PYTHONPATH", "")] if p)
-    return subprocess.run([sys.executable, "-P", "-c", textwrap.dedent(code)], env=e,
-                          capture_output=True, text=True, timeout=60)
-
-
 def test_chunk_mode_explains_efault(tmp_path):
     # In chunk mode an uncaught EFAULT from a kernel write into a shared chunk
     # carries a note naming cause and remedy.
     src = tmp_path / "src.bin"
     src.write_bytes(b"K" * 100)
-    p = _run(f"""
+    p = run_py(f"""
         import os, odfork_user as ou
         a = ou.Arena(4 * ou.CHUNK_SIZE, cow="chunk")
         assert a.kernel_writes == "prepare_write"
@@ -271,11 +260,11 @@ def test_chunk_mode_explains_efault(tmp_path):
 
 def test_environment_variable_picks_the_fold_protection():
     code = "import odfork_user as ou; print(ou.FOLD_PROTECT)"
-    p = _run(code, ODFORK_USERFAULTFD="0")
+    p = run_py(code, env=dict(ODFORK_USERFAULTFD="0"))
     assert p.stdout.split() == ["mprotect"], p.stderr
-    p = _run(code, ODFORK_USERFAULTFD="bogus")
+    p = run_py(code, env=dict(ODFORK_USERFAULTFD="bogus"))
     assert p.returncode != 0 and "expected auto, 1 or 0" in p.stderr
-    p = _run(code, ODFORK_USERFAULTFD="1")
+    p = run_py(code, env=dict(ODFORK_USERFAULTFD="1"))
     if HAVE_UFFD:
         assert p.stdout.split() == ["userfaultfd"], p.stderr
     else:

@@ -24,32 +24,15 @@ import odfork_user as ou
 from odfork_user import odfork
 
 def in_child(fn, fork=odfork):
-    r, w = os.pipe()
-    pid = fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(r)
-            res = fn()
-            os.write(w, pickle.dumps(res))
-            code = 0
-        except BaseException:
-            import traceback
-            os.write(w, pickle.dumps(("child raised", traceback.format_exc())))
-        finally:
-            os._exit(code)
-    os.close(w)
-    data = b""
-    while True:
-        b = os.read(r, 1 << 16)
-        if not b:
-            break
-        data += b
+    from odfork_user import _child
+    pid, r = _child.fork_call(fn, fork=fork)
+    pidfd = os.pidfd_open(pid)
+    msg = _child.receive(r, pidfd)
+    os.close(pidfd)
     os.close(r)
     _, st = os.waitpid(pid, 0)
-    res = pickle.loads(data) if data else None
-    assert st == 0, (st, res)
-    return res
+    assert st == 0 and msg is not None and msg[0] == "ok", (st, msg)
+    return msg[1]
 
 def in_arena(obj, arena):
     # the object's own memory (its header) lies in the arena

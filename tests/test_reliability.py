@@ -6,22 +6,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
 import odfork_user as ou
-from conftest import CH
+from conftest import CH, run_py
 from odfork_user import odfork
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STRESS = os.environ.get("ODFORK_STRESS") == "1"
-
-
-def run_py(code, timeout=120):
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(ou.__file__)))
-    return subprocess.run([sys.executable, "-P", "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, env=env, timeout=timeout)
 
 
 def test_kill_anywhere():

@@ -1,0 +1,132 @@
+"""The one protocol between a forked child and its parent.
+
+The child sends one message, a pickle framed by its 8-byte length, on a pipe
+it holds alone, and leaves with os._exit (after flushing stdio and saving its
+coverage data): nothing of the parent's runs again in it.  The parent reads
+the message and waits for that child only, not for every process that
+inherited the pipe (a grandchild the child left behind can keep it open for
+ever).
+
+A call's message is ("ok", value), ("raised", "Type: text", traceback) or
+("unpicklable", "Type: text", None).  Used by spawn(), the pytest plugin, the
+test suite's in_child and the benchmark workers.
+"""
+import os
+import pickle
+import select
+import struct
+import sys
+import traceback
+
+from odfork_user._pipes import write_all
+
+_HEADER = struct.Struct("<Q")
+
+
+def send(fd, obj):
+    """Send obj (pickled, framed) on fd."""
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    write_all(fd, _HEADER.pack(len(data)) + data)
+
+
+def send_outcome(fd, msg, code):
+    """Send a call's message; one whose value cannot be pickled becomes
+    ("unpicklable", ...).  Returns the exit code the child should use."""
+    try:
+        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        data = pickle.dumps(("unpicklable", f"{type(exc).__name__}: {exc}", None))
+        code = 1
+    write_all(fd, _HEADER.pack(len(data)) + data)
+    return code
+
+
+def receive(fd, pidfd=None):
+    """The message sent on fd, or None if the writer ended without sending all
+    of it.  With `pidfd` (os.pidfd_open of the child), waits for that process
+    as well as for the pipe: the answer comes when the message is whole or the
+    child has exited, whoever else holds the pipe.  Closes neither and reaps
+    nothing."""
+    buf = bytearray()
+    blocking = os.get_blocking(fd)
+    os.set_blocking(fd, pidfd is None)
+    try:
+        while True:
+            if pidfd is not None:
+                ready, _, _ = select.select([fd, pidfd], [], [])
+            more = _drain(fd, buf)
+            if len(buf) >= _HEADER.size:
+                n = _HEADER.unpack_from(buf)[0]
+                if len(buf) >= _HEADER.size + n:
+                    return pickle.loads(bytes(buf[_HEADER.size:_HEADER.size + n]))
+            if not more or (pidfd is not None and pidfd in ready):  # what it wrote was drained above
+                return None
+    finally:
+        os.set_blocking(fd, blocking)
+
+
+def _drain(fd, buf):
+    """Append what fd has to buf (blocking fd: one read).  False at end of file."""
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 20)
+        except BlockingIOError:
+            return True
+        if not chunk:
+            return False
+        buf.extend(chunk)
+        if os.get_blocking(fd):
+            return True
+
+
+def outcome(fn, *args, **kwargs):
+    """(message, exit code) of fn(*args, **kwargs): every exception is caught,
+    SystemExit included."""
+    try:
+        return ("ok", fn(*args, **kwargs)), 0
+    except BaseException as exc:  # the child reports everything
+        return ("raised", f"{type(exc).__name__}: {exc}", traceback.format_exc()), 1
+
+
+def _save_coverage():
+    """os._exit skips coverage's atexit save: save what this process measured
+    through coverage's own API (a forked process gets its own data file, which
+    pytest-cov and `coverage combine` merge)."""
+    cov_module = sys.modules.get("coverage")
+    cov = cov_module.Coverage.current() if cov_module is not None else None
+    if cov is not None:
+        cov.stop()
+        cov.save()
+
+
+def leave(code):
+    """End the child: flush stdio, save coverage data, os._exit(code)."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        _save_coverage()
+    finally:
+        os._exit(code)
+
+
+def fork_call(fn, args=(), kwargs=None, fork=None):
+    """Fork (odfork by default); the child sends outcome(fn, *args, **kwargs)
+    and leaves.  Returns (pid, read end) in the parent."""
+    if fork is None:
+        from odfork_user._forking import odfork as fork
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        pid = fork()
+    except BaseException:
+        os.close(r)
+        os.close(w)
+        raise
+    if pid == 0:
+        code = 70
+        try:
+            os.close(r)
+            code = send_outcome(w, *outcome(fn, *args, **(kwargs or {})))
+        finally:
+            leave(code)
+    os.close(w)
+    return pid, r
