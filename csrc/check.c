@@ -12,6 +12,25 @@
 #include <string.h>
 #include <unistd.h>
 
+int odf_arena_resident(odf_arena_t *a, uintptr_t addr, size_t len, size_t *out)
+{
+    *out = 0;
+    if (addr < a->base || addr + len > a->base + a->size || addr + len < addr)
+        return EINVAL;
+    if (len == 0)
+        return 0;
+    uint32_t c0 = (uint32_t)((addr - a->base) >> ODF_CHUNK_SHIFT);
+    uint32_t c1 = (uint32_t)((addr + len - 1 - a->base) >> ODF_CHUNK_SHIFT);
+    size_t n = 0;
+    int rc;
+    ODF_LOCKED(a, rc, {
+        for (uint32_t c = c0; c <= c1; c++)
+            n += a->mypt[c] != 0;
+    });
+    *out = n << ODF_CHUNK_SHIFT;
+    return rc;
+}
+
 int odf_arena_stats(odf_arena_t *a, odf_stats_t *out)
 {
     int rc;

@@ -27,9 +27,10 @@
  * `kind`, the extent list) with the process and the arena part on demand, so
  * parent and child each go on with a consistent heap.
  */
-#include "internal.h"
+#include "odfork.h" /* the public API only: the arena's state is not this file's to read */
 
 #include <errno.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -92,7 +93,8 @@ static int class_of(size_t n)
 int odf_heap_create(odf_arena_t *a, uintptr_t start, size_t len, odf_heap_t **out)
 {
     classes_init();
-    if (start < a->base || start + len > a->base + a->size || (start & (PAGE - 1)) || len < PAGE ||
+    uintptr_t base = odf_arena_base(a);
+    if (start < base || start + len > base + odf_arena_size(a) || (start & (PAGE - 1)) || len < PAGE ||
         len >> PAGE_SHIFT > UINT32_MAX)
         return EINVAL;
     odf_heap_t *h = calloc(1, sizeof(*h));
@@ -160,7 +162,7 @@ static int map_pages(odf_heap_t *h, size_t p, size_t n)
 static void unmap_pages(odf_heap_t *h, size_t p, size_t n)
 {
     uintptr_t lo = h->start + (p << PAGE_SHIFT), hi = lo + (n << PAGE_SHIFT);
-    uintptr_t base = h->arena->base;
+    uintptr_t base = odf_arena_base(h->arena);
     lo = base + ((lo - base + ODF_CHUNK_SIZE - 1) & ~(uintptr_t)(ODF_CHUNK_SIZE - 1));
     hi = base + ((hi - base) & ~(uintptr_t)(ODF_CHUNK_SIZE - 1));
     if (hi > lo)
@@ -380,12 +382,9 @@ void odf_heap_stats(odf_heap_t *h, odf_heap_stats_t *out)
     out->live_blocks = h->live_blocks;
     out->raw_bytes = h->raw_bytes;
     out->top_bytes = h->top << PAGE_SHIFT;
-    uint32_t c0 = (uint32_t)((h->start - h->arena->base) >> ODF_CHUNK_SHIFT);
-    uint32_t c1 = c0 + (uint32_t)(((h->npages << PAGE_SHIFT) + ODF_CHUNK_SIZE - 1) >> ODF_CHUNK_SHIFT);
-    uint64_t resident = 0;
-    for (uint32_t c = c0; c < c1 && c < h->arena->hi; c++)
-        resident += h->arena->mypt[c] != 0;
-    out->mapped_bytes = resident << ODF_CHUNK_SHIFT;
+    size_t resident = 0;
+    odf_arena_resident(h->arena, h->start, h->npages << PAGE_SHIFT, &resident);
+    out->mapped_bytes = resident;
     size_t f = 0;
     for (size_t i = 0; i < h->next; i++)
         f += h->ext[i].npages;

@@ -105,6 +105,8 @@ size_t odf_arena_size(const odf_arena_t *a);
 
 /* Statistics as seen by this process (releases dead processes' references first). */
 int odf_arena_stats(odf_arena_t *a, odf_stats_t *out);
+/* Bytes of the chunks of [addr, addr+len) backed by a segment in this process. */
+int odf_arena_resident(odf_arena_t *a, uintptr_t addr, size_t len, size_t *out);
 
 /* Verify the family-wide invariants: every segment's count equals the number
  * of page tables (and pins) that hold it, the free list is exact, this

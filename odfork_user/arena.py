@@ -122,6 +122,24 @@ class Arena:
             raise _closed_error()
         return self._h
 
+    def _host_heap(self, size, create):
+        """For odfork_user.install: take a chunk-aligned extent of `size` bytes,
+        call create(handle, address) to build the heap there (its failure gives
+        the extent back), and mark this arena as holding the Python heap (it can
+        no longer be closed or restored)."""
+        with self._lock:
+            h = self._live()
+            off = self._alloc.alloc_aligned(size, self.chunk_size)
+            if off is None:
+                raise OdforkValueError(f"no free extent of {size} bytes in the arena for the heap")
+            try:
+                create(h, self._base + off)
+            except BaseException:
+                self._alloc.free(off, size)
+                raise
+            self._holds_heap = True
+            lib.odf_handler_ensure()
+
     # -- blocks -------------------------------------------------------------
     def alloc(self, nbytes):
         """Allocate a zero-filled block.

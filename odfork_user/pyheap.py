@@ -54,19 +54,11 @@ def install(arena=None, size=None):
         if not isinstance(size, int) or size < chunk or size > arena.size:
             raise OdforkValueError(f"heap size must be an int between {chunk} and {arena.size}")
         size = size // chunk * chunk
-        with arena._lock:
-            h = arena._live()
-            got = arena._alloc.alloc_aligned(size, chunk)
-            if got is None:
-                raise OdforkValueError(f"no free extent of {size} bytes in the arena for the heap")
-            off = got
-            out = ffi.new("odf_heap_t **")
-            rc = lib.odf_heap_create(h, arena.address + off, size, out)
-            if rc:
-                arena._alloc.free(off, size)
-                _check(rc, "cannot create the heap")
-            arena._holds_heap = True
-            lib.odf_handler_ensure()
+        out = ffi.new("odf_heap_t **")
+
+        def create(handle, address):
+            _check(lib.odf_heap_create(handle, address, size, out), "cannot create the heap")
+        arena._host_heap(size, create)
         _state.update(arena=arena, heap=out[0])
         _check(lib.odf_py_install(out[0]), "install")
         return arena
