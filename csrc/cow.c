@@ -266,68 +266,63 @@ static int copy_chunk(odf_arena_t *a, uintptr_t src, uint32_t dst_seg)
     return _odf_pwrite_all(a->pool_fd, (const void *)src, ODF_CHUNK_SIZE, (off_t)dst_seg << ODF_CHUNK_SHIFT);
 }
 
-/* pre: a->local held, signals blocked, chunk c is in the arena.
- * Makes chunk c writable in this process, preserving its bytes:
- *   NONE    -> OWNED, a fresh zero segment;
- *   LOCKED  -> OWNED: count 1, the parked entries move back (or mprotect);
- *              count > 1, a copy into a new segment;
- *   OWNED or VIEW: already writable (a fold that held this writer off has
- *              finished, or another thread resolved it): the chunk is made
- *              writable again, so that a retry cannot fault for ever. */
-int _odf_fault(odf_arena_t *a, uint32_t c)
+/* The three outcomes of a write fault on chunk c at addr.  pre: a->local and
+ * the family lock held; each releases the family lock. */
+
+/* First touch: a fresh (zero) segment, mapped writable. */
+static int fault_fresh(odf_arena_t *a, uint32_t c, uintptr_t addr)
 {
-    uintptr_t addr = a->base + ((uintptr_t)c << ODF_CHUNK_SHIFT);
-    uintptr_t sh = a->shadow + ((uintptr_t)c << ODF_CHUNK_SHIFT);
-    if (a->flags[c] & (ODF_F_WRITABLE | ODF_F_PRIVATE))
-        return mprotect((void *)addr, ODF_CHUNK_SIZE, PROT_READ | PROT_WRITE) < 0 ? errno : 0;
     odf_slot_t *me = &a->slots[a->self];
-    uint32_t seg, nseg;
-    int rc = _odf_family_lock(a);
-    if (rc)
+    uint32_t nseg;
+    int rc = _odf_seg_alloc(a, &nseg, 0);
+    if (rc) {
+        _odf_family_unlock(a);
         return rc;
-    a->n_faults++;
-    _odf_trim_locked(a, ODF_TRIM_STEP);
-    uint32_t e = a->mypt[c];
-    if (e == 0) { /* first touch: a fresh (zero) segment */
-        if ((rc = _odf_seg_alloc(a, &nseg, 0))) {
-            _odf_family_unlock(a);
-            return rc;
-        }
-        a->mypt[c] = nseg + 1;
-        if (c >= me->hi)
-            me->hi = a->hi = c + 1;
-        _odf_family_unlock(a);
-        if ((rc = _odf_map_seg(a, addr, nseg, PROT_READ | PROT_WRITE, 0))) {
-            _odf_family_lock(a);
-            a->mypt[c] = 0;
-            _odf_seg_decref(a, nseg);
-            _odf_family_unlock(a);
-            return rc;
-        }
-        a->flags[c] = ODF_F_WRITABLE;
-        return 0;
     }
-    seg = e - 1;
-    if (a->refcnt[seg] > 1)
-        _odf_reap_locked(a); /* a sharer may have died: then it is ours alone */
-    if (a->refcnt[seg] == 1 || a->broken_cow) {
-        /* Ours alone; the count cannot rise again without this process
-         * (fork and snapshot take a->local, which we hold). */
+    a->mypt[c] = nseg + 1;
+    if (c >= me->hi)
+        me->hi = a->hi = c + 1;
+    _odf_family_unlock(a);
+    if ((rc = _odf_map_seg(a, addr, nseg, PROT_READ | PROT_WRITE, 0))) {
+        _odf_family_lock(a);
+        a->mypt[c] = 0;
+        _odf_seg_decref(a, nseg);
         _odf_family_unlock(a);
-        if (a->flags[c] & ODF_F_PARKED) {
-            if ((rc = _odf_unpark(a, c)))
-                return rc;
-            a->flags[c] &= (uint8_t)~ODF_F_PARKED;
-        } else if (mprotect((void *)addr, ODF_CHUNK_SIZE, PROT_READ | PROT_WRITE) < 0) {
-            return errno;
-        }
-        a->flags[c] = ODF_F_WRITABLE;
-        a->n_reuse++;
-        return 0;
+        return rc;
     }
-    /* Shared: copy into a new segment.  Our reference to the old one moves to
-     * the pin so it stays alive (and counted) while we read it unlocked. */
-    if ((rc = _odf_seg_alloc(a, &nseg, 1))) {
+    a->flags[c] = ODF_F_WRITABLE;
+    return 0;
+}
+
+/* The segment is ours alone: make the chunk writable where it is.  The count
+ * cannot rise again without this process (fork and snapshot take a->local,
+ * which we hold). */
+static int fault_reuse(odf_arena_t *a, uint32_t c, uintptr_t addr)
+{
+    _odf_family_unlock(a);
+    if (a->flags[c] & ODF_F_PARKED) {
+        int rc = _odf_unpark(a, c);
+        if (rc)
+            return rc;
+        a->flags[c] &= (uint8_t)~ODF_F_PARKED;
+    } else if (mprotect((void *)addr, ODF_CHUNK_SIZE, PROT_READ | PROT_WRITE) < 0) {
+        return errno;
+    }
+    a->flags[c] = ODF_F_WRITABLE;
+    a->n_reuse++;
+    return 0;
+}
+
+/* Shared: copy segment seg into a new segment.  Our reference to the old one
+ * moves to the pin so it stays alive (and counted) while we read it unlocked
+ * (through the parked mapping when there is one, else the read-only chunk). */
+static int fault_copy(odf_arena_t *a, uint32_t c, uint32_t seg, uintptr_t addr)
+{
+    odf_slot_t *me = &a->slots[a->self];
+    uintptr_t sh = a->shadow + ((uintptr_t)c << ODF_CHUNK_SHIFT);
+    uint32_t nseg;
+    int rc = _odf_seg_alloc(a, &nseg, 1);
+    if (rc) {
         _odf_family_unlock(a);
         return rc;
     }
@@ -355,6 +350,34 @@ int _odf_fault(odf_arena_t *a, uint32_t c)
     a->n_cow++;
     a->n_bytes += ODF_CHUNK_SIZE;
     return 0;
+}
+
+/* pre: a->local held, signals blocked, chunk c is in the arena.
+ * Makes chunk c writable in this process, preserving its bytes:
+ *   NONE    -> OWNED, a fresh zero segment;
+ *   LOCKED  -> OWNED: count 1, the parked entries move back (or mprotect);
+ *              count > 1, a copy into a new segment;
+ *   OWNED or VIEW: already writable (a fold that held this writer off has
+ *              finished, or another thread resolved it): the chunk is made
+ *              writable again, so that a retry cannot fault for ever. */
+int _odf_fault(odf_arena_t *a, uint32_t c)
+{
+    uintptr_t addr = a->base + ((uintptr_t)c << ODF_CHUNK_SHIFT);
+    if (a->flags[c] & (ODF_F_WRITABLE | ODF_F_PRIVATE))
+        return mprotect((void *)addr, ODF_CHUNK_SIZE, PROT_READ | PROT_WRITE) < 0 ? errno : 0;
+    int rc = _odf_family_lock(a);
+    if (rc)
+        return rc;
+    a->n_faults++;
+    _odf_trim_locked(a, ODF_TRIM_STEP);
+    uint32_t e = a->mypt[c];
+    if (e == 0)
+        return fault_fresh(a, c, addr);
+    if (a->refcnt[e - 1] > 1)
+        _odf_reap_locked(a); /* a sharer may have died: then it is ours alone */
+    if (a->refcnt[e - 1] == 1 || a->broken_cow)
+        return fault_reuse(a, c, addr);
+    return fault_copy(a, c, e - 1, addr);
 }
 
 /* Resolve a fault on every chunk of [addr, addr+len) (only_fresh: only on
