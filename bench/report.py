@@ -288,6 +288,27 @@ def heap_section(data):
     return out + lines + [""]
 
 
+def plugin_section(data):
+    """Per-test cost of the test isolators (bench/test_plugin_overhead.py)."""
+    rows = [b["extra_info"] for b in data["benchmarks"] if (b.get("group") or "").startswith("plugin-per-test")]
+    if not rows:
+        return []
+    out = [f"## Per-test cost of isolating tests ({rows[0]['tests']} trivial tests, a fresh pytest per round)", "",
+           "| runner | wall (s) | beyond plain pytest, per test (ms) |", "|---|---|---|"]
+    names = {"plain": "pytest", "odfork": "pytest --odfork", "forked": "pytest --forked (pytest-forked)",
+             "isolate": "pytest --isolate (pytest-isolate)"}
+    for r in rows:
+        extra = r.get("per_test_beyond_plain_ms")
+        out.append(f"| {names.get(r['kind'], r['kind'])} | {r['seconds']:.2f} | "
+                   f"{'-' if extra is None else f'{extra:.1f}'} |")
+    od = [r for r in rows if r["kind"] == "odfork"]
+    if od and od[0].get("per_test_beyond_plain_ms") is not None:
+        v = od[0]["per_test_beyond_plain_ms"]
+        out += ["", f"Goal <= 3 ms a test beyond plain pytest: {v:.1f} ms ({'met' if v <= 3 else 'not met'}).  "
+                    "Runners that are not installed are left out."]
+    return out + [""]
+
+
 def main(src, dst, workloads=None):
     data, rows = load(src)
     sizes = sorted({s for (_, s) in rows})
@@ -342,6 +363,7 @@ def main(src, dst, workloads=None):
         lines += [f"- **{k}**: {CLOSE[k]}" for k in unmet]
         lines.append("")
     lines += heap_section(data)
+    lines += plugin_section(data)
     if workloads and os.path.exists(workloads):
         lines += workload_section(json.load(open(workloads)))
     made = plots(rows, sizes, os.path.dirname(os.path.abspath(dst)))
