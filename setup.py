@@ -1,6 +1,7 @@
+import importlib.util
 import os
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_py import build_py
 
 PTH = "odfork_user-run.pth"  # ODFORK_RUN=1: the arena heap from interpreter start-up (odfork_user/launcher.py)
@@ -14,7 +15,27 @@ class build_py_with_pth(build_py):
         self.copy_file(PTH, os.path.join(self.build_lib, PTH))
 
 
+def _core_sources():
+    spec = importlib.util.spec_from_file_location("_ffi_build_sources", "odfork_user/_ffi_build.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return [f"csrc/{name}" for name in mod.SOURCES if not name.startswith("py/")]
+
+
+# The LD_PRELOAD library (python -m odfork_user exec): the core plus
+# csrc/preload/odfork_preload.c, no Python in it.  Built as an extension module
+# only so that it lands beside the package; nothing imports it.
+preload = Extension(
+    "odfork_user._preload",
+    sources=["csrc/preload/odfork_preload.c"] + _core_sources(),
+    include_dirs=["csrc"],
+    define_macros=[("ODF_HEAP_SYS_LIBC", "1")],  # heap.c's own bookkeeping from glibc, not from itself
+    extra_compile_args=["-std=gnu11", "-O2", "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+    libraries=["pthread", "dl"],
+)
+
 setup(
     cffi_modules=["odfork_user/_ffi_build.py:ffi"],
+    ext_modules=[preload],
     cmdclass={"build_py": build_py_with_pth},
 )

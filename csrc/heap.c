@@ -10,7 +10,7 @@
  *   free extent that reaches the top lowers it), and every whole chunk inside
  *   freed space is given back to the family (odf_arena_release), so the arena
  *   holds no more chunks than the live data spans.
- *   blocks <= ODF_HEAP_MAX_SMALL bytes: size classes (64-byte steps to 1 KiB,
+ *   blocks <= ODF_HEAP_MAX_SMALL bytes: size classes (16, 32, 48, then 64-byte steps to 1 KiB,
  *   then 4 per doubling), carved from 64 KiB slabs of pages; a freed block
  *   goes on its class's free list, linked through the block itself (so the
  *   links are arena memory and fork with it).
@@ -34,6 +34,23 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+
+/* The heap's own private bookkeeping (this struct, the extent list) comes from
+ * the system allocator.  Where heap.c is the program's malloc (the preload
+ * library, built with ODF_HEAP_SYS_LIBC), that is glibc's __libc_* functions,
+ * never the heap itself (which would recurse under its caller's lock). */
+#ifdef ODF_HEAP_SYS_LIBC
+extern void *__libc_calloc(size_t, size_t);
+extern void *__libc_realloc(void *, size_t);
+extern void __libc_free(void *);
+#define sys_calloc __libc_calloc
+#define sys_realloc __libc_realloc
+#define sys_free __libc_free
+#else
+#define sys_calloc calloc
+#define sys_realloc realloc
+#define sys_free free
+#endif
 
 #define PAGE_SHIFT 12
 #define PAGE ((size_t)1 << PAGE_SHIFT)
@@ -68,6 +85,8 @@ static void classes_init(void)
     if (class_size[0])
         return;
     int i = 0;
+    for (uint32_t s = 16; s < 64; s += 16) /* small blocks of a malloc (the preload) */
+        class_size[i++] = s;
     for (uint32_t s = 64; s <= 1024; s += 64)
         class_size[i++] = s;
     for (uint32_t base = 1024; i < ODF_HEAP_NCLASS; base *= 2)
@@ -75,11 +94,15 @@ static void classes_init(void)
             class_size[i++] = base + base / 4 * (uint32_t)q;
 }
 
+#define N_TINY 3 /* classes 16, 32, 48 */
+
 static int class_of(size_t n)
 {
+    if (n <= 48)
+        return n ? (int)((n + 15) / 16) - 1 : 0;
     if (n <= 1024)
-        return n ? (int)((n + 63) / 64) - 1 : 0;
-    int lo = 16, hi = ODF_HEAP_NCLASS - 1; /* first class >= n */
+        return N_TINY + (int)((n + 63) / 64) - 1;
+    int lo = N_TINY + 16, hi = ODF_HEAP_NCLASS - 1; /* first class >= n */
     while (lo < hi) {
         int mid = (lo + hi) / 2;
         if (class_size[mid] >= n)
@@ -97,7 +120,7 @@ int odf_heap_create(odf_arena_t *a, uintptr_t start, size_t len, odf_heap_t **ou
     if (start < base || start + len > base + odf_arena_size(a) || (start & (PAGE - 1)) || len < PAGE ||
         len >> PAGE_SHIFT > UINT32_MAX)
         return EINVAL;
-    odf_heap_t *h = calloc(1, sizeof(*h));
+    odf_heap_t *h = sys_calloc(1, sizeof(*h));
     if (!h)
         return ENOMEM;
     h->arena = a;
@@ -105,7 +128,7 @@ int odf_heap_create(odf_arena_t *a, uintptr_t start, size_t len, odf_heap_t **ou
     h->npages = len >> PAGE_SHIFT;
     h->kind = mmap(NULL, h->npages, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (h->kind == MAP_FAILED) {
-        free(h);
+        sys_free(h);
         return ENOMEM;
     }
     *out = h;
@@ -118,7 +141,7 @@ static int ext_insert(odf_heap_t *h, size_t at, uint32_t page, uint32_t n)
 {
     if (h->next == h->ext_cap) {
         size_t cap = h->ext_cap ? h->ext_cap * 2 : 64;
-        extent_t *e = realloc(h->ext, cap * sizeof(*e));
+        extent_t *e = sys_realloc(h->ext, cap * sizeof(*e));
         if (!e)
             return ENOMEM;
         h->ext = e;

@@ -165,7 +165,7 @@ int _odf_debug_break(odf_arena_t *a, int what, uint32_t chunk);
 
 /* ---- heap.c: a block allocator in an arena range (see heap.c) ----
  * Not thread-safe: the caller serialises every call. */
-#define ODF_HEAP_NCLASS 36
+#define ODF_HEAP_NCLASS 39
 #define ODF_HEAP_MAX_SMALL 32768
 typedef struct odf_heap_s odf_heap_t;
 typedef struct odf_heap_stats_s {

@@ -1,6 +1,7 @@
 """Command line:
     python -m odfork_user compare [--sizes 256M,1G] [--rounds N] [--json FILE] [--plot FILE.png]
     python -m odfork_user run [--heap-size N] [--gc-freeze] [--heap-stats] script.py args... | -m module args...
+    python -m odfork_user exec [--heap-size N] -- CMD ARGS...     (native programs, LD_PRELOAD)
 """
 import argparse
 import json
@@ -129,11 +130,14 @@ def main(argv=None):
     c.add_argument("--json", help="write the raw results to this file")
     c.add_argument("--plot", help="write a log-log plot of latency vs size (PNG, needs matplotlib)")
     c.add_argument("--no-progress", dest="progress", action="store_false", help="no progress lines on stderr")
-    from odfork_user import launcher
+    from odfork_user import launcher, preload
     r = launcher.add_parser(sub)
+    e = preload.add_parser(sub)
     args = p.parse_args(argv)
     if args.cmd == "run":
         return launcher.run(args, r)
+    if args.cmd == "exec":
+        return preload.run(args, e)
     if args.rounds < 1 or args.heavy_rounds < 1:
         p.error("--rounds and --heavy-rounds must be >= 1")
     return compare(args)

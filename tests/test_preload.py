@@ -1,0 +1,92 @@
+"""The preload library (`python -m odfork_user exec`): an unmodified native
+program's malloc family in an arena heap, every fork on demand.  The C program
+tests/c/preload_check.c runs with and without it and must behave the same,
+with its blocks in the arena under the preload."""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _exec(*cmd, env=None, timeout=120):
+    return subprocess.run([sys.executable, "-P", "-m", "odfork_user", "exec", "--", *cmd], capture_output=True,
+                          text=True, timeout=timeout, env=dict(os.environ, **(env or {})))
+
+
+@pytest.fixture(scope="module")
+def check_program(tmp_path_factory):
+    if not shutil.which("gcc"):
+        pytest.skip("gcc is needed to build tests/c/preload_check.c")
+    exe = tmp_path_factory.mktemp("preload") / "preload_check"
+    subprocess.run(["gcc", "-O1", "-Wall", "-o", str(exe), os.path.join(HERE, "c", "preload_check.c"),
+                    "-lpthread"], check=True)
+    return str(exe)
+
+
+def test_library_is_installed():
+    p = subprocess.run([sys.executable, "-P", "-m", "odfork_user", "exec", "--print-library"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and os.path.exists(p.stdout.strip()), p.stderr
+
+
+def test_a_c_program_behaves_the_same_with_its_heap_in_the_arena(check_program):
+    plain = subprocess.run([check_program], capture_output=True, text=True, timeout=120)
+    pre = _exec(check_program)
+    assert plain.returncode == 0 and pre.returncode == 0, (plain.stderr, pre.stderr)
+    assert "in-arena 0" in plain.stdout and "in-arena 101" in pre.stdout, pre.stdout
+    fds = [ln for ln in plain.stdout.splitlines() if ln.startswith("fds")]
+    assert fds and fds == [ln for ln in pre.stdout.splitlines() if ln.startswith("fds")]  # nothing leaks into exec
+    assert "ok" in pre.stdout.splitlines()
+
+
+def test_the_programs_own_sigsegv_handler_still_gets_real_crashes(check_program):
+    plain = subprocess.run([check_program, "crash"], capture_output=True, text=True, timeout=60)
+    pre = _exec(check_program, "crash")
+    assert plain.returncode == pre.returncode == 3
+    assert plain.stdout == pre.stdout == "program's handler ran\n"
+
+
+def test_an_unmodified_python_forks_its_heap_isolated():
+    code = textwrap.dedent('''
+        import os
+        data = bytearray(b"p" * (32 << 20))
+        objs = {i: str(i) for i in range(100000)}
+        pid = os.fork()
+        if pid == 0:
+            data[:] = b"c" * len(data)
+            objs[5] = "child"
+            os._exit(0 if data[12345] == ord("c") else 1)
+        _, st = os.waitpid(pid, 0)
+        print(st, bytes(data[:4]), objs[5], data.count(b"c"))
+        maps = open("/proc/self/maps").read()
+        print("odfork-pool" in maps)
+    ''')
+    p = _exec(sys.executable, "-c", code)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split("\n")[:2] == ["0 b'pppp' 5 0", "True"], p.stdout
+
+
+def test_a_full_heap_falls_back_to_glibc(check_program):
+    # a 4 MiB heap: most of the program's blocks come from glibc, and it still works
+    p = _exec(check_program, env={"ODFORK_HEAP_SIZE": "4M"})
+    assert p.returncode == 0 and "ok" in p.stdout, p.stderr
+
+
+@pytest.mark.skipif(not all(shutil.which(x) for x in ("redis-server", "redis-cli", "redis-benchmark")),
+                    reason="redis-server, redis-cli and redis-benchmark are not installed")
+def test_redis_bgsave_under_the_preload_writes_the_same_data(tmp_path):
+    out = tmp_path / "r.json"
+    p = subprocess.run([sys.executable, "-P", os.path.join(os.path.dirname(HERE), "bench", "programs",
+                                                           "redis_bgsave.py"),
+                        "--keys", "20000", "--value", "100", "--saves", "2", "--load-seconds", "0",
+                        "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    import json
+    res = json.loads(out.read_text())
+    assert res["digests_equal"] is True
+    assert all(r["latest_fork_usec_median"] > 0 for r in res["results"].values())
