@@ -99,12 +99,20 @@ def _save_coverage():
         cov.save()
 
 
+def settle():
+    """What a child does before it sends its last message: flush stdio and
+    save its coverage data, so that a parent that goes on (and combines
+    coverage, or reads the child's output) as soon as the message arrives
+    finds them complete."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _save_coverage()
+
+
 def leave(code):
-    """End the child: flush stdio, save coverage data, os._exit(code)."""
+    """End the child: settle() (again: cheap when nothing changed), os._exit(code)."""
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        _save_coverage()
+        settle()
     finally:
         os._exit(code)
 
@@ -125,7 +133,9 @@ def fork_call(fn, args=(), kwargs=None, fork=None):
         code = 70
         try:
             os.close(r)
-            code = send_outcome(w, *outcome(fn, *args, **(kwargs or {})))
+            msg, code = outcome(fn, *args, **(kwargs or {}))
+            settle()
+            code = send_outcome(w, msg, code)
         finally:
             leave(code)
     os.close(w)

@@ -83,6 +83,9 @@ def _run_in_child(item, w):
         except Exception:  # a warning class defined where pickle cannot find it
             caught.append((UserWarning, f"{m.category.__name__}: {m.message}", m.filename, m.lineno))
     reports = logged + [config.hook.pytest_report_to_serializable(config=config, report=rep)]
+    # coverage saved before the message: the parent may finish the session (and
+    # pytest-cov combine the data files) as soon as the last test's message is in
+    _child.settle()
     _child.send(w, {"reports": reports, "warnings": caught})
 
 
