@@ -1,6 +1,11 @@
 """odfork_user: on-demand fork in user space.
 
 Implementation is in submodules, but the public API is all here (see API.md).
+
+PYTEST_DONT_REWRITE: pytest marks this distribution's package for assertion
+rewriting (it holds the pytest plugin), and would warn that it cannot when the
+package is imported before pytest starts, as `python -m odfork_user run -m
+pytest` does.  Nothing here relies on rewritten asserts.
 """
 from odfork_user._errors import (ChildError, CorruptionError, OdforkBufferError, OdforkError, OdforkMemoryError,
                                  OdforkOSError, OdforkTimeoutError, OdforkTypeError, OdforkValueError)

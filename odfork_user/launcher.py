@@ -66,7 +66,8 @@ def add_parser(sub):
                         "that existed at the fork")
     r.add_argument("--heap-stats", action="store_true",
                    help="print where the process's memory is (in the arena or outside) when it exits")
-    r.add_argument("-m", dest="module", help="run a library module as a script, like python -m")
+    r.add_argument("-m", dest="module", nargs=argparse.REMAINDER, metavar="MODULE ARGS",
+                   help="run a library module as a script, like python -m (everything after it is the module's)")
     r.add_argument("args", nargs=argparse.REMAINDER, help="script.py and its arguments (or the module's)")
     return r
 
@@ -114,6 +115,10 @@ def _set_path0(entry):
 
 
 def run(args, parser):
+    if args.module is not None:
+        if not args.module:
+            parser.error("run: -m needs a module name")
+        args.module, args.args = args.module[0], args.module[1:] + args.args
     if args.module is None and not args.args:
         parser.error("run: give a script (run script.py ...) or a module (run -m module ...)")
     _install(args.heap_size, args.gc_freeze, args.arena_size)

@@ -42,8 +42,11 @@ def probe(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["prog.py", "a", "b"], ["prog.py", "3"], ["prog.py", "raise"],
-                                  ["-m", "pkg", "x"], ["-m", "pkg", "4"], ["-m", "pkg", "raise"]],
-                         ids=["script", "script-exit", "script-raise", "module", "module-exit", "module-raise"])
+                                  ["prog.py", "--flag", "-q", "-m", "x"],
+                                  ["-m", "pkg", "x"], ["-m", "pkg", "4"], ["-m", "pkg", "raise"],
+                                  ["-m", "pkg", "--odfork", "-q", "-p", "no:x"]],
+                         ids=["script", "script-exit", "script-raise", "script-options", "module", "module-exit",
+                              "module-raise", "module-options"])
 def test_run_behaves_as_python(probe, argv):
     plain = _py(argv, probe)
     ran = _py(["-P", "-m", "odfork_user", "run", *argv], probe)
@@ -152,3 +155,22 @@ def test_gc_freeze_option_freezes_before_every_fork(tmp_path):
     off = _py(["-P", "-m", "odfork_user", "run", "g.py"], tmp_path)
     env = _py(["g.py"], tmp_path, env={"ODFORK_RUN": "1", "ODFORK_GC_FREEZE": "1"})
     assert (on.stdout, off.stdout, env.stdout) == ("True\n", "False\n", "True\n"), (on.stderr, off.stderr)
+
+
+def test_pytest_under_run_reports_what_plain_pytest_reports(tmp_path):
+    (tmp_path / "test_x.py").write_text(textwrap.dedent('''
+        import warnings
+        def test_a():
+            pass
+        def test_b():
+            warnings.warn("mine")
+        def test_c():
+            assert 1 == 2
+    '''))
+    args = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:cov", "-p", "no:hypothesispytest"]
+    plain = _py(args, tmp_path)
+    ran = _py(["-P", "-m", "odfork_user", "run", *args], tmp_path)
+    ran_forked = _py(["-P", "-m", "odfork_user", "run", *args, "--odfork"], tmp_path)
+    summary = [p.stdout.strip().splitlines()[-1].rsplit(" in ", 1)[0] for p in (plain, ran, ran_forked)]
+    assert summary == ["1 failed, 2 passed, 1 warning"] * 3, (summary, ran.stdout[-2000:])
+    assert plain.returncode == ran.returncode == ran_forked.returncode == 1
