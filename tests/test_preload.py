@@ -90,3 +90,9 @@ def test_redis_bgsave_under_the_preload_writes_the_same_data(tmp_path):
     res = json.loads(out.read_text())
     assert res["digests_equal"] is True
     assert all(r["latest_fork_usec_median"] > 0 for r in res["results"].values())
+
+
+def test_an_arena_that_cannot_be_made_is_said_and_the_program_runs_on_glibc(check_program):
+    p = _exec(check_program, env={"ODFORK_HEAP_SIZE": "100T"})   # above the core's 64 TiB limit
+    assert p.returncode == 0 and "ok" in p.stdout and "in-arena 0" in p.stdout, p.stderr
+    assert "odfork_preload: cannot make an arena heap" in p.stderr and "glibc" in p.stderr

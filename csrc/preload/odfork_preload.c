@@ -70,17 +70,7 @@ static __thread int in_init;
 static pthread_t folder;
 static int folder_started;
 
-static void say(const char *msg)
-{
-    size_t n = strlen(msg);
-    while (n) {
-        ssize_t w = write(2, msg, n);
-        if (w <= 0)
-            return;
-        msg += w;
-        n -= (size_t)w;
-    }
-}
+void _odf_write_stderr(const char *msg); /* prim.c (the core is linked into this library) */
 
 static size_t parse_size(const char *s, size_t dflt)
 {
@@ -121,7 +111,7 @@ static void parent(void)
     /* views exist from the first fork on: fold them when nobody shares them
      * (ODFORK_FOLD=0: never) */
     const char *env = getenv("ODFORK_FOLD");
-    if (!folder_started && !(env && env[0] == '0'))
+    if (state == 2 && !folder_started && !(env && env[0] == '0'))
         folder_started = pthread_create(&folder, NULL, fold_loop, NULL) == 0;
 }
 
@@ -148,14 +138,19 @@ static int init_locked(void)
         odf_uffd_enable(1); /* folds hold writers off in the kernel where they can (else PROT_READ) */
         lo = odf_arena_base(arena);
         hi = lo + size;
-        rc = pthread_atfork(prepare, parent, child); /* after the core's: runs first in prepare */
     }
+    /* After the core's handlers (registered by odf_arena_create), so that this
+     * prepare runs first; registered even when the arena failed, since a
+     * thread may still hold heap_lock for a moment at a fork. */
+    int frc = pthread_atfork(prepare, parent, child);
+    if (!rc)
+        rc = frc;
     in_init = 0;
     if (rc) {
         char msg[160];
         snprintf(msg, sizeof(msg), "odfork_preload: cannot make an arena heap of %zu bytes (%s): "
                  "the program runs on glibc's allocator\n", size, strerror(rc));
-        say(msg);
+        _odf_write_stderr(msg);
         state = 3;
         return -1;
     }
@@ -167,7 +162,7 @@ static inline int ours(const void *p) { return (uintptr_t)p >= lo && (uintptr_t)
 
 static void *heap_alloc(size_t n)
 {
-    if (in_init)
+    if (in_init || state == 3) /* (failed: glibc serves everything, no lock) */
         return NULL;
     void *p = NULL;
     pthread_mutex_lock(&heap_lock);
