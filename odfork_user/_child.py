@@ -18,15 +18,19 @@ import struct
 import sys
 import traceback
 
-from odfork_user._pipes import write_all
-
 _HEADER = struct.Struct("<Q")
+
+
+def _write_frame(fd, data):
+    """Write the length, then every byte of `data` (os.write may write less than asked)."""
+    view = memoryview(_HEADER.pack(len(data)) + data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def send(fd, obj):
     """Send obj (pickled, framed) on fd."""
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    write_all(fd, _HEADER.pack(len(data)) + data)
+    _write_frame(fd, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def send_outcome(fd, msg, code):
@@ -37,7 +41,7 @@ def send_outcome(fd, msg, code):
     except Exception as exc:
         data = pickle.dumps(("unpicklable", f"{type(exc).__name__}: {exc}", None))
         code = 1
-    write_all(fd, _HEADER.pack(len(data)) + data)
+    _write_frame(fd, data)
     return code
 
 
@@ -54,7 +58,7 @@ def receive(fd, pidfd=None):
         while True:
             if pidfd is not None:
                 ready, _, _ = select.select([fd, pidfd], [], [])
-            more = _drain(fd, buf)
+            more = _drain(fd, buf, pidfd is None)
             if len(buf) >= _HEADER.size:
                 n = _HEADER.unpack_from(buf)[0]
                 if len(buf) >= _HEADER.size + n:
@@ -65,8 +69,8 @@ def receive(fd, pidfd=None):
         os.set_blocking(fd, blocking)
 
 
-def _drain(fd, buf):
-    """Append what fd has to buf (blocking fd: one read).  False at end of file."""
+def _drain(fd, buf, blocking):
+    """Append what fd has to buf (a blocking fd: one read).  False at end of file."""
     while True:
         try:
             chunk = os.read(fd, 1 << 20)
@@ -75,7 +79,7 @@ def _drain(fd, buf):
         if not chunk:
             return False
         buf.extend(chunk)
-        if os.get_blocking(fd):
+        if blocking:
             return True
 
 
@@ -99,18 +103,25 @@ def _save_coverage():
         cov.save()
 
 
+_settled = False  # set in a child by settle(); a fork's child starts with its parent's False
+
+
 def settle():
     """What a child does before it sends its last message: flush stdio and
     save its coverage data, so that a parent that goes on (and combines
     coverage, or reads the child's output) as soon as the message arrives
-    finds them complete."""
+    finds them complete.  Once per child."""
+    global _settled
+    if _settled:
+        return
+    _settled = True
     sys.stdout.flush()
     sys.stderr.flush()
     _save_coverage()
 
 
 def leave(code):
-    """End the child: settle() (again: cheap when nothing changed), os._exit(code)."""
+    """End the child: settle() if it has not been, then os._exit(code)."""
     try:
         settle()
     finally:

@@ -15,6 +15,8 @@ except ImportError as exc:  # pragma: no cover - build problem
         "or build in place with `python odfork_user/_ffi_build.py`"
     ) from exc
 
+from odfork_user._errors import OdforkOSError, OdforkValueError  # noqa: E402 (after the core loaded)
+
 CHUNK_SIZE = lib.ODF_CHUNK_SIZE
 
 
@@ -65,11 +67,11 @@ USERFAULTFD_ENV = "ODFORK_USERFAULTFD"
 
 def _choose_fold_protect():
     """Pick how folds hold writers off; returns (mechanism, reason).
-    ODFORK_USERFAULTFD: auto (default), 1 (required: ImportError if
+    ODFORK_USERFAULTFD: auto (default), 1 (required: OdforkOSError if
     unavailable), 0 (never: PROT_READ)."""
     want = os.environ.get(USERFAULTFD_ENV, "auto").strip().lower() or "auto"
     if want not in ("auto", "1", "0"):
-        raise ImportError(f"{USERFAULTFD_ENV}={want!r}: expected auto, 1 or 0")  # (a ValueError to callers)
+        raise OdforkValueError(f"{USERFAULTFD_ENV}={want!r}: expected auto, 1 or 0")
     if want == "0":
         return "mprotect", f"{USERFAULTFD_ENV}=0"
     rc = lib.odf_uffd_enable(1)
@@ -79,7 +81,7 @@ def _choose_fold_protect():
            errno.EOPNOTSUPP: "the kernel lacks userfaultfd write-protect on shmem",
            errno.ENOSYS: "the kernel has no userfaultfd"}.get(rc, os.strerror(rc))
     if want == "1":
-        raise OSError(rc, f"{USERFAULTFD_ENV}=1, but userfaultfd cannot be used: {why}")
+        raise OdforkOSError(rc, f"{USERFAULTFD_ENV}=1, but userfaultfd cannot be used: {why}")
     return "mprotect", why
 
 
@@ -97,13 +99,7 @@ def prepare_process():
     global _prepared
     with _prepare_lock:
         if _prepared is None:
-            from odfork_user._errors import OdforkOSError, OdforkValueError
-            try:
-                choice = _choose_fold_protect()
-            except OSError as exc:
-                raise OdforkOSError(exc.errno, exc.strerror) from None
-            except ImportError as exc:
-                raise OdforkValueError(str(exc)) from None
+            choice = _choose_fold_protect()
             _keep_handler_on_top()
             _prepared = choice
         return _prepared
