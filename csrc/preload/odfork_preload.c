@@ -166,7 +166,7 @@ static void *heap_alloc(size_t n)
         return NULL;
     void *p = NULL;
     pthread_mutex_lock(&heap_lock);
-    if (init_locked() == 0)
+    if (state == 2 || init_locked() == 0) /* (made: no call on the hot path) */
         p = odf_heap_alloc(heap, n ? n : 1);
     pthread_mutex_unlock(&heap_lock);
     return p;
