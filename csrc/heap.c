@@ -23,7 +23,8 @@
  * large block, KIND_CONT a later page of a large block or a raw run.
  *
  * Concurrency: none inside; the caller serialises (the Python allocator
- * hooks run with the GIL held).  A fork copies the private part (this struct,
+ * hooks run with the GIL held), except odf_heap_usable, odf_heap_block_class
+ * and the class functions, which need no lock for a block the caller owns.  A fork copies the private part (this struct,
  * `kind`, the extent list) with the process and the arena part on demand, so
  * parent and child each go on with a consistent heap.
  */
@@ -318,6 +319,20 @@ void *odf_heap_alloc(odf_heap_t *h, size_t n)
     h->live_bytes += np << PAGE_SHIFT;
     h->live_blocks++;
     return hdr + 2;
+}
+
+int odf_heap_class(size_t n) { return n <= ODF_HEAP_MAX_SMALL ? class_of(n) : -1; }
+
+size_t odf_heap_class_size(int c) { return class_size[c]; }
+
+/* Needs no lock when the caller owns the block: a page's kind is written when
+ * its slab or large block is made and cleared only when the large block is
+ * freed (slabs are never given back), and a large block's header changes only
+ * through its owner's realloc. */
+int odf_heap_block_class(odf_heap_t *h, const void *ptr)
+{
+    uint8_t k = h->kind[page_of(h, ptr)];
+    return k == KIND_BIG ? -1 : k - 1;
 }
 
 size_t odf_heap_usable(odf_heap_t *h, const void *ptr)

@@ -164,7 +164,8 @@ enum odf_debug_hook {
 int _odf_debug_break(odf_arena_t *a, int what, uint32_t chunk);
 
 /* ---- heap.c: a block allocator in an arena range (see heap.c) ----
- * Not thread-safe: the caller serialises every call. */
+ * Not thread-safe: the caller serialises every call (but for the three marked
+ * "no lock needed"). */
 #define ODF_HEAP_NCLASS 39
 #define ODF_HEAP_MAX_SMALL 32768
 typedef struct odf_heap_s odf_heap_t;
@@ -182,7 +183,11 @@ int odf_heap_create(odf_arena_t *a, uintptr_t start, size_t len, odf_heap_t **ou
 void *odf_heap_alloc(odf_heap_t *h, size_t n);          /* NULL when full; 16-byte aligned */
 void *odf_heap_realloc(odf_heap_t *h, void *p, size_t n);
 void odf_heap_free(odf_heap_t *h, void *p);              /* p from alloc/realloc */
-size_t odf_heap_usable(odf_heap_t *h, const void *p);
+size_t odf_heap_usable(odf_heap_t *h, const void *p);    /* no lock needed for a block the caller owns */
+int odf_heap_class(size_t n);                             /* size class of n, -1 above ODF_HEAP_MAX_SMALL;
+                                                             valid once a heap has been created */
+size_t odf_heap_class_size(int c);
+int odf_heap_block_class(odf_heap_t *h, const void *p);  /* class of a block, -1 large; no lock needed */
 void *odf_heap_alloc_raw(odf_heap_t *h, size_t n);       /* page aligned, no header */
 void odf_heap_free_raw(odf_heap_t *h, void *p, size_t n);
 int odf_heap_owns(odf_heap_t *h, const void *p);         /* p is a block of alloc/realloc */

@@ -61,14 +61,42 @@ extern void *__libc_realloc(void *, size_t);
 extern void __libc_free(void *);
 extern void *__libc_memalign(size_t, size_t);
 
+#define TLS __thread __attribute__((tls_model("initial-exec"))) /* no __tls_get_addr per call */
+
 static pthread_mutex_t heap_lock = PTHREAD_MUTEX_INITIALIZER;
 static odf_arena_t *arena;
 static odf_heap_t *heap;
 static uintptr_t lo, hi; /* the arena's range, fixed once set */
 static _Atomic int state; /* 0 not yet, 1 being made, 2 ready, 3 failed */
-static __thread int in_init;
+static TLS int in_init;
 static pthread_t folder;
 static int folder_started;
+
+/* ---- thread caches ----
+ * Each thread keeps, per size class up to TC_MAX_SIZE bytes, a stack of free
+ * blocks (an array in its own glibc-allocated cache, never in the blocks: a
+ * free writes nothing into the block, so after a fork it copies no page):
+ * malloc and free of a small block take no lock and no atomic when the stack
+ * has a block / has room.  An empty stack is refilled with half its capacity
+ * under one hold of heap_lock; a full one gives its older half back the same
+ * way; a thread's stacks go back to the heap when it exits (a pthread key's
+ * destructor).
+ * Blocks in a cache are counted live by heap.c.  A child of fork() keeps the
+ * forking thread's cache and loses the others' (at most TC_BYTES a class a
+ * thread), as with any allocator's thread caches.  ODFORK_TCACHE=0: none. */
+#define TC_MAX_SIZE 4096
+#define TC_DEPTH 64         /* blocks a stack holds at most */
+#define TC_BYTES (64 << 10) /* and no more bytes than this (and >= 4 blocks) */
+typedef struct {
+    uint8_t n[ODF_HEAP_NCLASS];
+    void *slot[ODF_HEAP_NCLASS][TC_DEPTH];
+} tcache_t;
+enum { TC_NONE, TC_ON, TC_OFF }; /* TC_OFF: being made, exiting, disabled, or no memory */
+static TLS int tc_state;
+static TLS tcache_t *tc;
+static int tc_classes;              /* classes 0..tc_classes-1 are cached; 0: none */
+static uint8_t tc_cap[ODF_HEAP_NCLASS];
+static pthread_key_t tc_key;
 
 void _odf_write_stderr(const char *msg); /* prim.c (the core is linked into this library) */
 
@@ -121,6 +149,22 @@ static void child(void)
     pthread_mutex_unlock(&heap_lock);
 }
 
+static void tc_destroy(void *t);
+
+/* Which classes are cached and how deep; pre: heap_lock held, heap made. */
+static void tc_setup(void)
+{
+    const char *env = getenv("ODFORK_TCACHE");
+    if ((env && env[0] == '0') || pthread_key_create(&tc_key, tc_destroy))
+        return;
+    int c = 0;
+    for (; c < ODF_HEAP_NCLASS && odf_heap_class_size(c) <= TC_MAX_SIZE; c++) {
+        size_t cap = TC_BYTES / odf_heap_class_size(c);
+        tc_cap[c] = (uint8_t)(cap > TC_DEPTH ? TC_DEPTH : cap < 4 ? 4 : cap);
+    }
+    tc_classes = c;
+}
+
 /* Make the arena and the heap; pre: heap_lock held.  0 on success. */
 static int init_locked(void)
 {
@@ -138,6 +182,7 @@ static int init_locked(void)
         odf_uffd_enable(1); /* folds hold writers off in the kernel where they can (else PROT_READ) */
         lo = odf_arena_base(arena);
         hi = lo + size;
+        tc_setup();
     }
     /* After the core's handlers (registered by odf_arena_create), so that this
      * prepare runs first; registered even when the arena failed, since a
@@ -160,16 +205,103 @@ static int init_locked(void)
 
 static inline int ours(const void *p) { return (uintptr_t)p >= lo && (uintptr_t)p < hi; }
 
+/* Make this thread's cache and register it for the thread's exit: 1 when made. */
+static __attribute__((noinline)) int tc_make(void)
+{
+    if (tc_state == TC_OFF || !tc_classes)
+        return 0;
+    tc_state = TC_OFF; /* what follows may malloc: those calls take the locked path */
+    tcache_t *t = __libc_calloc(1, sizeof(*t));
+    if (!t)
+        return 0;
+    if (pthread_setspecific(tc_key, t)) {
+        __libc_free(t);
+        return 0;
+    }
+    tc = t;
+    tc_state = TC_ON;
+    return 1;
+}
+
+/* This thread's cache is usable (made on first use). */
+static inline int tc_ready(void) { return tc_state == TC_ON || tc_make(); }
+
+/* Give class c's oldest blocks back until `keep` are left; pre: heap_lock held. */
+static void tc_trim_locked(tcache_t *t, int c, unsigned keep)
+{
+    unsigned n = t->n[c];
+    if (n <= keep)
+        return;
+    for (unsigned i = 0; i < n - keep; i++)
+        odf_heap_free(heap, t->slot[c][i]);
+    memmove(t->slot[c], t->slot[c] + (n - keep), keep * sizeof(void *));
+    t->n[c] = (uint8_t)keep;
+}
+
+/* A thread exits: its blocks go back to the heap. */
+static void tc_destroy(void *t)
+{
+    tc_state = TC_OFF; /* later calls of this thread (other destructors) take the locked path */
+    tc = NULL;
+    pthread_mutex_lock(&heap_lock);
+    for (int c = 0; c < tc_classes; c++)
+        tc_trim_locked(t, c, 0);
+    pthread_mutex_unlock(&heap_lock);
+    __libc_free(t);
+}
+
+/* Class c's stack is empty: take half its capacity from the heap, return one. */
+static void *tc_refill(int c)
+{
+    size_t size = odf_heap_class_size(c);
+    unsigned want = tc_cap[c] / 2u;
+    pthread_mutex_lock(&heap_lock);
+    void *first = odf_heap_alloc(heap, size);
+    while (first && tc->n[c] < want - 1) {
+        void *b = odf_heap_alloc(heap, size);
+        if (!b)
+            break;
+        tc->slot[c][tc->n[c]++] = b;
+    }
+    pthread_mutex_unlock(&heap_lock);
+    return first;
+}
+
 static void *heap_alloc(size_t n)
 {
     if (in_init || state == 3) /* (failed: glibc serves everything, no lock) */
         return NULL;
+    if (n <= TC_MAX_SIZE && state == 2 && tc_ready()) {
+        int c = odf_heap_class(n ? n : 1);
+        if (c < tc_classes) {
+            tcache_t *t = tc;
+            return t->n[c] ? t->slot[c][--t->n[c]] : tc_refill(c);
+        }
+    }
     void *p = NULL;
     pthread_mutex_lock(&heap_lock);
     if (state == 2 || init_locked() == 0) /* (made: no call on the hot path) */
         p = odf_heap_alloc(heap, n ? n : 1);
     pthread_mutex_unlock(&heap_lock);
     return p;
+}
+
+static void heap_free(void *p)
+{
+    int c = odf_heap_block_class(heap, p);
+    if (c >= 0 && c < tc_classes && tc_ready()) {
+        tcache_t *t = tc;
+        if (t->n[c] == tc_cap[c]) {
+            pthread_mutex_lock(&heap_lock);
+            tc_trim_locked(t, c, tc_cap[c] / 2u);
+            pthread_mutex_unlock(&heap_lock);
+        }
+        t->slot[c][t->n[c]++] = p;
+        return;
+    }
+    pthread_mutex_lock(&heap_lock);
+    odf_heap_free(heap, p);
+    pthread_mutex_unlock(&heap_lock);
 }
 
 EXPORT void *malloc(size_t n)
@@ -183,9 +315,7 @@ EXPORT void free(void *p)
     if (!p)
         return;
     if (ours(p)) {
-        pthread_mutex_lock(&heap_lock);
-        odf_heap_free(heap, p);
-        pthread_mutex_unlock(&heap_lock);
+        heap_free(p);
         return;
     }
     __libc_free(p);
@@ -207,12 +337,8 @@ EXPORT void *calloc(size_t nmemb, size_t size)
 
 static size_t usable(void *p)
 {
-    if (ours(p)) {
-        pthread_mutex_lock(&heap_lock);
-        size_t n = odf_heap_usable(heap, p);
-        pthread_mutex_unlock(&heap_lock);
-        return n;
-    }
+    if (ours(p))
+        return odf_heap_usable(heap, p); /* (no lock: the caller owns the block) */
     /* glibc's block (the __libc_* fallbacks): glibc's answer, not the next
      * library's (jemalloc would misread a glibc pointer) */
     static size_t (*glibc_usable)(void *);

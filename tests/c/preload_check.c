@@ -1,7 +1,8 @@
 /* A plain C program (nothing of odfork_user in it) that tests/test_preload.py
  * runs with and without the preload library.  It checks the malloc family's
  * contract, fork isolation of heap memory (fork from the main thread and from
- * a thread while others allocate), exec after fork, and that a SIGSEGV
+ * a thread while others allocate), blocks freed by another thread, threads
+ * that exit giving their blocks back, exec after fork, and that a SIGSEGV
  * handler the program installs still gets real crashes.  Prints "in-arena N"
  * (how many of its blocks lie in an odfork arena, from /proc/self/maps) and
  * "ok"; exits non-zero with a message on the first failure.
@@ -64,21 +65,74 @@ static void on_segv(int sig)
 
 static volatile int stop;
 
+/* Every byte of a block holds its tag until it is freed: two live blocks that
+ * overlap (a block handed out twice) show as a changed tag. */
+static void check_tag(const unsigned char *p, size_t n, unsigned char tag)
+{
+    for (size_t j = 0; j < n; j++)
+        if (p[j] != tag)
+            FAIL("a live block changed under its owner (byte %zu: %d, not %d)", j, p[j], tag);
+}
+
 static void *churn(void *arg)
 {
     unsigned seed = (unsigned)(uintptr_t)arg;
     void *keep[64] = {0};
+    size_t len[64] = {0};
     while (!stop) {
         int i = rand_r(&seed) % 64;
+        unsigned char tag = (unsigned char)((uintptr_t)arg * 64 + (unsigned)i);
+        if (keep[i])
+            check_tag(keep[i], len[i], tag);
         free(keep[i]);
-        size_t n = (size_t)(rand_r(&seed) % 5000) + 1;
-        keep[i] = malloc(n);
+        len[i] = (size_t)(rand_r(&seed) % 5000) + 1;
+        keep[i] = malloc(len[i]);
         CHECK(keep[i]);
-        memset(keep[i], i, n);
+        memset(keep[i], tag, len[i]);
     }
     for (int i = 0; i < 64; i++)
         free(keep[i]);
     return NULL;
+}
+
+/* Blocks made by one thread and freed by another (a queue of them). */
+#define HANDOFF 20000
+static void *handoff_q[HANDOFF];
+static size_t handoff_len[HANDOFF];
+static volatile int handoff_made;
+
+static void *handoff_free(void *unused)
+{
+    (void)unused;
+    for (int i = 0; i < HANDOFF; i++) {
+        while (__atomic_load_n(&handoff_made, __ATOMIC_ACQUIRE) <= i)
+            ;
+        check_tag(handoff_q[i], handoff_len[i], (unsigned char)(i | 1));
+        free(handoff_q[i]);
+    }
+    return NULL;
+}
+
+/* Threads that each make and free 64 blocks of one size, then exit, one
+ * after another: the distinct addresses they got (a thread's cached blocks
+ * must go back to the heap when it exits, not leak). */
+#define SERIAL_THREADS 100
+static void *serial_seen[SERIAL_THREADS * 64];
+
+static void *serial_thread(void *arg)
+{
+    void **seen = serial_seen + (uintptr_t)arg * 64;
+    for (int i = 0; i < 64; i++)
+        CHECK((seen[i] = malloc(64)));
+    for (int i = 0; i < 64; i++)
+        free(seen[i]);
+    return NULL;
+}
+
+static int cmp_ptr(const void *a, const void *b)
+{
+    uintptr_t x = *(const uintptr_t *)a, y = *(const uintptr_t *)b;
+    return x < y ? -1 : x > y;
 }
 
 static void fork_isolated(char *big, size_t n, const char *who)
@@ -204,9 +258,32 @@ int main(int argc, char **argv)
         CHECK(pthread_create(&f, NULL, fork_from_thread, NULL) == 0);
         CHECK(pthread_join(f, NULL) == 0);
     }
+    /* and blocks freed by another thread than the one that made them */
+    pthread_t freer;
+    CHECK(pthread_create(&freer, NULL, handoff_free, NULL) == 0);
+    unsigned hseed = 7;
+    for (int i = 0; i < HANDOFF; i++) {
+        handoff_len[i] = (size_t)(rand_r(&hseed) % 3000) + 1;
+        CHECK((handoff_q[i] = malloc(handoff_len[i])));
+        memset(handoff_q[i], i | 1, handoff_len[i]);
+        __atomic_store_n(&handoff_made, i + 1, __ATOMIC_RELEASE);
+    }
+    CHECK(pthread_join(freer, NULL) == 0);
     stop = 1;
     for (int i = 0; i < 3; i++)
         CHECK(pthread_join(t[i], NULL) == 0);
+
+    /* threads that exit give their blocks back */
+    for (uintptr_t i = 0; i < SERIAL_THREADS; i++) {
+        CHECK(pthread_create(&f, NULL, serial_thread, (void *)i) == 0);
+        CHECK(pthread_join(f, NULL) == 0);
+    }
+    qsort(serial_seen, SERIAL_THREADS * 64, sizeof(void *), cmp_ptr);
+    int distinct = 0;
+    for (int i = 0; i < SERIAL_THREADS * 64; i++)
+        distinct += !i || serial_seen[i] != serial_seen[i - 1];
+    printf("exited threads' blocks: %d distinct of %d\n", distinct, SERIAL_THREADS * 64);
+    CHECK(distinct <= 1000);
 
     /* exec after fork: no descriptor of the library leaks into the new program */
     fflush(stdout);
