@@ -4,6 +4,7 @@
 
 Run by bench/run.sh after the suite; nothing here is measured, only summarised.
 """
+import glob
 import json
 import os
 import platform
@@ -213,6 +214,60 @@ def workload_section(w):
     return out
 
 
+def redis_section(bench_dir):
+    """Redis under the preload (bench/programs/redis_bgsave.py -> bench/redis*.json,
+    bench/programs/redis_testsuite.py -> bench/redis_suite.json), where present."""
+    runs = [(p, json.load(open(p))) for p in sorted(glob.glob(os.path.join(bench_dir, "redis*.json")))
+            if not p.endswith("redis_suite.json")]
+    suite_path = os.path.join(bench_dir, "redis_suite.json")
+    if not runs and not os.path.exists(suite_path):
+        return []
+    out = ["## Redis under the preload (`python -m odfork_user exec -- redis-server ...`)", "",
+           "Debian's redis-server (jemalloc), stock vs under the preload, same run.  Fork = Redis's own "
+           "`latest_fork_usec` (the main thread frozen in fork); cow = `rdb_last_cow_size`.  Load: rounds of "
+           "redis-benchmark (20 clients, SET then GET of 100 B values, random keys over the data set), a "
+           "BGSAVE started inside each; per-round numbers from redis-benchmark's report, medians over rounds "
+           "(max: the median round's worst request, and the worst round's).", ""]
+    for path, r in runs:
+        res = r["results"]
+        gb = res["stock"]["used_memory"] / 1e9
+        how = "both servers up, rounds alternating" if r.get("side_by_side") else "one server at a time"
+        out += [f"### {r['keys']:,} keys x {r['value']} B ({gb:.2f} GB used_memory), `{os.path.basename(path)}` "
+                f"({r.get('rounds', 0)} load rounds per mode, {how})", "",
+                "| | stock | odfork | stock/odfork |", "|---|---|---|---|"]
+
+        def row(name, key, fmt, f=lambda x: x):
+            a, b = f(key(res["stock"])), f(key(res["odfork"]))
+            return f"| {name} | {fmt.format(a)} | {fmt.format(b)} | {a / b:.2f}x |" if a and b else None
+        rows = [row("fork, idle (ms, median)", lambda x: x["latest_fork_usec_median"], "{:.2f}", lambda v: v / 1e3),
+                row("cow of a save, idle (MiB)", lambda x: x["rdb_last_cow_size_median"], "{:.1f}",
+                    lambda v: v / 2**20)]
+        L = {m: res[m].get("load", {}) for m in ("stock", "odfork")}
+        if L["stock"].get("rounds"):
+            rows += [row("fork under load (ms)", lambda x: x["load"]["fork_usec_median"], "{:.2f}",
+                         lambda v: v / 1e3),
+                     row("cow of a save under load (MiB)", lambda x: x["load"]["rdb_last_cow_size_median"],
+                         "{:.1f}", lambda v: v / 2**20)]
+            for op in ("SET", "GET"):
+                rows += [row(f"{op} requests/s", lambda x: x["load"][op]["rps_median"], "{:.0f}"),
+                         row(f"{op} p99.9 (ms)", lambda x: x["load"][op]["p999_ms_median"], "{:.3f}"),
+                         row(f"{op} max (ms, median round)", lambda x: x["load"][op]["max_ms_median"], "{:.2f}"),
+                         row(f"{op} max (ms, worst round)", lambda x: x["load"][op]["max_ms_worst"], "{:.2f}")]
+        out += [x for x in rows if x]
+        out += ["", f"DEBUG DIGEST equal (both modes, after DEBUG RELOAD, each mode's RDB in a stock server): "
+                    f"{r['digests_equal']}.", ""]
+    if os.path.exists(suite_path):
+        st = json.load(open(suite_path))
+        out += [f"### Redis's own test suite against the server (`bench/programs/redis_testsuite.py`, "
+                f"{st['units']})", "", "| mode | outcomes | forks (BGSAVE, AOF rewrite: the server's log) | wall (s) |", "|---|---|---|---|"]
+        for m, x in st["runs"].items():
+            out.append(f"| {m} | " + ", ".join(f"{k} {v}" for k, v in sorted(x["outcomes"].items()))
+                       + f" | {x['forks']} | {x['wall_s']} |")
+        out += ["", f"Tests whose outcome differs between the modes: {len(st['differences'])}"
+                + "".join(f"\n- {d}" for d in st["differences"]), ""]
+    return out
+
+
 HEAP_GROUPS = [("heap-0-build", "building the dict", "s"), ("heap-1-fork-latency", "fork latency", "ms"),
                ("heap-2-child-pickle", "child pickles the whole dict", "s"),
                ("heap-3-parent-mutate", "parent rewrites 10% of the values, child alive", "ms"),
@@ -366,6 +421,7 @@ def main(src, dst, workloads=None):
     lines += plugin_section(data)
     if workloads and os.path.exists(workloads):
         lines += workload_section(json.load(open(workloads)))
+    lines += redis_section(os.path.dirname(os.path.abspath(src)))
     made = plots(rows, sizes, os.path.dirname(os.path.abspath(dst)))
     if made:
         lines += ["## Plots", ""] + [f"![{m}]({m})" for m in made] + [""]

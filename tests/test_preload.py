@@ -83,7 +83,7 @@ def test_redis_bgsave_under_the_preload_writes_the_same_data(tmp_path):
     out = tmp_path / "r.json"
     p = subprocess.run([sys.executable, "-P", os.path.join(os.path.dirname(HERE), "bench", "programs",
                                                            "redis_bgsave.py"),
-                        "--keys", "20000", "--value", "100", "--saves", "2", "--load-seconds", "0",
+                        "--keys", "20000", "--value", "100", "--saves", "2", "--rounds", "0",
                         "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
     import json
@@ -96,3 +96,27 @@ def test_an_arena_that_cannot_be_made_is_said_and_the_program_runs_on_glibc(chec
     p = _exec(check_program, env={"ODFORK_HEAP_SIZE": "100T"})   # above the core's 64 TiB limit
     assert p.returncode == 0 and "ok" in p.stdout and "in-arena 0" in p.stdout, p.stderr
     assert "odfork_preload: cannot make an arena heap" in p.stderr and "glibc" in p.stderr
+
+
+@pytest.mark.skipif(not all(shutil.which(x) for x in ("redis-server", "redis-cli", "redis-benchmark")),
+                    reason="redis-server, redis-cli and redis-benchmark are not installed")
+def test_redis_own_suite_passes_under_the_preload_as_stock(tmp_path):
+    # Redis's own tests (the installed version's source release) against a
+    # stock server and one under the preload: the same outcome for every test.
+    # Two units here (BGSAVE + DEBUG RELOAD round trips, every hash encoding);
+    # bench/programs/redis_testsuite.py without --units runs all of it.
+    out = tmp_path / "suite.json"
+    p = subprocess.run([sys.executable, "-P", os.path.join(os.path.dirname(HERE), "bench", "programs",
+                                                           "redis_testsuite.py"),
+                        "--units", "unit/other,unit/type/hash", "--json", str(out)],
+                       capture_output=True, text=True, timeout=1200)
+    if p.returncode == 77:
+        pytest.skip(p.stderr.strip())
+    assert p.returncode == 0, p.stdout + p.stderr
+    import json
+    res = json.loads(out.read_text())
+    assert not res["differences"]
+    for mode, r in res["runs"].items():
+        assert r["outcomes"].get("ok", 0) > 50 and not r["outcomes"].get("err"), (mode, r)
+        assert r["forks"] > 0, (mode, r)  # the units' BGSAVEs forked
+    assert res["runs"]["odfork"]["arena_mapped"] and not res["runs"]["stock"]["arena_mapped"]

@@ -3,15 +3,17 @@ side by side on one machine.  Needs redis-server, redis-cli and redis-benchmark
 (Debian: apt-get install redis-server).
 
     python bench/programs/redis_bgsave.py [--keys 3000000] [--value 1000] [--saves 3]
-                                          [--load-seconds 12] [--json FILE]
+                                          [--rounds 6] [--one-at-a-time] [--json FILE]
 
 For each mode: start redis-server (no persistence config, debug commands on),
 DEBUG POPULATE KEYS key VALUE, then BGSAVE --saves times, reading Redis's own
 INFO: latest_fork_usec (how long the main thread was frozen in fork),
 rdb_last_cow_size (what the child's copy-on-write cost), the save's time.  Then
-rounds of redis-benchmark (SET then GET, random keys) for --load-seconds, a
-BGSAVE started inside each round: throughput and latency percentiles (p99.9,
-max) from redis-benchmark's own report.
+--rounds rounds of redis-benchmark (SET then GET, 200,000 each, random keys)
+per mode, a BGSAVE started inside each round: throughput and latency
+percentiles (p99.9, max) from redis-benchmark's own report.  Both servers stay
+up and their rounds alternate (stock, odfork, odfork, stock, ...), unless
+--one-at-a-time (for sizes where two servers do not fit in memory).
 Correctness: keys of every data type are added by ordinary commands; DEBUG
 DIGEST of all of it is the same in both modes, the
 same after DEBUG RELOAD (save + load the RDB), and the RDB file one mode wrote
@@ -37,13 +39,13 @@ def free_port():
 
 
 class Server:
-    def __init__(self, mode, workdir, rdb=None):
+    def __init__(self, mode, workdir, rdb=None, extra=()):
         self.port = free_port()
         self.dir = workdir
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "no", "--dir", workdir, "--dbfilename", "dump.rdb",
                 "--enable-debug-command", "yes", "--protected-mode", "no", "--daemonize", "no",
-                "--logfile", os.path.join(workdir, "redis.log")]
+                "--logfile", os.path.join(workdir, "redis.log"), *extra]
         if rdb:
             shutil.copy(rdb, os.path.join(workdir, "dump.rdb"))
         if mode == "odfork":
@@ -102,26 +104,23 @@ class Server:
             self.p.wait()
 
 
-def latency_probe(server, seconds, keys, requests=200000):
-    """Rounds of redis-benchmark (SET then GET, random keys, 20 clients), each
+def load_round(server, keys, requests=200000):
+    """One round of redis-benchmark (SET then GET, random keys, 20 clients)
     with a BGSAVE started 0.5 s in (during the SETs), so the fork and the
     copy-on-write period after it fall inside what the clients measure.
     redis-benchmark's own report gives throughput and the latency percentiles."""
-    rounds, forks = [], []
-    t_end = time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
-        bench = subprocess.Popen(["redis-benchmark", "-p", str(server.port), "-t", "set,get", "-r", str(keys),
-                                  "-n", str(requests), "-c", "20", "-d", "100"],
-                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        time.sleep(0.5)
-        if server.info("persistence")["rdb_bgsave_in_progress"] == "0":
-            server.cli("BGSAVE")
-        out, _ = bench.communicate(timeout=600)
-        rounds.append(parse_report(out))
-        forks.append(int(server.info("stats")["latest_fork_usec"]))
+    bench = subprocess.Popen(["redis-benchmark", "-p", str(server.port), "-t", "set,get", "-r", str(keys),
+                              "-n", str(requests), "-c", "20", "-d", "100"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    time.sleep(0.5)
+    if server.info("persistence")["rdb_bgsave_in_progress"] == "0":
+        server.cli("BGSAVE")
+    out, _ = bench.communicate(timeout=600)
+    fork_usec = int(server.info("stats")["latest_fork_usec"])
     while server.info("persistence")["rdb_bgsave_in_progress"] != "0":
         time.sleep(0.05)
-    return rounds, forks
+    cow = int(server.info("persistence")["rdb_last_cow_size"])
+    return dict(parse_report(out), fork_usec=fork_usec, rdb_last_cow_size=cow)
 
 
 def parse_report(text):
@@ -164,45 +163,62 @@ def median(xs):
     return xs[len(xs) // 2] if xs else None
 
 
+def summarize_load(rounds):
+    out = {"rounds": rounds}
+    for op in ("SET", "GET"):
+        rs = [r[op] for r in rounds if op in r]
+        if rs:
+            out[op] = {"rps_median": median([r["rps"] for r in rs]),
+                       "p99_ms_median": median([r["p99_ms"] for r in rs]),
+                       "p999_ms_median": median([r["p999_ms"] for r in rs]),
+                       "p999_ms_worst": max(r["p999_ms"] for r in rs),
+                       "max_ms_median": median([r["max_ms"] for r in rs]),
+                       "max_ms_worst": max(r["max_ms"] for r in rs)}
+    if rounds:
+        out["fork_usec_median"] = median([r["fork_usec"] for r in rounds])
+        out["rdb_last_cow_size_median"] = median([r["rdb_last_cow_size"] for r in rounds])
+    return out
+
+
 def run(a):
-    results, digests, rdbs = {}, {}, {}
+    results, digests, rdbs, servers = {}, {}, {}, {}
     tmp = tempfile.mkdtemp(prefix="odfork-redis-")
     try:
         for mode in MODES:
             d = os.path.join(tmp, mode)
             os.makedirs(d)
-            s = Server(mode, d)
-            try:
-                t0 = time.perf_counter()
-                s.cli("DEBUG", "POPULATE", str(a.keys), "key", str(a.value))
-                add_every_type(s)
-                populate_s = time.perf_counter() - t0
-                mem = s.info("memory")
-                saves = [s.bgsave() for _ in range(a.saves)]
-                digests[mode] = s.cli("DEBUG", "DIGEST")
-                shutil.copy(os.path.join(d, "dump.rdb"), os.path.join(tmp, f"{mode}.rdb"))
-                rdbs[mode] = os.path.join(tmp, f"{mode}.rdb")
-                s.cli("DEBUG", "RELOAD")
-                reload_digest = s.cli("DEBUG", "DIGEST")
-                rounds, forks = latency_probe(s, a.load_seconds, a.keys) if a.load_seconds else ([], [])
-                results[mode] = {
-                    "used_memory": int(mem["used_memory"]), "populate_s": populate_s, "saves": saves,
-                    "latest_fork_usec_median": median([x["latest_fork_usec"] for x in saves]),
-                    "rdb_last_cow_size_median": median([x["rdb_last_cow_size"] for x in saves]),
-                    "digest": digests[mode], "digest_after_reload": reload_digest,
-                    "load": {"rounds": rounds, "fork_usec": forks},
-                }
-                for op in ("SET", "GET"):
-                    rs = [r[op] for r in rounds if op in r]
-                    if rs:
-                        results[mode]["load"][op] = {
-                            "rps_median": median([r["rps"] for r in rs]),
-                            "p99_ms_median": median([r["p99_ms"] for r in rs]),
-                            "p999_ms_median": median([r["p999_ms"] for r in rs]),
-                            "p999_ms_worst": max(r["p999_ms"] for r in rs),
-                            "max_ms_worst": max(r["max_ms"] for r in rs)}
-            finally:
+            s = servers[mode] = Server(mode, d)
+            t0 = time.perf_counter()
+            s.cli("DEBUG", "POPULATE", str(a.keys), "key", str(a.value))
+            add_every_type(s)
+            populate_s = time.perf_counter() - t0
+            mem = s.info("memory")
+            saves = [s.bgsave() for _ in range(a.saves)]
+            digests[mode] = s.cli("DEBUG", "DIGEST")
+            shutil.copy(os.path.join(d, "dump.rdb"), os.path.join(tmp, f"{mode}.rdb"))
+            rdbs[mode] = os.path.join(tmp, f"{mode}.rdb")
+            s.cli("DEBUG", "RELOAD")
+            results[mode] = {
+                "used_memory": int(mem["used_memory"]), "populate_s": populate_s, "saves": saves,
+                "latest_fork_usec_median": median([x["latest_fork_usec"] for x in saves]),
+                "rdb_last_cow_size_median": median([x["rdb_last_cow_size"] for x in saves]),
+                "digest": digests[mode], "digest_after_reload": s.cli("DEBUG", "DIGEST")}
+            if not a.side_by_side:  # one server at a time (memory): its load rounds now
+                results[mode]["load"] = summarize_load([load_round(s, a.keys) for _ in range(a.rounds)])
                 s.stop()
+                del servers[mode]
+        if a.side_by_side:
+            # both servers up; the rounds alternate between them, the order
+            # flipped every round, so that the machine's drift falls on both
+            rounds = {m: [] for m in MODES}
+            for i in range(a.rounds):
+                for mode in (MODES if i % 2 == 0 else MODES[::-1]):
+                    rounds[mode].append(load_round(servers[mode], a.keys))
+            for mode in MODES:
+                results[mode]["load"] = summarize_load(rounds[mode])
+        for s in servers.values():
+            s.stop()
+        servers.clear()
         # the RDB each mode wrote loads into a stock server with the same digest
         for mode in MODES:
             d = os.path.join(tmp, f"load-{mode}")
@@ -213,10 +229,13 @@ def run(a):
             finally:
                 s.stop()
     finally:
+        for s in servers.values():
+            s.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     same = len({r["digest"] for r in results.values()} | {r["digest_after_reload"] for r in results.values()}
                | {r["digest_of_its_rdb_in_stock"] for r in results.values()}) == 1
-    return {"keys": a.keys, "value": a.value, "results": results, "digests_equal": same}
+    return {"keys": a.keys, "value": a.value, "rounds": a.rounds, "side_by_side": a.side_by_side,
+            "results": results, "digests_equal": same}
 
 
 def main(argv=None):
@@ -224,7 +243,10 @@ def main(argv=None):
     p.add_argument("--keys", type=int, default=3_000_000)
     p.add_argument("--value", type=int, default=1000)
     p.add_argument("--saves", type=int, default=3)
-    p.add_argument("--load-seconds", type=float, default=12)
+    p.add_argument("--rounds", type=int, default=6, help="load rounds per mode (0: none)")
+    p.add_argument("--one-at-a-time", dest="side_by_side", action="store_false",
+                   help="run the two servers one after the other (half the memory) instead of both up, "
+                        "their load rounds alternating")
     p.add_argument("--json")
     a = p.parse_args(argv)
     if not all(shutil.which(x) for x in ("redis-server", "redis-cli", "redis-benchmark")):
@@ -241,7 +263,10 @@ def main(argv=None):
                 L = r["load"][op]
                 print(f"         under load {op}: {L['rps_median']:.0f} rps, p99 {L['p99_ms_median']:.3f} ms, "
                       f"p99.9 {L['p999_ms_median']:.3f} ms (worst {L['p999_ms_worst']:.3f}), "
-                      f"max {L['max_ms_worst']:.2f} ms")
+                      f"max {L['max_ms_median']:.2f} ms (worst {L['max_ms_worst']:.2f})")
+        if r["load"].get("rounds"):
+            print(f"         under load: fork {r['load']['fork_usec_median']} us, "
+                  f"cow {r['load']['rdb_last_cow_size_median'] / 2**20:.1f} MiB (medians)")
     print("digests equal (both modes, after DEBUG RELOAD, each RDB in a stock server):", out["digests_equal"])
     if a.json:
         with open(a.json, "w") as f:
