@@ -92,7 +92,8 @@ int odf_uffd_enable(int on);
  * (UINT32_MAX: any).  Later forks then have no private pages to copy. */
 int odf_arena_fold(odf_arena_t *a, uint32_t max_dirty);
 /* One step of background folding: fold views whose count is 1 (any number
- * of private pages) for about budget_ns; *left: views not looked at. */
+ * of private pages) for about budget_ns; *left: such views the budget left
+ * for the next step (shared views are not counted). */
 int odf_arena_fold_step(odf_arena_t *a, uint64_t budget_ns, uint32_t *left);
 
 /* Make every chunk of [addr, addr+len) resident (fresh chunks get a zero

@@ -140,7 +140,8 @@ static void parent(void)
      * (ODFORK_FOLD=0: never) */
     const char *env = getenv("ODFORK_FOLD");
     if (state == 2 && !folder_started && !(env && env[0] == '0'))
-        folder_started = pthread_create(&folder, NULL, fold_loop, NULL) == 0;
+        if ((folder_started = pthread_create(&folder, NULL, fold_loop, NULL) == 0))
+            pthread_setname_np(folder, "odfork-fold"); /* as top -H and /proc/PID/task/TID/comm show it */
 }
 
 static void child(void)
