@@ -10,7 +10,8 @@ next snapshot are O(chunks) again.
 When: the thread starts at the first fork made through Python in a process
 (os.register_at_fork after_in_parent), so a child that never forks runs no
 thread and never folds.  Every FOLD_PERIOD it spends at most FOLD_BUDGET
-folding views whose count is back to 1, one chunk per lock hold: a writer of
+folding views whose count is back to 1 (and only FOLD_BUDGET apart while the
+budget leaves such views behind), one chunk per lock hold: a writer of
 a chunk being folded waits for that chunk only (userfaultfd write-protect or
 PROT_READ, see csrc/uffd.c).  Shared views are never folded here.
 ODFORK_FOLD=0 turns it off (folds then happen only in arena.fold() and
@@ -24,7 +25,7 @@ import weakref
 from odfork_user._core import ffi, lib
 
 FOLD_PERIOD = 0.02      # seconds between steps
-FOLD_BUDGET_NS = 2_000_000  # per step and arena: at most 10% of a CPU
+FOLD_BUDGET_NS = 2_000_000  # per step and arena: 10% of a CPU (50% while catching up)
 ENABLED = os.environ.get("ODFORK_FOLD", "1").strip() != "0"
 
 _arenas = weakref.WeakSet()
@@ -38,7 +39,8 @@ def watch(arena):
 
 
 def _step():
-    left = ffi.new("uint32_t *")
+    """One step over every arena; True when the budget left foldable views."""
+    left, behind = ffi.new("uint32_t *"), False
     for arena in list(_arenas):
         lock = arena._lock
         if not lock.acquire(blocking=False):
@@ -46,18 +48,23 @@ def _step():
         try:
             if arena._closed:
                 continue
+            left[0] = 0
             lib.odf_arena_fold_step(arena._h, FOLD_BUDGET_NS, left)
+            behind = behind or left[0] > 0
         finally:
             lock.release()
+    return behind
 
 
 def _run():
+    behind = False
     while True:
-        time.sleep(FOLD_PERIOD)
+        # views the budget left behind: catch up at half a CPU, else a tenth
+        time.sleep(FOLD_BUDGET_NS / 1e9 if behind else FOLD_PERIOD)
         try:
-            _step()
+            behind = _step()
         except Exception:  # never let the folder die of one arena's error
-            pass
+            behind = False
 
 
 def _after_fork_in_parent():

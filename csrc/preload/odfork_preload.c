@@ -10,8 +10,9 @@
  * private view of its segment and the kernel copies the 4 KiB pages written
  * afterwards, in parent and child, as after any fork.  A folder thread (one
  * per process, started after the process's first fork) folds views nobody
- * shares back into their segments (<= 2 ms every 20 ms), so that the next
- * fork is O(chunks) again.
+ * shares back into their segments (<= 2 ms every 20 ms; every 2 ms while
+ * the budget leaves such views behind), so that the next fork is O(chunks)
+ * again.
  *
  * Interposition: LD_PRELOAD puts these symbols before every library's,
  * jemalloc's included (a program linked with libjemalloc.so calls malloc &c.
@@ -122,10 +123,12 @@ static void *fold_loop(void *unused)
     sigset_t all;
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, NULL); /* the program's signals are not this thread's */
+    uint32_t left = 0;
     for (;;) {
-        struct timespec ts = {0, (long)FOLD_PERIOD_NS};
+        /* views left by the budget: catch up at half a CPU, else a tenth */
+        struct timespec ts = {0, (long)(left ? FOLD_BUDGET_NS : FOLD_PERIOD_NS)};
         nanosleep(&ts, NULL);
-        uint32_t left = 0;
+        left = 0;
         odf_arena_fold_step(arena, FOLD_BUDGET_NS, &left);
     }
     return NULL;
