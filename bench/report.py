@@ -200,7 +200,7 @@ def workload_section(w):
                 "the worst request is no longer a copy; what remains in both rows is the machine: three busy "
                 "processes (server, load generator, the child or thread streaming the table to disk) on 2 vCPUs, "
                 "and for odfork the fork itself, which copies the entries of views the server wrote since the "
-                "last fold (the folder thread gets 10% of a CPU and the segments are shared while the child "
+                "last fold (the folder thread gets 10% of a CPU, half a CPU while it is behind, and the segments are shared while the child "
                 "saves).  Single runs vary by 2x here.", ""]
     if "mp" in w:
         res = w["mp"]["results"]
@@ -227,18 +227,21 @@ def redis_section(bench_dir):
            "`latest_fork_usec` (the main thread frozen in fork); cow = `rdb_last_cow_size`.  Load: rounds of "
            "redis-benchmark (20 clients, SET then GET of 100 B values, random keys over the data set), a "
            "BGSAVE started inside each; per-round numbers from redis-benchmark's report, medians over rounds "
-           "(max: the median round's worst request, and the worst round's).", ""]
+           "(max: the median round's worst request, and the worst round's).  `rdb_last_cow_size` is what the "
+           "save's child found private in its own memory: stock, the pages the parent wrote while the child "
+           "lived (the child keeps the originals); under the preload the parent's writes are copied into the "
+           "parent's own views and the child's pages stay shared, so its number is not the same measure.", ""]
     for path, r in runs:
         res = r["results"]
-        gb = res["stock"]["used_memory"] / 1e9
+        gib = res["stock"]["used_memory"] / 2**30
         how = "both servers up, rounds alternating" if r.get("side_by_side") else "one server at a time"
-        out += [f"### {r['keys']:,} keys x {r['value']} B ({gb:.2f} GB used_memory), `{os.path.basename(path)}` "
+        out += [f"### {r['keys']:,} keys x {r['value']} B ({gib:.2f} GiB used_memory), `{os.path.basename(path)}` "
                 f"({r.get('rounds', 0)} load rounds per mode, {how})", "",
-                "| | stock | odfork | stock/odfork |", "|---|---|---|---|"]
+                "| | stock | odfork | odfork/stock |", "|---|---|---|---|"]
 
         def row(name, key, fmt, f=lambda x: x):
             a, b = f(key(res["stock"])), f(key(res["odfork"]))
-            return f"| {name} | {fmt.format(a)} | {fmt.format(b)} | {a / b:.2f}x |" if a and b else None
+            return f"| {name} | {fmt.format(a)} | {fmt.format(b)} | {b / a:.3g}x |" if a and b else None
         rows = [row("fork, idle (ms, median)", lambda x: x["latest_fork_usec_median"], "{:.2f}", lambda v: v / 1e3),
                 row("cow of a save, idle (MiB)", lambda x: x["rdb_last_cow_size_median"], "{:.1f}",
                     lambda v: v / 2**20)]

@@ -77,14 +77,22 @@ def test_a_full_heap_falls_back_to_glibc(check_program):
     assert p.returncode == 0 and "ok" in p.stdout, p.stderr
 
 
-@pytest.mark.skipif(not all(shutil.which(x) for x in ("redis-server", "redis-cli", "redis-benchmark")),
-                    reason="redis-server, redis-cli and redis-benchmark are not installed")
+needs_redis = pytest.mark.skipif(not all(shutil.which(x) for x in ("redis-server", "redis-cli", "redis-benchmark")),
+                                 reason="redis-server, redis-cli and redis-benchmark are not installed")
+
+
+def _redis_program(name, *args, tmp_path, timeout):
+    """Run bench/programs/NAME with ARGS --json FILE: (the process, FILE's path)."""
+    out = tmp_path / "out.json"
+    p = subprocess.run([sys.executable, "-P", os.path.join(os.path.dirname(HERE), "bench", "programs", name),
+                        *args, "--json", str(out)], capture_output=True, text=True, timeout=timeout)
+    return p, out
+
+
+@needs_redis
 def test_redis_bgsave_under_the_preload_writes_the_same_data(tmp_path):
-    out = tmp_path / "r.json"
-    p = subprocess.run([sys.executable, "-P", os.path.join(os.path.dirname(HERE), "bench", "programs",
-                                                           "redis_bgsave.py"),
-                        "--keys", "20000", "--value", "100", "--saves", "2", "--rounds", "0",
-                        "--json", str(out)], capture_output=True, text=True, timeout=600)
+    p, out = _redis_program("redis_bgsave.py", "--keys", "20000", "--value", "100", "--saves", "2",
+                            "--rounds", "0", tmp_path=tmp_path, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
     import json
     res = json.loads(out.read_text())
@@ -98,18 +106,14 @@ def test_an_arena_that_cannot_be_made_is_said_and_the_program_runs_on_glibc(chec
     assert "odfork_preload: cannot make an arena heap" in p.stderr and "glibc" in p.stderr
 
 
-@pytest.mark.skipif(not all(shutil.which(x) for x in ("redis-server", "redis-cli", "redis-benchmark")),
-                    reason="redis-server, redis-cli and redis-benchmark are not installed")
+@needs_redis
 def test_redis_own_suite_passes_under_the_preload_as_stock(tmp_path):
     # Redis's own tests (the installed version's source release) against a
     # stock server and one under the preload: the same outcome for every test.
     # Two units here (BGSAVE + DEBUG RELOAD round trips, every hash encoding);
     # bench/programs/redis_testsuite.py without --units runs all of it.
-    out = tmp_path / "suite.json"
-    p = subprocess.run([sys.executable, "-P", os.path.join(os.path.dirname(HERE), "bench", "programs",
-                                                           "redis_testsuite.py"),
-                        "--units", "unit/other,unit/type/hash", "--json", str(out)],
-                       capture_output=True, text=True, timeout=1200)
+    p, out = _redis_program("redis_testsuite.py", "--units", "unit/other,unit/type/hash", tmp_path=tmp_path,
+                            timeout=1200)
     if p.returncode == 77:
         pytest.skip(p.stderr.strip())
     assert p.returncode == 0, p.stdout + p.stderr
