@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -42,6 +43,25 @@ def test_a_c_program_behaves_the_same_with_its_heap_in_the_arena(check_program):
     fds = [ln for ln in plain.stdout.splitlines() if ln.startswith("fds")]
     assert fds and fds == [ln for ln in pre.stdout.splitlines() if ln.startswith("fds")]  # nothing leaks into exec
     assert "ok" in pre.stdout.splitlines()
+
+
+def _wait_for(path, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().endswith("\n"):
+            return path.read_text()
+        time.sleep(0.05)
+    return None
+
+
+def test_a_daemon_that_closes_every_descriptor_keeps_forking_on_demand(check_program, tmp_path):
+    # fork + exit, setsid, fork + exit, close every descriptor (the preload's
+    # memfds too), allocate, fork a child that writes everything
+    plain, pre = tmp_path / "plain", tmp_path / "pre"
+    assert subprocess.run([check_program, "daemon", str(plain)], timeout=60).returncode == 0
+    assert _exec(check_program, "daemon", str(pre)).returncode == 0
+    assert _wait_for(plain) == "daemon ok in-arena 0\n"
+    assert _wait_for(pre) == "daemon ok in-arena 2\n"
 
 
 def test_the_programs_own_sigsegv_handler_still_gets_real_crashes(check_program):

@@ -2,7 +2,8 @@
  * runs with and without the preload library.  It checks the malloc family's
  * contract, fork isolation of heap memory (fork from the main thread and from
  * a thread while others allocate), blocks freed by another thread, threads
- * that exit giving their blocks back, exec after fork, and that a SIGSEGV
+ * that exit giving their blocks back, a child killed mid-write, exec after
+ * fork, daemonizing, and that a SIGSEGV
  * handler the program installs still gets real crashes.  Prints "in-arena N"
  * (how many of its blocks lie in an odfork arena, from /proc/self/maps) and
  * "ok"; exits non-zero with a message on the first failure.
@@ -10,6 +11,8 @@
  *   preload_check            the checks
  *   preload_check crash      installs a SIGSEGV handler, then dereferences NULL
  *   preload_check fds        prints its open descriptors (the exec'd child)
+ *   preload_check daemon F   daemonizes, closes every descriptor, forks a writer;
+ *                            writes "daemon ok in-arena N" to F when its heap stayed its own
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -169,8 +172,57 @@ static void *fork_from_thread(void *unused)
     return NULL;
 }
 
+/* Daemonize as servers do (fork, the parent exits, setsid, fork again,
+ * close every descriptor), allocate, then fork a child that writes the heap:
+ * the daemon's bytes must stay its own.  Writes "daemon ok in-arena N" to
+ * path (N: how many of its two blocks lie in an arena). */
+static int daemon_check(const char *path)
+{
+    size_t n = 8 << 20;
+    char *buf = malloc(n);
+    CHECK(buf);
+    memset(buf, 'D', n);
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid > 0)
+        _exit(0);
+    CHECK(setsid() >= 0);
+    pid = fork();
+    CHECK(pid >= 0);
+    if (pid > 0)
+        _exit(0);
+    for (int fd = 0; fd < 1024; fd++) /* the preload's own descriptors too */
+        close(fd);
+    char *more = malloc(n); /* the heap after its descriptors are gone */
+    if (!more)
+        _exit(20);
+    memset(more, 'M', n);
+    pid = fork();
+    if (pid < 0)
+        _exit(21);
+    if (pid == 0) {
+        memset(buf, 'x', n);
+        memset(more, 'x', n);
+        _exit(0);
+    }
+    int st;
+    if (waitpid(pid, &st, 0) != pid || !WIFEXITED(st) || WEXITSTATUS(st) != 0)
+        _exit(22);
+    for (size_t i = 0; i < n; i += 4096)
+        if (buf[i] != 'D' || more[i] != 'M')
+            _exit(23);
+    read_maps();
+    FILE *out = fopen(path, "w");
+    if (!out)
+        _exit(24);
+    fprintf(out, "daemon ok in-arena %d\n", in_arena(buf) + in_arena(more));
+    _exit(fclose(out) ? 25 : 0);
+}
+
 int main(int argc, char **argv)
 {
+    if (argc > 2 && !strcmp(argv[1], "daemon"))
+        return daemon_check(argv[2]);
     if (argc > 1 && !strcmp(argv[1], "fds")) {
         /* counted before anything allocates (the preload makes its own arena,
          * with its own descriptors, at the first malloc): raw getdents64 */
@@ -249,6 +301,21 @@ int main(int argc, char **argv)
     for (int i = 0; i < 100; i++)
         inside += in_arena(small[i]);
     fork_isolated(g_big, g_n, "fork");
+
+    /* a child killed while it writes the heap: the parent's bytes are its own, and forks go on */
+    pid_t victim = fork();
+    CHECK(victim >= 0);
+    if (victim == 0)
+        for (;;)
+            memset(g_big, 'K', g_n);
+    usleep(20000);
+    CHECK(kill(victim, SIGKILL) == 0);
+    int vst;
+    CHECK(waitpid(victim, &vst, 0) == victim && WIFSIGNALED(vst));
+    for (size_t i = 0; i < g_n; i += 4096)
+        if (g_big[i] != 'P')
+            FAIL("a killed child's write reached the parent at %zu", i);
+    fork_isolated(g_big, g_n, "fork after a killed child");
 
     /* threads allocating while one of them forks */
     pthread_t t[3], f;
