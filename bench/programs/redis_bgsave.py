@@ -39,7 +39,7 @@ def free_port():
 
 
 class Server:
-    def __init__(self, mode, workdir, rdb=None, extra=()):
+    def __init__(self, mode, workdir, rdb=None, extra=(), env=None):
         self.port = free_port()
         self.dir = workdir
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
@@ -50,7 +50,8 @@ class Server:
             shutil.copy(rdb, os.path.join(workdir, "dump.rdb"))
         if mode == "odfork":
             args = [sys.executable, "-P", "-m", "odfork_user", "exec", "--"] + args
-        self.p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  env=dict(os.environ, **env) if env else None)
         for _ in range(600):
             if self.p.poll() is not None:
                 raise RuntimeError(f"redis-server ({mode}) exited with {self.p.returncode}: "

@@ -38,13 +38,7 @@ def main(argv=None):
     servers = {}
     try:
         for name, (mode, env) in MODES.items():
-            saved = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)
-            try:
-                s = rb.Server(mode, tempfile.mkdtemp(prefix=f"redis-rate-{name}-"))
-            finally:
-                for k, v in saved.items():
-                    os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+            s = rb.Server(mode, tempfile.mkdtemp(prefix=f"redis-rate-{name}-"), env=env)
             s.cli("DEBUG", "POPULATE", str(a.keys), "key", "1000")
             servers[name] = (s, int(s.info("server")["process_id"]))
         res = {name: [] for name in MODES}
