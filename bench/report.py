@@ -200,8 +200,8 @@ def workload_section(w):
                 "the worst request is no longer a copy; what remains in both rows is the machine: three busy "
                 "processes (server, load generator, the child or thread streaming the table to disk) on 2 vCPUs, "
                 "and for odfork the fork itself, which copies the entries of views the server wrote since the "
-                "last fold (the folder thread gets 10% of a CPU, half a CPU while it is behind, and the segments are shared while the child "
-                "saves).  Single runs vary by 2x here.", ""]
+                "last fold (the folder thread gets 10% of a CPU, half a CPU while it is behind, and the segments "
+                "are shared while the child saves).  Single runs vary by 2x here.", ""]
     if "mp" in w:
         res = w["mp"]["results"]
         out += [f"### multiprocessing: Pool(4, maxtasksperchild=1), a {w['mp']['dict_bytes']} dict of str and a "
@@ -262,7 +262,8 @@ def redis_section(bench_dir):
     if os.path.exists(suite_path):
         st = json.load(open(suite_path))
         out += [f"### Redis's own test suite against the server (`bench/programs/redis_testsuite.py`, "
-                f"{st['units']})", "", "| mode | outcomes | forks (BGSAVE, AOF rewrite: the server's log) | wall (s) |", "|---|---|---|---|"]
+                f"{st['units']})", "",
+                "| mode | outcomes | forks (BGSAVE, AOF rewrite: the server's log) | wall (s) |", "|---|---|---|---|"]
         for m, x in st["runs"].items():
             out.append(f"| {m} | " + ", ".join(f"{k} {v}" for k, v in sorted(x["outcomes"].items()))
                        + f" | {x['forks']} | {x['wall_s']} |")

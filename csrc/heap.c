@@ -24,9 +24,10 @@
  *
  * Concurrency: none inside; the caller serialises (the Python allocator
  * hooks run with the GIL held), except odf_heap_usable, odf_heap_block_class
- * and the class functions, which need no lock for a block the caller owns.  A fork copies the private part (this struct,
- * `kind`, the extent list) with the process and the arena part on demand, so
- * parent and child each go on with a consistent heap.
+ * and the class functions, which need no lock for a block the caller owns.
+ * A fork copies the private part (this struct, `kind`, the extent list) with
+ * the process and the arena part on demand, so parent and child each go on
+ * with a consistent heap.
  */
 #include "odfork.h" /* the public API only: the arena's state is not this file's to read */
 
@@ -337,10 +338,8 @@ int odf_heap_block_class(odf_heap_t *h, const void *ptr)
 
 size_t odf_heap_usable(odf_heap_t *h, const void *ptr)
 {
-    uint8_t k = h->kind[page_of(h, ptr)];
-    if (k == KIND_BIG)
-        return (((const uint64_t *)ptr)[-2] << PAGE_SHIFT) - HDR;
-    return class_size[k - 1];
+    int c = odf_heap_block_class(h, ptr);
+    return c < 0 ? (((const uint64_t *)ptr)[-2] << PAGE_SHIFT) - HDR : class_size[c];
 }
 
 void odf_heap_free(odf_heap_t *h, void *ptr)

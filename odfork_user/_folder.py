@@ -48,7 +48,6 @@ def _step():
         try:
             if arena._closed:
                 continue
-            left[0] = 0
             lib.odf_arena_fold_step(arena._h, FOLD_BUDGET_NS, left)
             behind = behind or left[0] > 0
         finally:

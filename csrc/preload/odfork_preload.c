@@ -128,7 +128,6 @@ static void *fold_loop(void *unused)
         /* views left by the budget: catch up at half a CPU, else a tenth */
         struct timespec ts = {0, (long)(left ? FOLD_BUDGET_NS : FOLD_PERIOD_NS)};
         nanosleep(&ts, NULL);
-        left = 0;
         odf_arena_fold_step(arena, FOLD_BUDGET_NS, &left);
     }
     return NULL;
