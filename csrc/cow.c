@@ -15,7 +15,10 @@
  *     moved back when the chunk has them): 18-40 us for a few pages;
  *   into a new segment, when it is still shared (snapshots need it): the
  *     whole 2 MiB read through the view into a new segment.
- * Writers are held off between the copy and the remap (uffd.c).
+ * Writers are held off between the copy and the remap (uffd.c).  Where they
+ * cannot be (no full userfaultfd and another thread running: EAGAIN), the
+ * view stays a view: the next fork copies its entries, as os.fork would, and
+ * a snapshot gets a copy of the chunk of its own (snapshot.c).
  *
  * Pre for the folds: a->local and the family lock held, signals blocked
  * (_odf_fault: a->local, see its comment).  Nothing here writes arena memory;
@@ -183,6 +186,21 @@ static int fold_shared(odf_arena_t *a, uint32_t c, uint32_t seg, const uint64_t 
     return 0;
 }
 
+int _odf_copy_view_locked(odf_arena_t *a, uint32_t c, uint32_t *nseg)
+{
+    uintptr_t addr = a->base + ((uintptr_t)c << ODF_CHUNK_SHIFT);
+    int rc = _odf_seg_alloc(a, nseg, 1);
+    if (rc)
+        return rc;
+    /* pwrite reads the view (private pages from memory, the rest from its
+     * segment); the view itself is left as it is, writers and all */
+    if ((rc = _odf_pwrite_all(a->pool_fd, (const void *)addr, ODF_CHUNK_SIZE, (off_t)*nseg << ODF_CHUNK_SHIFT)))
+        _odf_seg_decref(a, *nseg);
+    else
+        a->n_bytes += ODF_CHUNK_SIZE;
+    return rc;
+}
+
 int _odf_fold_locked(odf_arena_t *a, uint32_t c, uint32_t max_dirty, int shared, int *folded)
 {
     uint64_t pm[NPAGES];
@@ -245,6 +263,8 @@ int odf_arena_fold_step(odf_arena_t *a, uint64_t budget_ns, uint32_t *left)
             if ((a->flags[c] & ODF_F_PRIVATE) && e && a->refcnt[e - 1] == 1)
                 rc = _odf_fold_locked(a, c, ODF_FOLD_ANY, 0, &folded);
         });
+        if (rc == EAGAIN)
+            return 0; /* writers cannot be held off now: no fold this step, none pending */
     }
     *left = pending;
     return rc;
@@ -261,6 +281,8 @@ int odf_arena_fold(odf_arena_t *a, uint32_t max_dirty)
             int folded;
             rc = _odf_fold_locked(a, c, max_dirty, 0, &folded);
         });
+        if (rc == EAGAIN)
+            return 0; /* writers cannot be held off now: the views stay views */
     }
     return rc;
 }

@@ -127,6 +127,7 @@ enum {
                              copies the pages written.  pt[c] is never written by anyone while
                              shared, so the unwritten pages stay the chunk's bytes. */
 #define ODF_F_FOLDING 8u  /* a VIEW whose writers are held off while it is folded */
+#define ODF_F_UNFOLDED 16u /* snapshot.c, within one take: a view its fold could not hold writers off */
 
 typedef struct odf_slot_s {
     _Atomic uint64_t sg;       /* gen << 32 | state; CAS by the child (PENDING->CLAIMED->LIVE),
@@ -213,6 +214,7 @@ void _odf_write_stderr(const char *msg);
 void _odf_block_signals(sigset_t *old); /* every signal; *old for _odf_restore_signals */
 void _odf_restore_signals(const sigset_t *old);
 int _odf_pwrite_all(int fd, const void *src, size_t len, off_t off); /* EINTR retried; 0 or errno */
+unsigned _odf_thread_count(void); /* threads of this process, 0 if unknown */
 
 /* park.c: a chunk's mappings.  Plain syscalls; the caller holds a->local. */
 int _odf_map_seg(odf_arena_t *a, uintptr_t addr, uint32_t seg, int prot, int populate);
@@ -230,9 +232,11 @@ odf_arena_t *_odf_registry_find(uintptr_t addr); /* async-signal-safe */
 /* uffd.c: holding writers off a range while it is folded. */
 /* Make [addr, addr+len) trap writes: userfaultfd write-protect (writers,
  * user or kernel, wait in the kernel) where a full userfaultfd can be had,
- * else PROT_READ (user writers wait in the SIGSEGV handler on a->local;
- * kernel writes fail with EFAULT).  *token is passed to _odf_writers_resume
- * after the range was remapped.  pre: a->local. */
+ * else PROT_READ, and that only while this thread is the process's only one
+ * (a kernel write from another thread would fail with EFAULT, and a signal
+ * frame pushed onto an alternate stack there would kill the process):
+ * EAGAIN otherwise, and nothing is held.  *token is passed to
+ * _odf_writers_resume after the range was remapped.  pre: a->local. */
 int _odf_writers_hold(uintptr_t addr, size_t len, int *token);
 void _odf_writers_resume(int token);
 
@@ -258,9 +262,13 @@ int _odf_fault(odf_arena_t *a, uint32_t c);
 #define ODF_FOLD_ANY UINT32_MAX
 /* Fold VIEW chunk c back into a segment: in place when its count is 1 and
  * it holds at most max_dirty private pages (else nothing is done and 0 is
- * returned), into a new segment when shared and `shared` is set.
+ * returned), into a new segment when shared and `shared` is set.  EAGAIN,
+ * with nothing done, when writers cannot be held off (_odf_writers_hold).
  * pre: a->local and the family lock. */
 int _odf_fold_locked(odf_arena_t *a, uint32_t c, uint32_t max_dirty, int shared, int *folded);
+/* A new segment (*nseg, count 1, the caller's reference) holding VIEW chunk
+ * c's bytes as they are; the view is left alone.  pre: as _odf_fold_locked. */
+int _odf_copy_view_locked(odf_arena_t *a, uint32_t c, uint32_t *nseg);
 /* Pages of VIEW chunk c the kernel copied for this process (private and
  * exclusive in /proc/self/pagemap, read through pm_fd; 0 if it is < 0). */
 int _odf_open_pagemap(void);

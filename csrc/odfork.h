@@ -89,7 +89,9 @@ int odf_uffd_enable(int on);
 
 /* Fold this process's views back into segments: in place where the
  * segment's count is 1 and the view holds at most max_dirty private pages
- * (UINT32_MAX: any).  Later forks then have no private pages to copy. */
+ * (UINT32_MAX: any).  Later forks then have no private pages to copy.
+ * Without a full userfaultfd, folds happen only while the calling thread is
+ * the process's only one (else the views stay views; 0 is returned). */
 int odf_arena_fold(odf_arena_t *a, uint32_t max_dirty);
 /* One step of background folding: fold views whose count is 1 (any number
  * of private pages) for about budget_ns; *left: such views the budget left

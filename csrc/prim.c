@@ -7,6 +7,7 @@
 #include "internal.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -46,6 +47,35 @@ int _odf_pwrite_all(int fd, const void *src, size_t len, off_t off)
         done += (size_t)n;
     }
     return 0;
+}
+
+/* Threads of this process (num_threads, field 20 of /proc/self/stat), or 0
+ * when it cannot be read.  open/read only: async-signal-safe. */
+unsigned _odf_thread_count(void)
+{
+    char buf[1024];
+    int fd = open("/proc/self/stat", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    ssize_t n = read(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    buf[n] = 0;
+    char *p = strrchr(buf, ')'); /* the command name may hold spaces and parentheses */
+    if (!p || p[1] != ' ')
+        return 0;
+    p += 2; /* at field 3 */
+    for (int field = 3; field < 20; field++) {
+        p = strchr(p, ' ');
+        if (!p)
+            return 0;
+        p++;
+    }
+    unsigned v = 0;
+    while (*p >= '0' && *p <= '9')
+        v = v * 10 + (unsigned)(*p++ - '0');
+    return v;
 }
 
 void _odf_block_signals(sigset_t *old)

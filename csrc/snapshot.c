@@ -28,22 +28,60 @@ static uint32_t find_snap(odf_arena_t *a, uint64_t id)
     return ODF_NONE;
 }
 
+/* pre: family lock; slot k shares this process's page table.  Every chunk
+ * marked UNFOLDED (a view whose fold could not hold writers off) gets a segment of the
+ * snapshot's own holding the view's bytes in place of the shared one.  On
+ * error slot k is released. */
+static int copy_views(odf_arena_t *a, uint32_t k)
+{
+    uint32_t *pt = ODF_PT(a, k);
+    for (uint32_t c = 0; c < a->hi; c++) {
+        uint32_t nseg;
+        if (!(a->flags[c] & ODF_F_UNFOLDED))
+            continue;
+        a->flags[c] &= (uint8_t)~ODF_F_UNFOLDED;
+        int rc = _odf_copy_view_locked(a, c, &nseg);
+        if (rc) {
+            for (uint32_t d = c + 1; d < a->hi; d++)
+                a->flags[d] &= (uint8_t)~ODF_F_UNFOLDED;
+            _odf_slot_release(a, k);
+            return rc;
+        }
+        _odf_seg_decref(a, pt[c] - 1);
+        pt[c] = nseg + 1;
+    }
+    return 0;
+}
+
 int odf_snapshot_take(odf_arena_t *a, uint64_t *id)
 {
     int rc;
     ODF_LOCKED(a, rc, {
-        uint32_t k;
-        /* a view's private pages are not in its segment: fold them in first */
+        uint32_t k, unfolded = 0;
+        /* a view's private pages are not in its segment: fold them in first
+         * (where writers cannot be held off, the snapshot copies the chunk) */
         for (uint32_t c = 0; c < a->hi && !rc; c++) {
             int folded;
-            if (a->flags[c] & ODF_F_PRIVATE)
+            if (a->flags[c] & ODF_F_PRIVATE) {
                 rc = _odf_fold_locked(a, c, ODF_FOLD_ANY, 1, &folded);
+                if (rc == EAGAIN) {
+                    rc = 0;
+                    a->flags[c] |= ODF_F_UNFOLDED;
+                    unfolded++;
+                }
+            }
         }
         if (rc == 0)
             rc = _odf_slot_alloc(a, ODF_SLOT_SNAP, &k);
         if (rc == 0) {
-            odf_slot_t *s = &a->slots[k];
             _odf_slot_share(a, k, a->mypt, a->hi);
+            rc = unfolded ? copy_views(a, k) : 0;
+        } else {
+            for (uint32_t c = 0; c < a->hi; c++)
+                a->flags[c] &= (uint8_t)~ODF_F_UNFOLDED;
+        }
+        if (rc == 0) {
+            odf_slot_t *s = &a->slots[k];
             s->owner = a->self;
             s->owner_gen = ODF_SG_GEN(atomic_load(&a->slots[a->self].sg));
             s->snap_id = *id = ++a->ctl->next_snap_id;

@@ -15,9 +15,12 @@
  * kernel-mode faults) a writer, user or kernel, waits in the kernel; the
  * remap replaces the registered VMA and closing the descriptor wakes every
  * waiter, who retries on the new mapping.  Nobody reads the descriptor: no
- * thread is needed.  Without one, PROT_READ: a user writer waits in the
- * SIGSEGV handler for a->local, a kernel write in another thread fails with
- * EFAULT (the documented limit of the fallback).
+ * thread is needed.  Without one, PROT_READ, and only while the folding
+ * thread is the process's only thread: with another thread, a write the
+ * kernel makes for it (read(2) into the chunk, a signal frame on an
+ * alternate stack that lies there) cannot wait and would fail (EFAULT, or
+ * the process killed by SIGSEGV), so the hold is refused (EAGAIN) and the
+ * view is not folded.
  *
  * A descriptor is opened per fold batch and closed after it, so a program
  * that closes every descriptor cannot break anything.  All functions here are
@@ -125,6 +128,10 @@ int _odf_writers_hold(uintptr_t addr, size_t len, int *token)
             close(fd); /* unregisters whatever was registered */
         }
     }
+    /* One thread (this one, which holds a->local with signals blocked): no
+     * one else can write while the range is read-only. */
+    if (_odf_thread_count() != 1)
+        return EAGAIN;
     return mprotect((void *)addr, len, PROT_READ) < 0 ? errno : 0;
 }
 

@@ -15,13 +15,17 @@ budget leaves such views behind), one chunk per lock hold: a writer of
 a chunk being folded waits for that chunk only (userfaultfd write-protect or
 PROT_READ, see csrc/uffd.c).  Shared views are never folded here.
 ODFORK_FOLD=0 turns it off (folds then happen only in arena.fold() and
-snapshots).
+snapshots).  Without a full userfaultfd (FOLD_PROTECT "mprotect") the core
+refuses a fold while another thread runs, this one included, so the thread
+is not started: views then stay views until the process folds them with no
+other thread running (arena.fold() in a single-threaded process).
 """
 import os
 import threading
 import time
 import weakref
 
+from odfork_user import _core
 from odfork_user._core import ffi, lib
 
 FOLD_PERIOD = 0.02      # seconds between steps
@@ -70,6 +74,8 @@ def _after_fork_in_parent():
     global _thread
     if not ENABLED or not _arenas or (_thread is not None and _thread.is_alive()):
         return
+    if _core.prepare_process()[0] != "userfaultfd":
+        return  # a fold is refused while another thread runs (csrc/uffd.c)
     with _start_lock:
         if _thread is None or not _thread.is_alive():
             _thread = threading.Thread(target=_run, name="odfork-folder", daemon=True)

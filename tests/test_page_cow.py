@@ -211,13 +211,13 @@ def test_prepare_write_keeps_the_bytes_of_a_view(parena):
 
 @pytest.mark.parametrize("kernel", [False, True])
 def test_writers_during_folds_lose_nothing(parena, kernel):
-    # Threads keep writing (user stores, and kernel writes through os.readv
-    # where userfaultfd holds them off) into views that the main thread folds
-    # under them, again and again, forking children between folds (in this
-    # process: it must hold the segments alone for folds in place).  Every
-    # write goes to a new place, so a write lost by a fold shows.
-    if kernel and ou.FOLD_PROTECT != "userfaultfd":
-        pytest.skip("without userfaultfd a kernel write racing a fold gets EFAULT (documented)")
+    # Threads keep writing (user stores, and kernel writes through os.readv)
+    # into views that the main thread folds under them, again and again,
+    # forking children between folds (in this process: it must hold the
+    # segments alone for folds in place).  Every write goes to a new place,
+    # so a write lost by a fold shows.  Without a full userfaultfd the core
+    # refuses to fold while other threads run (a kernel write cannot wait on
+    # a read-only view): the views stay views and nothing may fail.
     buf = parena.alloc(4 * CH)
     buf[:] = b"\x00" * len(buf)
     SLOTS = CH // 8 - 16
@@ -278,8 +278,14 @@ def test_writers_during_folds_lose_nothing(parena, kernel):
 
     errors, lost_user, lost_kernel, writes, kwrites, folds = run()
     assert errors == [] and (lost_user, lost_kernel) == (0, 0)
-    assert writes > 1000 and folds > 3 and (kwrites > 100 or not kernel)
+    assert writes > 1000 and (kwrites > 100 or not kernel)
+    assert folds > 3 if ou.FOLD_PROTECT == "userfaultfd" else folds == 0, (ou.FOLD_PROTECT, folds)
     del buf
+
+
+def _os_threads():
+    with open("/proc/self/status") as f:
+        return int(next(ln for ln in f if ln.startswith("Threads:")).split()[1])
 
 
 def _wait_views(arena, want, timeout=5.0):
@@ -303,6 +309,18 @@ def test_background_folder_folds_views_once_the_child_is_gone(arena):
     assert parena.stats()["views"] == 4          # shared with the child: never folded
     os.write(go_w, b"x")
     assert finish_child(pid, r) == (b"a", False)  # a child that never forked runs no folder
+    if ou.FOLD_PROTECT != "userfaultfd":
+        # no folder without a full userfaultfd (a fold is refused while another
+        # thread runs): the views stay views, isolated as ever
+        time.sleep(0.2)
+        assert not any(t.name == "odfork-folder" for t in threading.enumerate())
+        assert parena.stats()["views"] == 4 and parena.stats()["folds"] == 0
+        assert bytes(buf[7:8]) == b"b" and in_child(lambda: bytes(buf[3 * CH + 6:3 * CH + 9])) == b"aba"
+        threads = _os_threads()
+        parena.fold()                            # folds when this is the only thread
+        assert parena.stats()["views"] == (0 if threads == 1 else 4), threads
+        del buf
+        return
     assert _wait_views(parena, 0) == 0           # in place, by the folder thread
     st = parena.stats()
     assert st["folds"] >= 4 and st["chunks_shared"] == 0

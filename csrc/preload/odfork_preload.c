@@ -72,6 +72,7 @@ static _Atomic int state; /* 0 not yet, 1 being made, 2 ready, 3 failed */
 static TLS int in_init;
 static pthread_t folder;
 static int folder_started;
+static int can_fold;          /* a full userfaultfd: folds can hold every writer off (uffd.c) */
 
 /* ---- thread caches ----
  * Each thread keeps, per size class up to TC_MAX_SIZE bytes, a stack of free
@@ -141,7 +142,7 @@ static void parent(void)
     /* views exist from the first fork on: fold them when nobody shares them
      * (ODFORK_FOLD=0: never) */
     const char *env = getenv("ODFORK_FOLD");
-    if (state == 2 && !folder_started && !(env && env[0] == '0'))
+    if (state == 2 && can_fold && !folder_started && !(env && env[0] == '0'))
         if ((folder_started = pthread_create(&folder, NULL, fold_loop, NULL) == 0))
             pthread_setname_np(folder, "odfork-fold"); /* as top -H and /proc/PID/task/TID/comm show it */
 }
@@ -182,7 +183,9 @@ static int init_locked(void)
     if (!rc)
         rc = odf_heap_create(arena, odf_arena_base(arena), size, &heap);
     if (!rc) {
-        odf_uffd_enable(1); /* folds hold writers off in the kernel where they can (else PROT_READ) */
+        /* folds hold writers off in the kernel; without a full userfaultfd a
+         * fold is refused while other threads run (uffd.c), so no folder then */
+        can_fold = odf_uffd_enable(1) == 0;
         lo = odf_arena_base(arena);
         hi = lo + size;
         tc_setup();
@@ -479,3 +482,4 @@ EXPORT sighandler_t signal(int sig, sighandler_t handler)
         return SIG_ERR;
     return old.sa_handler;
 }
+
