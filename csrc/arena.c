@@ -14,6 +14,7 @@
 #include <unistd.h>
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 
 static void arena_unmap(odf_arena_t *a)
 {
@@ -138,6 +139,32 @@ int odf_arena_close(odf_arena_t *a)
     arena_unmap(a);
     free(a);
     return 0;
+}
+
+void odf_arena_fds(const odf_arena_t *a, int *pool_fd, int *ctl_fd)
+{
+    *pool_fd = __atomic_load_n(&a->pool_fd, __ATOMIC_RELAXED);
+    *ctl_fd = __atomic_load_n(&a->ctl_fd, __ATOMIC_RELAXED);
+}
+
+int odf_arena_move_fd(odf_arena_t *a, int fd)
+{
+    int rc;
+    ODF_LOCKED(a, rc, {
+        int *slot = fd == a->pool_fd ? &a->pool_fd : fd == a->ctl_fd ? &a->ctl_fd : NULL;
+        if (slot) {
+            int nfd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+            if (nfd < 0) {
+                rc = errno;
+            } else {
+                __atomic_store_n(slot, nfd, __ATOMIC_RELAXED);
+                syscall(SYS_close, fd); /* not close(): a program may have interposed it */
+                if (slot == &a->ctl_fd) /* closing any descriptor of the file dropped the record lock */
+                    rc = _odf_slot_hold_alive(a, a->self, 1);
+            }
+        }
+    });
+    return rc;
 }
 
 uintptr_t odf_arena_base(const odf_arena_t *a) { return a->base; }

@@ -103,6 +103,13 @@ int odf_arena_fold_step(odf_arena_t *a, uint64_t budget_ns, uint32_t *left);
  * allocated memory finds a mapping.  Shared chunks are left shared. */
 int odf_arena_populate(odf_arena_t *a, uintptr_t addr, size_t len);
 
+/* The arena's own descriptors (its pool and control memfds), for a library
+ * that keeps them open under a program that closes every descriptor
+ * (odfork_preload.c); -1 for one it lost. */
+void odf_arena_fds(const odf_arena_t *a, int *pool_fd, int *ctl_fd);
+/* Move the arena's descriptor fd to another number, so that the program can
+ * have fd (dup2 onto it): 0 (also when fd is not the arena's) or errno. */
+int odf_arena_move_fd(odf_arena_t *a, int fd);
 uintptr_t odf_arena_base(const odf_arena_t *a);
 size_t odf_arena_size(const odf_arena_t *a);
 

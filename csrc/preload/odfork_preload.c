@@ -42,6 +42,8 @@
 
 #include <dlfcn.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <linux/close_range.h>
 #include <malloc.h>
 #include <pthread.h>
 #include <signal.h>
@@ -49,6 +51,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -483,3 +486,98 @@ EXPORT sighandler_t signal(int sig, sighandler_t handler)
     return old.sa_handler;
 }
 
+/* ---- descriptors: the arena's stay open ----
+ * A daemon closes every descriptor after it forks; without the pool and
+ * control memfds its arena could not map a view at its next fork (reopening
+ * them from /proc/self/map_files needs CAP_CHECKPOINT_RESTORE).  close(),
+ * close_range() and closefrom() of the arena's descriptors succeed without
+ * closing them (the numbers stay taken, so nothing else is given them), and
+ * dup2()/dup3() onto one move the arena's descriptor to another number first.
+ * A program that closes them by a raw system call loses them, as before:
+ * forks then fall back to read-only chunks that copy on first write (or fail
+ * with EBADF where a segment must be mapped). */
+
+/* The arena's two descriptors, lower first, in k[2] (-1 when none). */
+static void kept_fds(int k[2])
+{
+    k[0] = k[1] = -1;
+    if (state == 2)
+        odf_arena_fds(arena, &k[0], &k[1]);
+    if (k[0] > k[1]) {
+        int t = k[0];
+        k[0] = k[1];
+        k[1] = t;
+    }
+}
+
+static int kept_fd(int fd)
+{
+    int k[2];
+    kept_fds(k);
+    return fd >= 0 && (fd == k[0] || fd == k[1]);
+}
+
+EXPORT int close(int fd)
+{
+    if (kept_fd(fd))
+        return 0;
+    return (int)syscall(SYS_close, fd);
+}
+
+/* close_range(2) over [first, last] less the arena's descriptors: at most
+ * three calls. */
+static int close_range_kept(unsigned first, unsigned last, int flags)
+{
+    int k[2];
+    kept_fds(k);
+    if (flags & CLOSE_RANGE_CLOEXEC) /* close-on-exec: the arena's are already */
+        return (int)syscall(SYS_close_range, first, last, flags);
+    unsigned lo = first;
+    for (int i = 0; i < 2 && lo <= last; i++) {
+        if (k[i] < 0 || (unsigned)k[i] < lo || (unsigned)k[i] > last)
+            continue;
+        if ((unsigned)k[i] > lo && syscall(SYS_close_range, lo, (unsigned)k[i] - 1, flags) < 0)
+            return -1;
+        if ((unsigned)k[i] == last)
+            return 0;
+        lo = (unsigned)k[i] + 1;
+    }
+    return lo <= last ? (int)syscall(SYS_close_range, lo, last, flags) : 0;
+}
+
+EXPORT int close_range(unsigned first, unsigned last, int flags) { return close_range_kept(first, last, flags); }
+
+EXPORT void closefrom(int lowfd)
+{
+    if (lowfd < 0)
+        lowfd = 0;
+    close_range_kept((unsigned)lowfd, ~0U, 0);
+}
+
+static int free_fd_for(int newfd)
+{
+    if (!kept_fd(newfd))
+        return 0;
+    int rc = odf_arena_move_fd(arena, newfd);
+    if (rc) {
+        errno = rc;
+        return -1;
+    }
+    return 0;
+}
+
+EXPORT int dup2(int oldfd, int newfd)
+{
+    if (oldfd == newfd)
+        return fcntl(oldfd, F_GETFD) < 0 ? -1 : newfd;
+    if (free_fd_for(newfd))
+        return -1;
+    return (int)syscall(SYS_dup3, oldfd, newfd, 0);
+}
+
+EXPORT int dup3(int oldfd, int newfd, int flags)
+{
+    if (oldfd != newfd && free_fd_for(newfd))
+        return -1;
+    return (int)syscall(SYS_dup3, oldfd, newfd, flags);
+}

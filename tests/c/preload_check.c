@@ -176,6 +176,24 @@ static void *fork_from_thread(void *unused)
  * close every descriptor), allocate, then fork a child that writes the heap:
  * the daemon's bytes must stay its own.  Writes "daemon ok in-arena N" to
  * path (N: how many of its two blocks lie in an arena). */
+/* Descriptors open on the preload's memfds (odfork-pool, odfork-ctl), at
+ * most 2 of them into fds: how many. */
+static int odfork_fds(int fds[2])
+{
+    int n = 0;
+    for (int fd = 0; fd < 1024; fd++) {
+        char link[64], got[128];
+        snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
+        ssize_t len = readlink(link, got, sizeof(got) - 1);
+        if (len > 0 && (got[len] = 0, strstr(got, "memfd:odfork-"))) {
+            if (n < 2)
+                fds[n] = fd;
+            n++;
+        }
+    }
+    return n;
+}
+
 static int daemon_check(const char *path)
 {
     size_t n = 8 << 20;
@@ -193,6 +211,21 @@ static int daemon_check(const char *path)
         _exit(0);
     for (int fd = 0; fd < 1024; fd++) /* the preload's own descriptors too */
         close(fd);
+    /* what survived: the preload keeps its memfds (close of them is a no-op) */
+    int kept[2], nkept = odfork_fds(kept);
+    if (nkept > 0) {
+        /* dup2 onto one of them: the number becomes the program's, the
+         * preload's descriptor moves elsewhere */
+        int devnull = open("/dev/null", O_RDWR);
+        if (devnull < 0 || dup2(devnull, kept[0]) != kept[0])
+            _exit(26);
+        char link[64], got[128];
+        snprintf(link, sizeof(link), "/proc/self/fd/%d", kept[0]);
+        ssize_t len = readlink(link, got, sizeof(got) - 1);
+        if (len <= 0 || (got[len] = 0, strcmp(got, "/dev/null")) || odfork_fds(kept) != nkept)
+            _exit(27);
+        close(devnull);
+    }
     char *more = malloc(n); /* the heap after its descriptors are gone */
     if (!more)
         _exit(20);
@@ -215,7 +248,7 @@ static int daemon_check(const char *path)
     FILE *out = fopen(path, "w");
     if (!out)
         _exit(24);
-    fprintf(out, "daemon ok in-arena %d\n", in_arena(buf) + in_arena(more));
+    fprintf(out, "daemon ok in-arena %d kept %d\n", in_arena(buf) + in_arena(more), nkept);
     _exit(fclose(out) ? 25 : 0);
 }
 
