@@ -174,3 +174,31 @@ def test_pytest_under_run_reports_what_plain_pytest_reports(tmp_path):
     summary = [p.stdout.strip().splitlines()[-1].rsplit(" in ", 1)[0] for p in (plain, ran, ran_forked)]
     assert summary == ["1 failed, 2 passed, 1 warning"] * 3, (summary, ran.stdout[-2000:])
     assert plain.returncode == ran.returncode == ran_forked.returncode == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_pytest_under_run_never_dies_in_a_loop(tmp_path):
+    # The stress form of the test above, as an ordinary user runs it (no full
+    # userfaultfd): ODFORK_STRESS_LOOPS runs (default 200) of pytest --odfork
+    # under run, every one with the same outcome.  A fold racing a signal frame
+    # on faulthandler's alternate stack (in the arena under run) killed about
+    # one run in eight with SIGSEGV.  Run by CI with -m slow.
+    (tmp_path / "test_x.py").write_text(textwrap.dedent('''
+        import warnings
+        def test_a():
+            pass
+        def test_b():
+            warnings.warn("mine")
+        def test_c():
+            assert 1 == 2
+    '''))
+    args = ["-P", "-m", "odfork_user", "run", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:cov",
+            "-p", "no:hypothesispytest", "test_x.py", "--odfork"]
+    codes = {}
+    for _ in range(int(os.environ.get("ODFORK_STRESS_LOOPS", "200"))):
+        p = _py(args, tmp_path)
+        codes[p.returncode] = codes.get(p.returncode, 0) + 1
+        if p.returncode != 1:
+            last = p.stdout[-2000:] + p.stderr[-2000:]
+    assert list(codes) == [1], (codes, last)
