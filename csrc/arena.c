@@ -24,8 +24,14 @@ static void arena_unmap(odf_arena_t *a)
         munmap(a->flags, a->nchunks);
     if (a->anchor)
         munmap((void *)a->anchor, 4096);
+    if (a->pieces) {
+        for (uint32_t k = 0; k < a->npieces; k++)
+            if (a->pieces[k])
+                munmap((void *)a->pieces[k], (size_t)ODF_PIECE_SEGS << ODF_CHUNK_SHIFT);
+        munmap(a->pieces, (size_t)a->npieces * sizeof(uintptr_t));
+    }
     if (a->ctl)
-        munmap(a->ctl, a->ctl->total);
+        munmap(a->ctl, a->ctl_total);
     if (a->pool_fd >= 0)
         close(a->pool_fd);
     if (a->ctl_fd >= 0)
@@ -110,6 +116,27 @@ int odf_arena_create(size_t size, const odf_arena_opts_t *opts, odf_arena_t **ou
         goto fail;
     }
     a->anchor = (uintptr_t)anc;
+    a->npieces = max_segs / ODF_PIECE_SEGS + 1;
+    void *pt = mmap(NULL, (size_t)a->npieces * sizeof(uintptr_t), PROT_READ | PROT_WRITE,
+                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (pt == MAP_FAILED) {
+        rc = errno;
+        goto fail;
+    }
+    a->pieces = pt;
+    /* From here on the pool's descriptor is read-only (park.c _odf_pool_rw);
+     * where /proc cannot reopen it, it stays read-write. */
+    {
+        char path[48];
+        memcpy(path, "/proc/self/fd/", 14);
+        _odf_fmt_u(path + 14, (unsigned)a->pool_fd, 10);
+        int ro = open(path, O_RDONLY | O_CLOEXEC);
+        if (ro >= 0) {
+            close(a->pool_fd);
+            a->pool_fd = ro;
+            a->pool_ro = 1;
+        }
+    }
     if ((rc = _odf_ctl_init(a, max_slots, max_segs)))
         goto fail;
     if ((rc = _odf_registry_add(a)))

@@ -126,7 +126,7 @@ static int fold_in_place(odf_arena_t *a, uint32_t c, uint32_t seg, uint64_t *pm,
             copied += (pm[j] & PM_EXCLUSIVE) || (pm[j] & PM_SWAPPED);
             j++;
         }
-        rc = _odf_pwrite_all(a->pool_fd, (const void *)(addr + i * PAGE), (j - i) * PAGE, base + (off_t)(i * PAGE));
+        rc = _odf_pool_write(a, (const void *)(addr + i * PAGE), (j - i) * PAGE, base + (off_t)(i * PAGE));
         n += j - i;
         i = j;
     }
@@ -167,7 +167,7 @@ static int fold_shared(odf_arena_t *a, uint32_t c, uint32_t seg, const uint64_t 
     }
     a->flags[c] |= ODF_F_FOLDING;
     /* pwrite reads the view: private pages from memory, the rest from seg */
-    if ((rc = _odf_pwrite_all(a->pool_fd, (const void *)addr, ODF_CHUNK_SIZE, (off_t)nseg << ODF_CHUNK_SHIFT)) ||
+    if ((rc = _odf_pool_write(a, (const void *)addr, ODF_CHUNK_SIZE, (off_t)nseg << ODF_CHUNK_SHIFT)) ||
         (rc = _odf_map_seg(a, addr, nseg, PROT_READ | PROT_WRITE, 1))) {
         _odf_seg_decref(a, nseg);
         a->flags[c] &= (uint8_t)~ODF_F_FOLDING;
@@ -194,7 +194,7 @@ int _odf_copy_view_locked(odf_arena_t *a, uint32_t c, uint32_t *nseg)
         return rc;
     /* pwrite reads the view (private pages from memory, the rest from its
      * segment); the view itself is left as it is, writers and all */
-    if ((rc = _odf_pwrite_all(a->pool_fd, (const void *)addr, ODF_CHUNK_SIZE, (off_t)*nseg << ODF_CHUNK_SHIFT)))
+    if ((rc = _odf_pool_write(a, (const void *)addr, ODF_CHUNK_SIZE, (off_t)*nseg << ODF_CHUNK_SHIFT)))
         _odf_seg_decref(a, *nseg);
     else
         a->n_bytes += ODF_CHUNK_SIZE;
@@ -291,7 +291,7 @@ int odf_arena_fold(odf_arena_t *a, uint32_t max_dirty)
  * no 512 separate first-write faults. */
 static int copy_chunk(odf_arena_t *a, uintptr_t src, uint32_t dst_seg)
 {
-    return _odf_pwrite_all(a->pool_fd, (const void *)src, ODF_CHUNK_SIZE, (off_t)dst_seg << ODF_CHUNK_SHIFT);
+    return _odf_pool_write(a, (const void *)src, ODF_CHUNK_SIZE, (off_t)dst_seg << ODF_CHUNK_SHIFT);
 }
 
 /* The three outcomes of a write fault on chunk c at addr.  pre: a->local and

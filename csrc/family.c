@@ -5,8 +5,8 @@
  *
  * Above prim.c and park.c only.  Everything the SIGSEGV handler reaches
  * (through cow.c's _odf_fault) is async-signal-safe: no malloc, no stdio, only
- * syscalls, atomics and the robust pthread mutex (whose lock/unlock are futex
- * operations; they are never re-entered, see the locking rules in internal.h).
+ * syscalls and atomics (the family lock is flock(2) and mprotect(2); never
+ * re-entered, see the locking rules in internal.h).
  */
 #include "internal.h"
 
@@ -16,8 +16,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #define ALIGN_UP(x, a) (((x) + (a) - 1) & ~((size_t)(a) - 1))
@@ -27,8 +29,9 @@
  * here is async-signal-safe: plain syscalls and hand-made formatting. */
 int _odf_slot_hold_alive(odf_arena_t *a, uint32_t idx, int hold)
 {
-    struct flock fl = {.l_type = (short)(hold ? F_WRLCK : F_UNLCK), .l_whence = SEEK_SET,
-                       .l_start = (off_t)(a->ctl->total + idx), .l_len = 1};
+    /* a read lock: ctl_fd is read-only; F_GETLK's write-lock probe sees it */
+    struct flock fl = {.l_type = (short)(hold ? F_RDLCK : F_UNLCK), .l_whence = SEEK_SET,
+                       .l_start = (off_t)(a->ctl_total + idx), .l_len = 1};
     return fcntl(a->ctl_fd, F_SETLK, &fl) < 0 ? errno : 0;
 }
 
@@ -86,7 +89,7 @@ uint64_t _odf_proc_start_ticks(pid_t pid)
 int _odf_slot_is_alive(odf_arena_t *a, uint32_t idx)
 {
     struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET,
-                       .l_start = (off_t)(a->ctl->total + idx), .l_len = 1};
+                       .l_start = (off_t)(a->ctl_total + idx), .l_len = 1};
     if (fcntl(a->ctl_fd, F_GETLK, &fl) == 0 && fl.l_type != F_UNLCK)
         return 1; /* held: alive and not exec'd (the descriptor is close-on-exec) */
     /* The lock is gone: the owner died or exec'd, or it closed the descriptor. */
@@ -110,7 +113,7 @@ int _odf_slot_is_alive(odf_arena_t *a, uint32_t idx)
     memcpy(p, "map_files/", 10);
     p = _odf_fmt_u(p + 10, (uintptr_t)a->ctl, 16);
     *p++ = '-';
-    _odf_fmt_u(p, (uintptr_t)a->ctl + a->ctl->total, 16);
+    _odf_fmt_u(p, (uintptr_t)a->ctl + a->ctl_total, 16);
     proc_path(path, pid, leaf);
     struct stat stt;
     if (lstat(path, &stt) == 0)
@@ -120,7 +123,7 @@ int _odf_slot_is_alive(odf_arena_t *a, uint32_t idx)
 
 /* Reopen fd's file from /proc/self/map_files/<start>-<end> of a mapping of it
  * into *out (-1 when it cannot be): 0 or errno. */
-static int reopen_mapped(uintptr_t start, size_t len, uint64_t ino, uint64_t dev, int *out)
+static int reopen_mapped(uintptr_t start, size_t len, uint64_t ino, uint64_t dev, int mode, int *out)
 {
     char path[96], *p = path;
     *out = -1;
@@ -128,7 +131,7 @@ static int reopen_mapped(uintptr_t start, size_t len, uint64_t ino, uint64_t dev
     p = _odf_fmt_u(p + 21, start, 16);
     *p++ = '-';
     _odf_fmt_u(p, start + len, 16);
-    int fd = open(path, O_RDWR | O_CLOEXEC);
+    int fd = open(path, mode | O_CLOEXEC);
     if (fd < 0)
         return errno;
     struct stat st;
@@ -146,22 +149,46 @@ static int fd_is(int fd, uint64_t ino, uint64_t dev)
     return fd >= 0 && fstat(fd, &st) == 0 && (uint64_t)st.st_ino == ino && (uint64_t)st.st_dev == dev;
 }
 
+/* The pool's descriptor, checked (and reopened) under the family lock. */
 int _odf_fds_check(odf_arena_t *a)
 {
-    int rc = 0, err;
-    if (!fd_is(a->pool_fd, a->pool_ino, a->pool_dev)) {
-        /* the number is the program's now (or nothing): never close it.  -1 when
-         * it cannot be reopened: mmaps and copies then fail with EBADF */
-        rc = reopen_mapped(a->anchor, 4096, a->pool_ino, a->pool_dev, &a->pool_fd);
-    }
-    if (!fd_is(a->ctl_fd, a->ctl_ino, a->ctl_dev)) {
-        err = reopen_mapped((uintptr_t)a->ctl, a->ctl->total, a->ctl_ino, a->ctl_dev, &a->ctl_fd);
-        if (!err)
-            _odf_slot_hold_alive(a, a->self, 1); /* the lock went with the old descriptor */
-        else if (!rc)
-            rc = err;
-    }
+    if (fd_is(a->pool_fd, a->pool_ino, a->pool_dev))
+        return 0;
+    /* the number is the program's now (or nothing): never close it.  -1 when
+     * it cannot be reopened: mmaps and copies then fail with EBADF */
+    return reopen_mapped(a->anchor, 4096, a->pool_ino, a->pool_dev, a->pool_ro ? O_RDONLY : O_RDWR, &a->pool_fd);
+}
+
+/* The control block's descriptor, checked before the family lock is taken
+ * through it (flock on another file would lock nothing).  pre: a->local. */
+static int ctl_fd_check(odf_arena_t *a)
+{
+    if (fd_is(a->ctl_fd, a->ctl_ino, a->ctl_dev))
+        return 0;
+    int rc = reopen_mapped((uintptr_t)a->ctl, a->ctl_total, a->ctl_ino, a->ctl_dev, O_RDONLY, &a->ctl_fd);
+    if (!rc)
+        _odf_slot_hold_alive(a, a->self, 1); /* the record lock went with the old descriptor */
+    return rc ? EBADF : 0;
+}
+
+int _odf_reopen_own(int *fd, int mode)
+{
+    char path[48];
+    memcpy(path, "/proc/self/fd/", 14);
+    _odf_fmt_u(path + 14, (unsigned)*fd, 10);
+    int nfd = open(path, mode | O_CLOEXEC);
+    if (nfd < 0)
+        return errno;
+    /* raw system calls: the preload library interposes dup3 and close to keep
+     * these very descriptors from the program */
+    int rc = syscall(SYS_dup3, nfd, *fd, O_CLOEXEC) < 0 ? errno : 0;
+    syscall(SYS_close, nfd);
     return rc;
+}
+
+int _odf_ctl_writable(odf_arena_t *a, int on)
+{
+    return mprotect(a->ctl, a->ctl_total, on ? PROT_READ | PROT_WRITE : PROT_READ) < 0 ? errno : 0;
 }
 
 int _odf_ctl_init(odf_arena_t *a, uint32_t max_slots, uint32_t max_segs)
@@ -183,10 +210,16 @@ int _odf_ctl_init(odf_arena_t *a, uint32_t max_slots, uint32_t max_segs)
         return errno;
     a->pool_ino = (uint64_t)st.st_ino;
     a->pool_dev = (uint64_t)st.st_dev;
+    /* Mapped from the read-write descriptor (so that it can be made writable
+     * under the family lock, in this process and in its children, who
+     * inherit the mapping), then the descriptor is made read-only: a write(2)
+     * to a wrong number cannot reach the block. */
     void *p = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED, a->ctl_fd, 0);
     if (p == MAP_FAILED)
         return errno;
     odf_ctl_t *ctl = a->ctl = p;
+    a->ctl_total = total;
+    _odf_reopen_own(&a->ctl_fd, O_RDONLY); /* where /proc cannot, it stays read-write */
     ctl->nchunks = a->nchunks;
     ctl->max_slots = max_slots;
     ctl->max_segs = max_segs;
@@ -202,17 +235,14 @@ int _odf_ctl_init(odf_arena_t *a, uint32_t max_slots, uint32_t max_segs)
     a->slots = (odf_slot_t *)((char *)p + off_slots);
     a->pts = (uint32_t *)((char *)p + off_pt);
 
-    pthread_mutexattr_t at;
-    pthread_mutexattr_init(&at);
-    pthread_mutexattr_setpshared(&at, PTHREAD_PROCESS_SHARED);
-    pthread_mutexattr_setrobust(&at, PTHREAD_MUTEX_ROBUST);
-    pthread_mutex_init(&ctl->lock, &at);
-    pthread_mutexattr_destroy(&at);
     ctl->magic = ODF_CTL_MAGIC;
+    int rc = _odf_ctl_writable(a, 0); /* from now on written only under the family lock */
+    if (rc)
+        return rc;
 
     /* The creator's own slot. */
     uint32_t idx;
-    int rc = _odf_family_lock(a);
+    rc = _odf_family_lock(a);
     if (rc)
         return rc;
     rc = _odf_slot_alloc(a, ODF_SLOT_LIVE, &idx);
@@ -230,10 +260,17 @@ int _odf_ctl_init(odf_arena_t *a, uint32_t max_slots, uint32_t max_segs)
 
 /* ---- segments (pre: family lock) ---- */
 
-static void punch(odf_arena_t *a, uint32_t s)
+/* Give segment s's pages back: it reads as zeros after.  0 or errno (then
+ * it keeps its bytes, and must not be handed out as a fresh segment). */
+static int punch(odf_arena_t *a, uint32_t s)
 {
-    fallocate(a->pool_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)s << ODF_CHUNK_SHIFT,
-              ODF_CHUNK_SIZE);
+    int fd, rc = _odf_pool_rw(a, &fd);
+    if (rc)
+        return rc;
+    if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)s << ODF_CHUNK_SHIFT, ODF_CHUNK_SIZE) < 0)
+        rc = errno;
+    _odf_pool_rw_done(a, fd);
+    return rc;
 }
 
 /* overwrite: the caller fills all 2 MiB (a copy), so a kept (dirty) segment
@@ -249,9 +286,11 @@ int _odf_seg_alloc(odf_arena_t *a, uint32_t *seg, int overwrite)
     else if (ctl->seg_hwm < ctl->max_segs)
         s = ctl->seg_hwm++;
     else if (ctl->ndirty) {
-        s = a->dirty[--ctl->ndirty];
-        if (!overwrite)
-            punch(a, s);
+        s = a->dirty[ctl->ndirty - 1];
+        int rc = overwrite ? 0 : punch(a, s);
+        if (rc)
+            return rc;
+        ctl->ndirty--;
     } else
         return ENOMEM;
     a->refcnt[s] = 1;
@@ -272,8 +311,9 @@ void _odf_trim_locked(odf_arena_t *a, uint32_t budget)
     odf_ctl_t *ctl = a->ctl;
     while (ctl->ndirty > ODF_KEEP && budget--) {
         uint32_t s = a->dirty[0];
+        if (punch(a, s))
+            return; /* kept, as it was; tried again at the next trim */
         a->dirty[0] = a->dirty[--ctl->ndirty];
-        punch(a, s);
         a->freestack[ctl->nfree++] = s;
     }
 }
@@ -312,11 +352,13 @@ static void recover(odf_arena_t *a)
     ctl->ndirty = 0;
     for (uint32_t s = 0; s < ctl->seg_hwm; s++) {
         if (a->refcnt[s] == 0) {
-            punch(a, s);
-            a->freestack[ctl->nfree++] = s;
+            if (punch(a, s))
+                a->dirty[ctl->ndirty++] = s; /* kept with its bytes: only for copies */
+            else
+                a->freestack[ctl->nfree++] = s;
         }
     }
-    ctl->segments_live = ctl->seg_hwm - ctl->nfree;
+    ctl->segments_live = ctl->seg_hwm - ctl->nfree - ctl->ndirty;
     ctl->recoveries++;
     /* A release that its dead holder left half done is finished now. */
     for (uint32_t i = 0; i < ctl->slot_hwm; i++)
@@ -326,18 +368,29 @@ static void recover(odf_arena_t *a)
 
 int _odf_family_lock(odf_arena_t *a)
 {
-    int rc = pthread_mutex_lock(&a->ctl->lock);
-    if (rc == EOWNERDEAD) {
-        recover(a);
-        pthread_mutex_consistent(&a->ctl->lock);
-        rc = 0;
+    int rc = ctl_fd_check(a);
+    if (rc)
+        return rc;
+    while (flock(a->ctl_fd, LOCK_EX) < 0)
+        if (errno != EINTR)
+            return errno;
+    if ((rc = _odf_ctl_writable(a, 1))) {
+        flock(a->ctl_fd, LOCK_UN);
+        return rc;
     }
-    if (rc == 0)
-        _odf_fds_check(a); /* a failure shows as EBADF where a descriptor is used */
-    return rc;
+    if (a->ctl->busy)
+        recover(a); /* the last holder died holding the lock */
+    a->ctl->busy = 1;
+    _odf_fds_check(a); /* a failure shows as EBADF where a descriptor is used */
+    return 0;
 }
 
-void _odf_family_unlock(odf_arena_t *a) { pthread_mutex_unlock(&a->ctl->lock); }
+void _odf_family_unlock(odf_arena_t *a)
+{
+    a->ctl->busy = 0;
+    _odf_ctl_writable(a, 0);
+    flock(a->ctl_fd, LOCK_UN);
+}
 
 /* ---- slots (pre: family lock) ---- */
 

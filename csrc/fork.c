@@ -32,6 +32,7 @@
 #include "internal.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -189,10 +190,21 @@ static void orphan(odf_arena_t *a)
 {
     a->orphaned = 1;
     _odf_reserve(a->base, a->shadow - a->base + a->size);
+    _odf_ctl_writable(a, 0); /* it may have been inherited writable */
 }
 
 void _odf_child_setup(odf_arena_t *a)
 {
+    /* The control block is writable here (the parent held the family lock
+     * across the fork) until the slot is claimed; the descriptor is the
+     * parent's open file description, whose flock is the parent's: get one
+     * of our own first. */
+    int err = _odf_reopen_own(&a->ctl_fd, O_RDONLY);
+    if (err) {
+        a->fork_err = err;
+        orphan(a);
+        return;
+    }
     odf_slot_t *s = &a->slots[a->child_slot];
     uint64_t expect = ODF_SG(a->child_gen, ODF_SLOT_PENDING);
     if (!atomic_compare_exchange_strong(&s->sg, &expect,
@@ -218,6 +230,7 @@ void _odf_child_setup(odf_arena_t *a)
         a->flags[c] &= ODF_F_PRIVATE;
     _odf_reserve(a->shadow, a->size); /* inherited parked mappings: no PTEs here */
     a->n_faults = a->n_cow = a->n_reuse = a->n_bytes = a->n_forks = a->n_folds = 0;
+    _odf_ctl_writable(a, 0);
 }
 
 static void child(void)
@@ -291,13 +304,18 @@ void odf_fork_note_child(pid_t pid)
         odf_arena_t *a = atomic_load(&_odf_registry[i]);
         if (!a || a->last_child_slot == ODF_NONE)
             continue;
-        odf_slot_t *s = &a->slots[a->last_child_slot];
-        uint64_t v = atomic_load(&s->sg);
-        int32_t zero = 0;
-        /* A PENDING slot is only reclaimed after the timeout, so gen matching
-         * here means it is still this child's. */
-        if (ODF_SG_GEN(v) == a->last_child_gen && ODF_SG_STATE(v) != ODF_SLOT_FREE)
-            atomic_compare_exchange_strong(&s->pid, &zero, pid);
+        pthread_mutex_lock(&a->local);
+        if (_odf_family_lock(a) == 0) { /* the control block is written only under it */
+            odf_slot_t *s = &a->slots[a->last_child_slot];
+            uint64_t v = atomic_load(&s->sg);
+            int32_t zero = 0;
+            /* A PENDING slot is only reclaimed after the timeout, so gen matching
+             * here means it is still this child's. */
+            if (ODF_SG_GEN(v) == a->last_child_gen && ODF_SG_STATE(v) != ODF_SLOT_FREE)
+                atomic_compare_exchange_strong(&s->pid, &zero, pid);
+            _odf_family_unlock(a);
+        }
+        pthread_mutex_unlock(&a->local);
     }
     pthread_mutex_unlock(&_odf_registry_lock);
     _odf_restore_signals(&old);

@@ -48,11 +48,18 @@
  *              blocked (the SIGSEGV handler runs with a full mask; other
  *              callers block signals first), so a handler can never find it
  *              held by its own thread.
- *   ctl->lock  family lock, robust + process-shared.  Guards refcnt, the free
- *              stack, seg_hwm, slot states and every page table.  A holder
- *              that dies leaves EOWNERDEAD: the next locker recomputes the
- *              counts from the page tables (_odf_recover) before going on.
- *              Held across fork() by the parent (prepare -> parent handler).
+ *   family lock  flock(2) on ctl_fd, an open file description of this
+ *              process's own (a child reopens it first thing, fork.c).
+ *              Guards refcnt, the free stack, seg_hwm, slot states and every
+ *              page table.  The control block is mapped PROT_READ in every
+ *              process and made writable only by the lock's holder while it
+ *              holds it (and by a child claiming its slot), so that a stray
+ *              write of a child's (a wild pointer, a memset) faults in that
+ *              child instead of corrupting the family; the lock itself is no
+ *              memory anyone can overwrite.  A holder that dies leaves
+ *              ctl->busy set: the next holder recomputes the counts from the
+ *              page tables (recover) before going on.  Held across fork() by
+ *              the parent (prepare -> parent handler).
  *   liveness   not a lock that orders anything.  A LIVE slot's owner is
  *              alive while (1) it holds a POSIX record lock on byte
  *              total + slot of the control memfd (fast path: F_GETLK), or,
@@ -93,6 +100,7 @@
  * more).  _odf_trim_locked punches kept segments beyond ODF_KEEP back to the
  * system in bounded steps: ODF_TRIM_STEP per fault or fork, all of them on
  * stats, check, reap and close. */
+#define ODF_PIECE_SEGS 512u /* segments per piece of the pool (park.c): 1 GiB */
 #define ODF_KEEP 32
 #define ODF_TRIM_STEP 4
 #define ODF_ALIGN ((size_t)1 << 30) /* arena and shadow alignment, see odf_arena_create */
@@ -145,7 +153,8 @@ typedef struct odf_slot_s {
 
 typedef struct odf_ctl_s {
     uint64_t magic;
-    pthread_mutex_t lock;      /* family lock */
+    uint32_t busy;             /* set by the family lock's holder while it holds it: found set by
+                                  the next holder, the last one died midway (family.c) */
     uint32_t nchunks, max_slots, max_segs;
     uint32_t seg_hwm;          /* segments >= seg_hwm were never handed out */
     uint32_t nfree;            /* entries in the free stack (hole-punched: read as zeros) */
@@ -162,6 +171,10 @@ struct odf_arena_s {
     size_t size;
     uint32_t nchunks;
     int pool_fd, ctl_fd;       /* see "descriptors" above: checked by _odf_fds_check */
+    int pool_ro;               /* pool_fd is read-only (park.c _odf_pool_rw) */
+    size_t ctl_total;          /* private copy of ctl->total: the mapping's length */
+    uintptr_t *pieces;         /* private [max_segs / ODF_PIECE_SEGS + 1]: park.c, 0 = not mapped */
+    uint32_t npieces;
     uint64_t pool_ino, ctl_ino, pool_dev, ctl_dev;
     uintptr_t anchor;          /* a PROT_NONE 4 KiB mapping of the pool: /proc/self/map_files finds it */
     odf_ctl_t *ctl;
@@ -221,6 +234,9 @@ int _odf_map_seg(odf_arena_t *a, uintptr_t addr, uint32_t seg, int prot, int pop
 int _odf_map_view(odf_arena_t *a, uintptr_t addr, uint32_t seg, size_t len); /* MAP_PRIVATE, RW */
 int _odf_reserve(uintptr_t addr, size_t len);
 int _odf_unpark(odf_arena_t *a, uint32_t c); /* parked entries back over the arena chunk */
+int _odf_pool_rw(odf_arena_t *a, int *fd);   /* a read-write descriptor of the pool for one call */
+void _odf_pool_rw_done(odf_arena_t *a, int fd);
+int _odf_pool_write(odf_arena_t *a, const void *src, size_t len, off_t off); /* pwrite into segments */
 
 /* registry.c: lock-free reads (the handler), writes under _odf_registry_lock */
 extern odf_arena_t *_Atomic _odf_registry[ODF_MAX_ARENAS];
@@ -245,6 +261,8 @@ int _odf_ctl_init(odf_arena_t *a, uint32_t max_slots, uint32_t max_segs); /* a n
 int _odf_family_lock(odf_arena_t *a);
 void _odf_family_unlock(odf_arena_t *a);
 int _odf_fds_check(odf_arena_t *a);                                /* pre: family lock */
+int _odf_ctl_writable(odf_arena_t *a, int on); /* the control block's protection in this process */
+int _odf_reopen_own(int *fd, int mode);        /* *fd reopened (own description, mode) in place */
 int _odf_seg_alloc(odf_arena_t *a, uint32_t *seg, int overwrite);    /* pre: family lock */
 void _odf_seg_decref(odf_arena_t *a, uint32_t seg);                   /* pre: family lock */
 void _odf_trim_locked(odf_arena_t *a, uint32_t budget);               /* pre: family lock */

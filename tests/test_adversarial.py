@@ -244,3 +244,103 @@ def test_out_of_vmas_every_path_ends():
     assert ("chunk 11 page 0 fold ok b'c' b'p'" in p.stdout or "chunk 11 page 0 fold MemoryError b'c' b'p'" in p.stdout) \
         and "check ok" in p.stdout, p
     assert "cannot resolve a write fault" in p.stderr and "errno 12" in p.stderr, p.stderr
+
+
+def _memfd_fds(name):
+    """This process's descriptors open on the memfd `name` (odfork-pool, ...)."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(f"/memfd:{name}"):
+                out.append(int(fd))
+        except OSError:
+            pass
+    return out
+
+
+def test_a_child_writing_to_the_pool_descriptor_cannot_change_its_parent(arena):
+    # A child's ordinary bug: write(2) to a descriptor number it got wrong,
+    # which is the pool's.  16 bytes at each 4 KiB of the first 64 MiB of the
+    # pool: every write fails (the descriptor is read-only in every process),
+    # and the parent's bytes, shared with the child, stay as they were.
+    buf = arena.alloc(8 << 20)
+    buf[:] = b"P" * len(buf)
+
+    def child():
+        fds = _memfd_fds("odfork-pool")
+        done = failed = 0
+        for fd in fds:
+            for off in range(0, 64 << 20, 4096):
+                try:
+                    done += os.pwrite(fd, b"\xee" * 16, off) == 16
+                except OSError as e:
+                    failed += e.errno == errno.EBADF
+        return len(fds), done, failed
+
+    nfds, done, failed = in_child(child)
+    assert nfds >= 1 and done == 0 and failed == nfds * (64 << 20) // 4096, (nfds, done, failed)
+    changed = sum(buf[i:i + 16] != b"P" * 16 for i in range(0, len(buf), 4096))
+    assert changed == 0, f"{changed} of {len(buf) // 4096} pages of the parent changed"
+    in_child(lambda: None)  # forks go on
+    arena.check()
+    del buf
+
+
+def _mapping_of(name):
+    """(start, end) of this process's mapping of the memfd `name`."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if f"/memfd:{name}" in line:
+                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                return lo, hi
+    raise AssertionError(f"no mapping of {name}")
+
+
+@pytest.mark.parametrize("what", ["memset", "pwrite"])
+def test_a_childs_stray_write_into_the_control_block_cannot_hurt_its_parent(arena, what):
+    # A child's ordinary bug: a memset of 1 MiB from the start of the family's
+    # control block (a wild pointer), or write(2) to its descriptor (a wrong
+    # number).  The memset kills the child (the block is read-only outside the
+    # family lock) or the write fails; the parent's data, its later forks and
+    # the family's bookkeeping are intact.
+    buf = arena.alloc(4 << 20)
+    buf[:] = b"Q" * len(buf)
+    lo, hi = _mapping_of("odfork-ctl")
+    n = min(1 << 20, hi - lo)
+
+    def child():
+        if what == "memset":
+            import ctypes
+            import faulthandler
+            faulthandler.disable()  # the crash is expected: no traceback
+            ctypes.memset(lo, 0xff, n)
+            return "survived"
+        fds = _memfd_fds("odfork-ctl")
+        failed = 0
+        for fd in fds:
+            try:
+                os.pwrite(fd, b"\xff" * n, 0)
+            except OSError as e:
+                failed += e.errno == errno.EBADF
+        return len(fds), failed
+
+    pid = odfork()
+    if pid == 0:
+        try:
+            res = child()
+            os.write(2, f"child result {res}\n".encode())
+            os._exit(0 if res == "survived" or res[1] == res[0] else 3)
+        finally:
+            os._exit(4)
+    status = os.waitpid(pid, 0)[1]
+    if what == "memset":
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV, status
+    else:
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    arena.check()
+    assert bytes(buf[:8]) == b"Q" * 8 and buf[len(buf) - 1] == ord("Q")
+    for _ in range(3):  # forks go on, isolated
+        assert in_child(lambda: (buf.__setitem__(0, 1), bytes(buf[:2]))[1]) == b"\x01Q"
+        assert bytes(buf[:2]) == b"QQ"
+    arena.check()
+    del buf
