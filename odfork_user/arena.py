@@ -37,7 +37,7 @@ class Arena:
             fork or snapshot every chunk becomes a private view of its segment,
             so the kernel copies only the 4 KiB pages written, by user code or
             by the kernel (read(2), recv_into: they just work); views are
-            folded back into segments by fold(), by later forks when cheap,
+            folded back into segments by fold(), by the background folder
             and by snapshots.  "chunk": shared chunks are read-only and the
             first write copies the whole 2 MiB (a trap per chunk); kernel
             writes into a shared chunk then need prepare_write() first.
@@ -45,7 +45,9 @@ class Arena:
             thread folds views nobody else shares back into their segments
             (at most ~10% of a CPU, one chunk per lock hold), so that the next
             fork or snapshot is O(chunks) again (default True; ODFORK_FOLD=0
-            turns it off for every arena).
+            turns it off for every arena).  Only with a full userfaultfd
+            (FOLD_PROTECT "userfaultfd"): without one a fold is refused while
+            other threads run, and no folder is started.
 
     Raises:
         TypeError: size is not an int.
@@ -288,9 +290,12 @@ class Arena:
         """Fold this process's private views back into their segments where
         nobody else shares them (page mode): their copied pages are written
         into the segment, so that the next fork has no page-table entries to
-        copy for them.  Forks fold cheap views themselves (a few pages each);
-        call this off the critical path after heavy writes.  `max_dirty`:
-        skip views with more private pages than this."""
+        copy for them.  Forks do not fold; call this off the critical path
+        after heavy writes.  `max_dirty`: skip views with more private pages
+        than this.  Without a full userfaultfd (FOLD_PROTECT "mprotect") views
+        are folded only while this is the process's only thread (a kernel
+        write for another thread could not wait for the fold); otherwise they
+        stay views."""
         with self._lock:
             n = 0xFFFFFFFF if max_dirty is None else int(max_dirty)
             _check(lib.odf_arena_fold(self._live(), n), "fold")
