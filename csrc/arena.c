@@ -176,21 +176,26 @@ void odf_arena_fds(const odf_arena_t *a, int *pool_fd, int *ctl_fd)
 
 int odf_arena_move_fd(odf_arena_t *a, int fd)
 {
-    int rc;
-    ODF_LOCKED(a, rc, {
-        int *slot = fd == a->pool_fd ? &a->pool_fd : fd == a->ctl_fd ? &a->ctl_fd : NULL;
-        if (slot) {
-            int nfd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
-            if (nfd < 0) {
-                rc = errno;
-            } else {
-                __atomic_store_n(slot, nfd, __ATOMIC_RELAXED);
-                syscall(SYS_close, fd); /* not close(): a program may have interposed it */
-                if (slot == &a->ctl_fd) /* closing any descriptor of the file dropped the record lock */
-                    rc = _odf_slot_hold_alive(a, a->self, 1);
-            }
+    /* Under a->local but not the family lock: closing a descriptor of the
+     * control memfd drops this process's record locks, the family lock too. */
+    int rc = 0;
+    sigset_t old;
+    _odf_block_signals(&old);
+    pthread_mutex_lock(&a->local);
+    int *slot = fd == a->pool_fd ? &a->pool_fd : fd == a->ctl_fd ? &a->ctl_fd : NULL;
+    if (slot) {
+        int nfd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+        if (nfd < 0) {
+            rc = errno;
+        } else {
+            __atomic_store_n(slot, nfd, __ATOMIC_RELAXED);
+            syscall(SYS_close, fd); /* not close(): a program may have interposed it */
+            if (slot == &a->ctl_fd) /* closing any descriptor of the file dropped the liveness lock */
+                rc = _odf_slot_hold_alive(a, a->self, 1);
         }
-    });
+    }
+    pthread_mutex_unlock(&a->local);
+    _odf_restore_signals(&old);
     return rc;
 }
 

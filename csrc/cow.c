@@ -116,6 +116,8 @@ static int fold_in_place(odf_arena_t *a, uint32_t c, uint32_t seg, uint64_t *pm,
             if (!is_private(pm[i]) && !((now[i] & PM_SWAPPED) && (now[i] & PM_UFFD_WP)))
                 pm[i] = now[i];
     }
+    int wfd, wrc = _odf_pool_rw(a, &wfd); /* one read-write descriptor for every run of pages */
+    rc = wrc;
     for (uint32_t i = 0; i < NPAGES && !rc;) {
         if (!is_private(pm[i])) {
             i++;
@@ -126,10 +128,12 @@ static int fold_in_place(odf_arena_t *a, uint32_t c, uint32_t seg, uint64_t *pm,
             copied += (pm[j] & PM_EXCLUSIVE) || (pm[j] & PM_SWAPPED);
             j++;
         }
-        rc = _odf_pool_write(a, (const void *)(addr + i * PAGE), (j - i) * PAGE, base + (off_t)(i * PAGE));
+        rc = _odf_pwrite_all(wfd, (const void *)(addr + i * PAGE), (j - i) * PAGE, base + (off_t)(i * PAGE));
         n += j - i;
         i = j;
     }
+    if (!wrc)
+        _odf_pool_rw_done(a, wfd);
     if (!rc) {
         if (a->flags[c] & ODF_F_PARKED) {
             rc = _odf_unpark(a, c);

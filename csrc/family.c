@@ -5,8 +5,8 @@
  *
  * Above prim.c and park.c only.  Everything the SIGSEGV handler reaches
  * (through cow.c's _odf_fault) is async-signal-safe: no malloc, no stdio, only
- * syscalls and atomics (the family lock is flock(2) and mprotect(2); never
- * re-entered, see the locking rules in internal.h).
+ * syscalls and atomics (the family lock is a record lock and mprotect(2);
+ * never re-entered, see the locking rules in internal.h).
  */
 #include "internal.h"
 
@@ -16,10 +16,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #define ALIGN_UP(x, a) (((x) + (a) - 1) & ~((size_t)(a) - 1))
@@ -29,8 +27,7 @@
  * here is async-signal-safe: plain syscalls and hand-made formatting. */
 int _odf_slot_hold_alive(odf_arena_t *a, uint32_t idx, int hold)
 {
-    /* a read lock: ctl_fd is read-only; F_GETLK's write-lock probe sees it */
-    struct flock fl = {.l_type = (short)(hold ? F_RDLCK : F_UNLCK), .l_whence = SEEK_SET,
+    struct flock fl = {.l_type = (short)(hold ? F_WRLCK : F_UNLCK), .l_whence = SEEK_SET,
                        .l_start = (off_t)(a->ctl_total + idx), .l_len = 1};
     return fcntl(a->ctl_fd, F_SETLK, &fl) < 0 ? errno : 0;
 }
@@ -160,30 +157,28 @@ int _odf_fds_check(odf_arena_t *a)
 }
 
 /* The control block's descriptor, checked before the family lock is taken
- * through it (flock on another file would lock nothing).  pre: a->local. */
+ * through it (a record lock on another file would lock nothing).  pre: a->local. */
 static int ctl_fd_check(odf_arena_t *a)
 {
     if (fd_is(a->ctl_fd, a->ctl_ino, a->ctl_dev))
         return 0;
-    int rc = reopen_mapped((uintptr_t)a->ctl, a->ctl_total, a->ctl_ino, a->ctl_dev, O_RDONLY, &a->ctl_fd);
+    int rc = reopen_mapped((uintptr_t)a->ctl, a->ctl_total, a->ctl_ino, a->ctl_dev, O_RDWR, &a->ctl_fd);
     if (!rc)
         _odf_slot_hold_alive(a, a->self, 1); /* the record lock went with the old descriptor */
     return rc ? EBADF : 0;
 }
 
-int _odf_reopen_own(int *fd, int mode)
+/* The family lock: a write record lock on byte total + max_slots of the
+ * control memfd (past the liveness bytes).  A record lock belongs to the
+ * process: a child does not inherit it, and it goes when the process dies. */
+static int family_record_lock(odf_arena_t *a, int lock)
 {
-    char path[48];
-    memcpy(path, "/proc/self/fd/", 14);
-    _odf_fmt_u(path + 14, (unsigned)*fd, 10);
-    int nfd = open(path, mode | O_CLOEXEC);
-    if (nfd < 0)
-        return errno;
-    /* raw system calls: the preload library interposes dup3 and close to keep
-     * these very descriptors from the program */
-    int rc = syscall(SYS_dup3, nfd, *fd, O_CLOEXEC) < 0 ? errno : 0;
-    syscall(SYS_close, nfd);
-    return rc;
+    struct flock fl = {.l_type = (short)(lock ? F_WRLCK : F_UNLCK), .l_whence = SEEK_SET,
+                       .l_start = (off_t)(a->ctl_total + a->max_slots), .l_len = 1};
+    while (fcntl(a->ctl_fd, lock ? F_SETLKW : F_SETLK, &fl) < 0)
+        if (errno != EINTR)
+            return errno;
+    return 0;
 }
 
 int _odf_ctl_writable(odf_arena_t *a, int on)
@@ -200,7 +195,7 @@ int _odf_ctl_init(odf_arena_t *a, uint32_t max_slots, uint32_t max_segs)
     size_t off_pt = off_slots + ALIGN_UP((size_t)max_slots * sizeof(odf_slot_t), 4096);
     size_t total = off_pt + ALIGN_UP((size_t)max_slots * a->nchunks * 4, 4096);
 
-    a->ctl_fd = memfd_create("odfork-ctl", MFD_CLOEXEC);
+    a->ctl_fd = memfd_create("odfork-ctl", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     struct stat st;
     if (a->ctl_fd < 0 || ftruncate(a->ctl_fd, (off_t)total) < 0 || fstat(a->ctl_fd, &st) < 0)
         return errno;
@@ -210,16 +205,18 @@ int _odf_ctl_init(odf_arena_t *a, uint32_t max_slots, uint32_t max_segs)
         return errno;
     a->pool_ino = (uint64_t)st.st_ino;
     a->pool_dev = (uint64_t)st.st_dev;
-    /* Mapped from the read-write descriptor (so that it can be made writable
-     * under the family lock, in this process and in its children, who
-     * inherit the mapping), then the descriptor is made read-only: a write(2)
-     * to a wrong number cannot reach the block. */
+    /* Mapped writable once (it can be made writable again under the family
+     * lock, here and in the children, who inherit the mapping), then sealed:
+     * no write(2) through any descriptor and no new writable mapping, so a
+     * write to a wrong descriptor number cannot reach the block (EPERM). */
     void *p = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED, a->ctl_fd, 0);
     if (p == MAP_FAILED)
         return errno;
     odf_ctl_t *ctl = a->ctl = p;
     a->ctl_total = total;
-    _odf_reopen_own(&a->ctl_fd, O_RDONLY); /* where /proc cannot, it stays read-write */
+    a->max_slots = max_slots;
+    if (fcntl(a->ctl_fd, F_ADD_SEALS, F_SEAL_FUTURE_WRITE | F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL) < 0)
+        return errno;
     ctl->nchunks = a->nchunks;
     ctl->max_slots = max_slots;
     ctl->max_segs = max_segs;
@@ -369,13 +366,10 @@ static void recover(odf_arena_t *a)
 int _odf_family_lock(odf_arena_t *a)
 {
     int rc = ctl_fd_check(a);
-    if (rc)
+    if (rc || (rc = family_record_lock(a, 1)))
         return rc;
-    while (flock(a->ctl_fd, LOCK_EX) < 0)
-        if (errno != EINTR)
-            return errno;
     if ((rc = _odf_ctl_writable(a, 1))) {
-        flock(a->ctl_fd, LOCK_UN);
+        family_record_lock(a, 0);
         return rc;
     }
     if (a->ctl->busy)
@@ -389,7 +383,7 @@ void _odf_family_unlock(odf_arena_t *a)
 {
     a->ctl->busy = 0;
     _odf_ctl_writable(a, 0);
-    flock(a->ctl_fd, LOCK_UN);
+    family_record_lock(a, 0);
 }
 
 /* ---- slots (pre: family lock) ---- */

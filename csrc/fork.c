@@ -32,7 +32,6 @@
 #include "internal.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -196,15 +195,8 @@ static void orphan(odf_arena_t *a)
 void _odf_child_setup(odf_arena_t *a)
 {
     /* The control block is writable here (the parent held the family lock
-     * across the fork) until the slot is claimed; the descriptor is the
-     * parent's open file description, whose flock is the parent's: get one
-     * of our own first. */
-    int err = _odf_reopen_own(&a->ctl_fd, O_RDONLY);
-    if (err) {
-        a->fork_err = err;
-        orphan(a);
-        return;
-    }
+     * across the fork; the lock itself stays the parent's) until the slot is
+     * claimed. */
     odf_slot_t *s = &a->slots[a->child_slot];
     uint64_t expect = ODF_SG(a->child_gen, ODF_SLOT_PENDING);
     if (!atomic_compare_exchange_strong(&s->sg, &expect,

@@ -48,9 +48,9 @@
  *              blocked (the SIGSEGV handler runs with a full mask; other
  *              callers block signals first), so a handler can never find it
  *              held by its own thread.
- *   family lock  flock(2) on ctl_fd, an open file description of this
- *              process's own (a child reopens it first thing, fork.c).
- *              Guards refcnt, the free stack, seg_hwm, slot states and every
+ *   family lock  a write record lock on byte total + max_slots of the
+ *              control memfd (family.c): the process's, not inherited by a
+ *              child, gone when the process dies.  Guards refcnt, the free stack, seg_hwm, slot states and every
  *              page table.  The control block is mapped PROT_READ in every
  *              process and made writable only by the lock's holder while it
  *              holds it (and by a child claiming its slot), so that a stray
@@ -172,7 +172,8 @@ struct odf_arena_s {
     uint32_t nchunks;
     int pool_fd, ctl_fd;       /* see "descriptors" above: checked by _odf_fds_check */
     int pool_ro;               /* pool_fd is read-only (park.c _odf_pool_rw) */
-    size_t ctl_total;          /* private copy of ctl->total: the mapping's length */
+    size_t ctl_total;          /* private copies of ctl->total (the mapping's length) */
+    uint32_t max_slots;        /* and of ctl->max_slots */
     uintptr_t *pieces;         /* private [max_segs / ODF_PIECE_SEGS + 1]: park.c, 0 = not mapped */
     uint32_t npieces;
     uint64_t pool_ino, ctl_ino, pool_dev, ctl_dev;
@@ -262,7 +263,6 @@ int _odf_family_lock(odf_arena_t *a);
 void _odf_family_unlock(odf_arena_t *a);
 int _odf_fds_check(odf_arena_t *a);                                /* pre: family lock */
 int _odf_ctl_writable(odf_arena_t *a, int on); /* the control block's protection in this process */
-int _odf_reopen_own(int *fd, int mode);        /* *fd reopened (own description, mode) in place */
 int _odf_seg_alloc(odf_arena_t *a, uint32_t *seg, int overwrite);    /* pre: family lock */
 void _odf_seg_decref(odf_arena_t *a, uint32_t seg);                   /* pre: family lock */
 void _odf_trim_locked(odf_arena_t *a, uint32_t budget);               /* pre: family lock */
