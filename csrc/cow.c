@@ -117,7 +117,6 @@ static int fold_in_place(odf_arena_t *a, uint32_t c, uint32_t seg, uint64_t *pm,
                 pm[i] = now[i];
     }
     int wfd, wrc = _odf_pool_rw(a, &wfd); /* one read-write descriptor for every run of pages */
-    rc = wrc;
     for (uint32_t i = 0; i < NPAGES && !rc;) {
         if (!is_private(pm[i])) {
             i++;
@@ -128,7 +127,9 @@ static int fold_in_place(odf_arena_t *a, uint32_t c, uint32_t seg, uint64_t *pm,
             copied += (pm[j] & PM_EXCLUSIVE) || (pm[j] & PM_SWAPPED);
             j++;
         }
-        rc = _odf_pwrite_all(wfd, (const void *)(addr + i * PAGE), (j - i) * PAGE, base + (off_t)(i * PAGE));
+        const void *src = (const void *)(addr + i * PAGE);
+        off_t at = base + (off_t)(i * PAGE);
+        rc = wrc ? _odf_pool_write(a, src, (j - i) * PAGE, at) : _odf_pwrite_all(wfd, src, (j - i) * PAGE, at);
         n += j - i;
         i = j;
     }

@@ -146,40 +146,25 @@ static int fd_is(int fd, uint64_t ino, uint64_t dev)
     return fd >= 0 && fstat(fd, &st) == 0 && (uint64_t)st.st_ino == ino && (uint64_t)st.st_dev == dev;
 }
 
-/* The pool's descriptor, checked (and reopened) under the family lock. */
 int _odf_fds_check(odf_arena_t *a)
 {
-    if (fd_is(a->pool_fd, a->pool_ino, a->pool_dev))
-        return 0;
-    /* the number is the program's now (or nothing): never close it.  -1 when
-     * it cannot be reopened: mmaps and copies then fail with EBADF */
-    return reopen_mapped(a->anchor, 4096, a->pool_ino, a->pool_dev, a->pool_ro ? O_RDONLY : O_RDWR, &a->pool_fd);
+    int rc = 0, err;
+    if (!fd_is(a->pool_fd, a->pool_ino, a->pool_dev)) {
+        /* the number is the program's now (or nothing): never close it.  -1 when
+         * it cannot be reopened: views and copies then fail with EBADF, or go
+         * through the pieces (park.c) */
+        rc = reopen_mapped(a->anchor, 4096, a->pool_ino, a->pool_dev, a->pool_ro ? O_RDONLY : O_RDWR, &a->pool_fd);
+    }
+    if (!fd_is(a->ctl_fd, a->ctl_ino, a->ctl_dev)) {
+        err = reopen_mapped((uintptr_t)a->ctl, a->ctl_total, a->ctl_ino, a->ctl_dev, O_RDWR, &a->ctl_fd);
+        if (!err)
+            _odf_slot_hold_alive(a, a->self, 1); /* the record lock went with the old descriptor */
+        else if (!rc)
+            rc = err;
+    }
+    return rc;
 }
 
-/* The control block's descriptor, checked before the family lock is taken
- * through it (a record lock on another file would lock nothing).  pre: a->local. */
-static int ctl_fd_check(odf_arena_t *a)
-{
-    if (fd_is(a->ctl_fd, a->ctl_ino, a->ctl_dev))
-        return 0;
-    int rc = reopen_mapped((uintptr_t)a->ctl, a->ctl_total, a->ctl_ino, a->ctl_dev, O_RDWR, &a->ctl_fd);
-    if (!rc)
-        _odf_slot_hold_alive(a, a->self, 1); /* the record lock went with the old descriptor */
-    return rc ? EBADF : 0;
-}
-
-/* The family lock: a write record lock on byte total + max_slots of the
- * control memfd (past the liveness bytes).  A record lock belongs to the
- * process: a child does not inherit it, and it goes when the process dies. */
-static int family_record_lock(odf_arena_t *a, int lock)
-{
-    struct flock fl = {.l_type = (short)(lock ? F_WRLCK : F_UNLCK), .l_whence = SEEK_SET,
-                       .l_start = (off_t)(a->ctl_total + a->max_slots), .l_len = 1};
-    while (fcntl(a->ctl_fd, lock ? F_SETLKW : F_SETLK, &fl) < 0)
-        if (errno != EINTR)
-            return errno;
-    return 0;
-}
 
 int _odf_ctl_writable(odf_arena_t *a, int on)
 {
@@ -214,7 +199,6 @@ int _odf_ctl_init(odf_arena_t *a, uint32_t max_slots, uint32_t max_segs)
         return errno;
     odf_ctl_t *ctl = a->ctl = p;
     a->ctl_total = total;
-    a->max_slots = max_slots;
     if (fcntl(a->ctl_fd, F_ADD_SEALS, F_SEAL_FUTURE_WRITE | F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL) < 0)
         return errno;
     ctl->nchunks = a->nchunks;
@@ -232,6 +216,12 @@ int _odf_ctl_init(odf_arena_t *a, uint32_t max_slots, uint32_t max_segs)
     a->slots = (odf_slot_t *)((char *)p + off_slots);
     a->pts = (uint32_t *)((char *)p + off_pt);
 
+    pthread_mutexattr_t at;
+    pthread_mutexattr_init(&at);
+    pthread_mutexattr_setpshared(&at, PTHREAD_PROCESS_SHARED);
+    pthread_mutexattr_setrobust(&at, PTHREAD_MUTEX_ROBUST);
+    pthread_mutex_init(&ctl->lock, &at);
+    pthread_mutexattr_destroy(&at);
     ctl->magic = ODF_CTL_MAGIC;
     int rc = _odf_ctl_writable(a, 0); /* from now on written only under the family lock */
     if (rc)
@@ -259,16 +249,7 @@ int _odf_ctl_init(odf_arena_t *a, uint32_t max_slots, uint32_t max_segs)
 
 /* Give segment s's pages back: it reads as zeros after.  0 or errno (then
  * it keeps its bytes, and must not be handed out as a fresh segment). */
-static int punch(odf_arena_t *a, uint32_t s)
-{
-    int fd, rc = _odf_pool_rw(a, &fd);
-    if (rc)
-        return rc;
-    if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)s << ODF_CHUNK_SHIFT, ODF_CHUNK_SIZE) < 0)
-        rc = errno;
-    _odf_pool_rw_done(a, fd);
-    return rc;
-}
+static int punch(odf_arena_t *a, uint32_t s) { return _odf_pool_punch(a, s); }
 
 /* overwrite: the caller fills all 2 MiB (a copy), so a kept (dirty) segment
  * will do; otherwise the segment must read as zeros. */
@@ -363,27 +344,31 @@ static void recover(odf_arena_t *a)
             _odf_slot_release(a, i);
 }
 
+/* The control block is writable in this process from before the mutex is
+ * taken (taking it writes it; a holder that dies has its word marked by the
+ * kernel) until after it is released. */
 int _odf_family_lock(odf_arena_t *a)
 {
-    int rc = ctl_fd_check(a);
-    if (rc || (rc = family_record_lock(a, 1)))
+    int rc = _odf_ctl_writable(a, 1);
+    if (rc)
         return rc;
-    if ((rc = _odf_ctl_writable(a, 1))) {
-        family_record_lock(a, 0);
-        return rc;
+    rc = pthread_mutex_lock(&a->ctl->lock);
+    if (rc == EOWNERDEAD) {
+        recover(a);
+        pthread_mutex_consistent(&a->ctl->lock);
+        rc = 0;
     }
-    if (a->ctl->busy)
-        recover(a); /* the last holder died holding the lock */
-    a->ctl->busy = 1;
-    _odf_fds_check(a); /* a failure shows as EBADF where a descriptor is used */
-    return 0;
+    if (rc == 0)
+        _odf_fds_check(a); /* a failure shows as EBADF where a descriptor is used */
+    else
+        _odf_ctl_writable(a, 0);
+    return rc;
 }
 
 void _odf_family_unlock(odf_arena_t *a)
 {
-    a->ctl->busy = 0;
+    pthread_mutex_unlock(&a->ctl->lock);
     _odf_ctl_writable(a, 0);
-    family_record_lock(a, 0);
 }
 
 /* ---- slots (pre: family lock) ---- */

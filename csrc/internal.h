@@ -48,18 +48,17 @@
  *              blocked (the SIGSEGV handler runs with a full mask; other
  *              callers block signals first), so a handler can never find it
  *              held by its own thread.
- *   family lock  a write record lock on byte total + max_slots of the
- *              control memfd (family.c): the process's, not inherited by a
- *              child, gone when the process dies.  Guards refcnt, the free stack, seg_hwm, slot states and every
- *              page table.  The control block is mapped PROT_READ in every
- *              process and made writable only by the lock's holder while it
- *              holds it (and by a child claiming its slot), so that a stray
- *              write of a child's (a wild pointer, a memset) faults in that
- *              child instead of corrupting the family; the lock itself is no
- *              memory anyone can overwrite.  A holder that dies leaves
- *              ctl->busy set: the next holder recomputes the counts from the
- *              page tables (recover) before going on.  Held across fork() by
- *              the parent (prepare -> parent handler).
+ *   ctl->lock  family lock, robust + process-shared.  Guards refcnt, the free
+ *              stack, seg_hwm, slot states and every page table.  A holder
+ *              that dies leaves EOWNERDEAD: the next locker recomputes the
+ *              counts from the page tables (recover) before going on.
+ *              Held across fork() by the parent (prepare -> parent handler).
+ *              The control block is mapped PROT_READ in every process and
+ *              made writable only around this lock (from before taking it to
+ *              after releasing it) and in a child claiming its slot, so that
+ *              a stray write of a child's (a wild pointer, a memset) faults
+ *              in that child instead of corrupting the family; the memfd is
+ *              sealed against write(2).  It needs no descriptor.
  *   liveness   not a lock that orders anything.  A LIVE slot's owner is
  *              alive while (1) it holds a POSIX record lock on byte
  *              total + slot of the control memfd (fast path: F_GETLK), or,
@@ -153,8 +152,7 @@ typedef struct odf_slot_s {
 
 typedef struct odf_ctl_s {
     uint64_t magic;
-    uint32_t busy;             /* set by the family lock's holder while it holds it: found set by
-                                  the next holder, the last one died midway (family.c) */
+    pthread_mutex_t lock;      /* family lock */
     uint32_t nchunks, max_slots, max_segs;
     uint32_t seg_hwm;          /* segments >= seg_hwm were never handed out */
     uint32_t nfree;            /* entries in the free stack (hole-punched: read as zeros) */
@@ -172,8 +170,7 @@ struct odf_arena_s {
     uint32_t nchunks;
     int pool_fd, ctl_fd;       /* see "descriptors" above: checked by _odf_fds_check */
     int pool_ro;               /* pool_fd is read-only (park.c _odf_pool_rw) */
-    size_t ctl_total;          /* private copies of ctl->total (the mapping's length) */
-    uint32_t max_slots;        /* and of ctl->max_slots */
+    size_t ctl_total;          /* private copy of ctl->total: the mapping's length */
     uintptr_t *pieces;         /* private [max_segs / ODF_PIECE_SEGS + 1]: park.c, 0 = not mapped */
     uint32_t npieces;
     uint64_t pool_ino, ctl_ino, pool_dev, ctl_dev;
@@ -237,7 +234,8 @@ int _odf_reserve(uintptr_t addr, size_t len);
 int _odf_unpark(odf_arena_t *a, uint32_t c); /* parked entries back over the arena chunk */
 int _odf_pool_rw(odf_arena_t *a, int *fd);   /* a read-write descriptor of the pool for one call */
 void _odf_pool_rw_done(odf_arena_t *a, int fd);
-int _odf_pool_write(odf_arena_t *a, const void *src, size_t len, off_t off); /* pwrite into segments */
+int _odf_pool_write(odf_arena_t *a, const void *src, size_t len, off_t off); /* into one segment */
+int _odf_pool_punch(odf_arena_t *a, uint32_t seg); /* seg reads as zeros after: 0 or errno */
 
 /* registry.c: lock-free reads (the handler), writes under _odf_registry_lock */
 extern odf_arena_t *_Atomic _odf_registry[ODF_MAX_ARENAS];

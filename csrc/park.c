@@ -9,6 +9,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -48,15 +49,6 @@ void _odf_pool_rw_done(odf_arena_t *a, int fd)
         close(fd);
 }
 
-int _odf_pool_write(odf_arena_t *a, const void *src, size_t len, off_t off)
-{
-    int fd, rc = _odf_pool_rw(a, &fd);
-    if (rc)
-        return rc;
-    rc = _odf_pwrite_all(fd, src, len, off);
-    _odf_pool_rw_done(a, fd);
-    return rc;
-}
 
 /* Pieces: ODF_PIECE_SEGS consecutive segments of the pool mapped shared,
  * PROT_NONE, from a read-write descriptor (so that the kernel lets them be
@@ -83,6 +75,64 @@ static int piece_of(odf_arena_t *a, uint32_t seg, uintptr_t *out)
     }
     *out = p + ((uintptr_t)(seg % ODF_PIECE_SEGS) << ODF_CHUNK_SHIFT);
     return 0;
+}
+
+/* A writable mapping of segment seg, duplicated from its piece, at an
+ * address the kernel picks (munmap it after): 0 or errno. */
+static int window(odf_arena_t *a, uint32_t seg, void **out)
+{
+    uintptr_t src;
+    int rc = piece_of(a, seg, &src);
+    if (rc)
+        return rc;
+    void *w = mremap((void *)src, 0, ODF_CHUNK_SIZE, MREMAP_MAYMOVE);
+    if (w == MAP_FAILED)
+        return errno;
+    if (mprotect(w, ODF_CHUNK_SIZE, PROT_READ | PROT_WRITE) < 0) {
+        rc = errno;
+        munmap(w, ODF_CHUNK_SIZE);
+        return rc;
+    }
+    *out = w;
+    return 0;
+}
+
+int _odf_pool_write(odf_arena_t *a, const void *src, size_t len, off_t off)
+{
+    int fd, rc = _odf_pool_rw(a, &fd);
+    if (rc == 0) {
+        rc = _odf_pwrite_all(fd, src, len, off);
+        _odf_pool_rw_done(a, fd);
+        return rc;
+    }
+    /* No descriptor to be had (the program closed the pool's and /proc/self/
+     * map_files is not ours, or the descriptor limit): through the piece,
+     * which this process maps already where it holds the segment. */
+    void *w;
+    size_t in = (size_t)off & (ODF_CHUNK_SIZE - 1);
+    if (in + len > ODF_CHUNK_SIZE || window(a, (uint32_t)(off >> ODF_CHUNK_SHIFT), &w))
+        return rc;
+    memcpy((char *)w + in, src, len);
+    munmap(w, ODF_CHUNK_SIZE);
+    return 0;
+}
+
+int _odf_pool_punch(odf_arena_t *a, uint32_t seg)
+{
+    off_t off = (off_t)seg << ODF_CHUNK_SHIFT;
+    int fd, rc = _odf_pool_rw(a, &fd);
+    if (rc == 0) {
+        if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, ODF_CHUNK_SIZE) < 0)
+            rc = errno;
+        _odf_pool_rw_done(a, fd);
+        return rc;
+    }
+    void *w;
+    if (window(a, seg, &w))
+        return rc;
+    rc = madvise(w, ODF_CHUNK_SIZE, MADV_REMOVE) < 0 ? errno : 0; /* a hole punch through the mapping */
+    munmap(w, ODF_CHUNK_SIZE);
+    return rc;
 }
 
 /* Map segment `seg` of the pool at `addr` (one chunk), replacing what was there.
