@@ -33,11 +33,12 @@ def test_readv_from_a_thread_while_the_main_thread_folds_and_forks(protection):
         for i, b in enumerate(bufs):
             b[:] = bytes([i]) * CH
         r, w = os.pipe()
-        stop, stats = threading.Event(), dict(reads=0, efault=0, wrong=0)
+        stop, done = threading.Event(), threading.Event()
+        stats = dict(reads=0, efault=0, wrong=0)
         pattern = bytes(range(256)) * 256            # 64 KiB
 
-        def writer():
-            while not stop.is_set():
+        def writer():  # until the reader is done: it may be inside a read when stop is set
+            while not done.is_set():
                 os.write(w, pattern)
 
         def reader():
@@ -74,6 +75,7 @@ def test_readv_from_a_thread_while_the_main_thread_folds_and_forks(protection):
             time.sleep(0.01)
         stop.set()
         ts[1].join()
+        done.set()
         a.check()
         print("reads", stats["reads"], "efault", stats["efault"], "wrong", stats["wrong"],
               "forks", forks, "protect", ou.FOLD_PROTECT)
