@@ -157,16 +157,19 @@ def test_gc_freeze_option_freezes_before_every_fork(tmp_path):
     assert (on.stdout, off.stdout, env.stdout) == ("True\n", "False\n", "True\n"), (on.stderr, off.stderr)
 
 
+PASS_WARN_FAIL = textwrap.dedent('''
+    import warnings
+    def test_a():
+        pass
+    def test_b():
+        warnings.warn("mine")
+    def test_c():
+        assert 1 == 2
+''')  # three tests: one passes, one warns, one fails
+
+
 def test_pytest_under_run_reports_what_plain_pytest_reports(tmp_path):
-    (tmp_path / "test_x.py").write_text(textwrap.dedent('''
-        import warnings
-        def test_a():
-            pass
-        def test_b():
-            warnings.warn("mine")
-        def test_c():
-            assert 1 == 2
-    '''))
+    (tmp_path / "test_x.py").write_text(PASS_WARN_FAIL)
     args = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:cov", "-p", "no:hypothesispytest"]
     plain = _py(args, tmp_path)
     ran = _py(["-P", "-m", "odfork_user", "run", *args], tmp_path)
@@ -184,15 +187,7 @@ def test_pytest_under_run_never_dies_in_a_loop(tmp_path):
     # under run, every one with the same outcome.  A fold racing a signal frame
     # on faulthandler's alternate stack (in the arena under run) killed about
     # one run in eight with SIGSEGV.  Run by CI with -m slow.
-    (tmp_path / "test_x.py").write_text(textwrap.dedent('''
-        import warnings
-        def test_a():
-            pass
-        def test_b():
-            warnings.warn("mine")
-        def test_c():
-            assert 1 == 2
-    '''))
+    (tmp_path / "test_x.py").write_text(PASS_WARN_FAIL)
     args = ["-P", "-m", "odfork_user", "run", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:cov",
             "-p", "no:hypothesispytest", "test_x.py", "--odfork"]
     codes = {}
