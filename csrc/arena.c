@@ -176,8 +176,8 @@ void odf_arena_fds(const odf_arena_t *a, int *pool_fd, int *ctl_fd)
 
 int odf_arena_move_fd(odf_arena_t *a, int fd)
 {
-    /* Under a->local but not the family lock: closing a descriptor of the
-     * control memfd drops this process's record locks, the family lock too. */
+    /* Under a->local: the descriptors are this process's, the family has no
+     * part in them. */
     int rc = 0;
     sigset_t old;
     _odf_block_signals(&old);

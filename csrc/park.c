@@ -49,7 +49,6 @@ void _odf_pool_rw_done(odf_arena_t *a, int fd)
         close(fd);
 }
 
-
 /* Pieces: ODF_PIECE_SEGS consecutive segments of the pool mapped shared,
  * PROT_NONE, from a read-write descriptor (so that the kernel lets them be
  * made writable), one mapping per piece, made on first use and inherited by
