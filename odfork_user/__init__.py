@@ -21,7 +21,7 @@ __all__ = ["Arena", "default_arena", "odfork", "spawn", "Child", "Snapshot", "Od
            "ChildError", "CHUNK_SIZE",
            "FOLD_PROTECT", "explain_efault", "install", "uninstall", "installed", "installing",
            "heap_stats"]
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the only place the version is written (pyproject reads it)
 
 
 def __getattr__(name):
