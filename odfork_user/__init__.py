@@ -8,7 +8,8 @@ package is imported before pytest starts, as `python -m odfork_user run -m
 pytest` does.  Nothing here relies on rewritten asserts.
 """
 from odfork_user._errors import (ChildError, CorruptionError, OdforkBufferError, OdforkError, OdforkMemoryError,
-                                 OdforkOSError, OdforkTimeoutError, OdforkTypeError, OdforkValueError)
+                                 OdforkOSError, OdforkTimeoutError, OdforkTypeError, OdforkValueError,
+                                 RemoteTraceback)
 from odfork_user._core import CHUNK_SIZE, explain_efault
 from odfork_user.arena import Arena, default_arena
 from odfork_user._forking import odfork
@@ -18,7 +19,7 @@ from odfork_user.pyheap import heap_stats, install, installed, installing, unins
 
 __all__ = ["Arena", "default_arena", "odfork", "spawn", "Child", "Snapshot", "OdforkError", "OdforkMemoryError",
            "OdforkValueError", "OdforkTypeError", "OdforkBufferError", "OdforkOSError", "OdforkTimeoutError", "CorruptionError",
-           "ChildError", "CHUNK_SIZE",
+           "ChildError", "RemoteTraceback", "CHUNK_SIZE",
            "FOLD_PROTECT", "explain_efault", "install", "uninstall", "installed", "installing",
            "heap_stats"]
 __version__ = "0.1.0"  # the only place the version is written (pyproject reads it)

@@ -7,8 +7,11 @@ the message and waits for that child only, not for every process that
 inherited the pipe (a grandchild the child left behind can keep it open for
 ever).
 
-A call's message is ("ok", value), ("raised", "Type: text", traceback) or
-("unpicklable", "Type: text", None).  Used by spawn(), the pytest plugin, the
+A call's message is ("ok", value), ("raised", "Type: text", traceback,
+pickled exception or None) or ("unpicklable", "Type: text", None).  The
+exception travels pickled on its own, so that one that cannot (a class
+defined inside a function, an attribute that pickle refuses, arguments its
+__init__ does not take back) still leaves its text and traceback.  Used by spawn(), the pytest plugin, the
 test suite's in_child and the benchmark workers.
 """
 import os
@@ -89,7 +92,18 @@ def outcome(fn, *args, **kwargs):
     try:
         return ("ok", fn(*args, **kwargs)), 0
     except BaseException as exc:  # the child reports everything
-        return ("raised", f"{type(exc).__name__}: {exc}", traceback.format_exc()), 1
+        return ("raised", f"{type(exc).__name__}: {exc}", traceback.format_exc(), _pickled_exception(exc)), 1
+
+
+def _pickled_exception(exc):
+    """exc pickled, or None where it cannot be, or where it would not come
+    back whole (pickle.loads here stands for the parent's: same classes)."""
+    try:
+        data = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
+        back = pickle.loads(data)
+    except Exception:
+        return None
+    return data if type(back) is type(exc) else None
 
 
 def _save_coverage():
