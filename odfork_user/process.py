@@ -1,6 +1,7 @@
 """spawn(): run a function in an odfork child and get its result back."""
 import os
 import pickle
+import select
 import signal
 import threading
 
@@ -11,27 +12,52 @@ from odfork_user._errors import ChildError, OdforkTimeoutError, OdforkTypeError,
 class Child:
     """A running odfork child (see spawn).  Follows multiprocessing.Process for
     pid/join/exitcode/is_alive/kill/terminate and concurrent.futures.Future for
-    result/exception/done."""
+    result/exception/done.
 
-    def __init__(self, pid, r):
+    No thread waits for it (a thread would make every later fork of this
+    process a fork of a multi-threaded one): the child writes its message into
+    a memfd (so it never blocks on a reader), and the calls below wait on its
+    pidfd, reap it and read the message.  A Child dropped while its process
+    still runs is reaped by a later spawn()."""
+
+    def __init__(self, pid, fd):
         self.pid = pid
         self._pidfd = os.pidfd_open(pid)
+        self._fd = fd          # the memfd the child writes its message into
         self._exitcode = None
         self._value = None
-        self._error = None  # what result() raises, once done
-        self._done = threading.Event()
+        self._error = None     # what result() raises, once done
+        self._finished = False
+        self._waiters = 0      # threads polling the pidfd now (it is closed when the last leaves)
         self._lock = threading.Lock()
-        # The reader drains the pipe (a large result never blocks the child)
-        # and reaps the child, even if this object is dropped.
-        threading.Thread(target=self._reap, args=(r,), name=f"odfork-child-{pid}", daemon=True).start()
 
-    def _reap(self, r):
+    def _wait(self, timeout):
+        """Wait up to `timeout` seconds (None: for ever) for the child's end;
+        reap it and read its message then.  True once done."""
+        with self._lock:
+            if self._finished:
+                return True
+            self._waiters += 1
+            pidfd = self._pidfd
+        ended = False
         try:
-            msg = _child.receive(r, self._pidfd)
-        except Exception as exc:  # a message that cannot be unpickled here
-            msg = ("broken", f"{type(exc).__name__}: {exc}", None)
+            poll = select.poll()
+            poll.register(pidfd, select.POLLIN)
+            ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
+            ended = bool(poll.poll(ms))
         finally:
-            os.close(r)
+            with self._lock:
+                self._waiters -= 1
+                if ended and not self._finished:
+                    self._finish()
+                done = self._finished
+                if done and self._waiters == 0 and self._pidfd is not None:
+                    os.close(self._pidfd)
+                    self._pidfd = None
+        return done
+
+    def _finish(self):
+        """Reap the child and read its message (under the lock, once it has exited)."""
         try:
             _, status = os.waitpid(self.pid, 0)
             code = os.waitstatus_to_exitcode(status)
@@ -39,18 +65,21 @@ class Child:
             code = None
         value, error = None, None
         try:
+            try:
+                msg = _child.receive_file(self._fd)
+            except Exception as exc:  # a message that cannot be unpickled here
+                msg = ("broken", f"{type(exc).__name__}: {exc}", None)
+            finally:
+                os.close(self._fd)
+                self._fd = None
             if msg is not None and msg[0] == "ok":
                 value = msg[1]
             else:
                 error = self._failure(msg, code)
         except Exception as exc:  # never leave the waiters without an answer
             error = ChildError(f"child {self.pid}: {type(exc).__name__}: {exc}", exitcode=code)
-        with self._lock:
-            self._exitcode = code
-            self._value, self._error = value, error
-            os.close(self._pidfd)
-            self._pidfd = None
-        self._done.set()
+        self._exitcode, self._value, self._error = code, value, error
+        self._finished = True
 
     def _failure(self, msg, code):
         """The exception result() raises for a message other than ("ok", value)."""
@@ -79,15 +108,15 @@ class Child:
         return self._exitcode
 
     def is_alive(self):
-        return not self._done.is_set()
+        return not self._wait(0)
 
     def done(self):
         """True once the child has ended and its outcome is known."""
-        return self._done.is_set()
+        return self._wait(0)
 
     def join(self, timeout=None):
         """Wait for the child to end (at most `timeout` seconds).  Returns None."""
-        self._done.wait(timeout)
+        self._wait(timeout)
 
     def _signal(self, sig):
         with self._lock:
@@ -105,8 +134,8 @@ class Child:
         """Send SIGTERM (through a pidfd, like kill())."""
         self._signal(signal.SIGTERM)
 
-    def _wait(self, timeout):
-        if not self._done.wait(timeout):
+    def _outcome(self, timeout):
+        if not self._wait(timeout):
             raise OdforkTimeoutError(f"child {self.pid} did not finish within {timeout} s")
 
     def result(self, timeout=None):
@@ -122,7 +151,7 @@ class Child:
                 (exitcode -N for signal N).
             TimeoutError: not finished within `timeout` (a later call still works).
         """
-        self._wait(timeout)
+        self._outcome(timeout)
         if self._error is not None:
             raise self._error
         return self._value
@@ -130,12 +159,42 @@ class Child:
     def exception(self, timeout=None):
         """The exception result() would raise, or None if fn returned.
         Raises TimeoutError if not finished within `timeout`."""
-        self._wait(timeout)
+        self._outcome(timeout)
         return self._error
 
+    def __del__(self):
+        try:
+            with self._lock:
+                if self._finished or self._waiters:
+                    return
+                pidfd, fd, self._pidfd, self._fd = self._pidfd, self._fd, None, None
+            _orphans.append((self.pid, pidfd, fd))
+            _reap_orphans()
+        except Exception:
+            pass
+
     def __repr__(self):
-        state = "running" if self._exitcode is None else f"exitcode={self._exitcode}"
+        state = "running" if not self._finished else f"exitcode={self._exitcode}"
         return f"<odfork_user.Child pid={self.pid} {state}>"
+
+
+_orphans = []  # (pid, pidfd, memfd) of Children dropped before their process ended
+
+
+def _reap_orphans():
+    for item in list(_orphans):
+        pid, pidfd, fd = item
+        try:
+            done = os.waitpid(pid, os.WNOHANG)[0] != 0
+        except ChildProcessError:
+            done = True
+        if done:
+            try:
+                _orphans.remove(item)
+            except ValueError:  # another thread got it
+                continue
+            os.close(pidfd)
+            os.close(fd)
 
 
 def spawn(fn, *args, **kwargs):
@@ -150,5 +209,6 @@ def spawn(fn, *args, **kwargs):
     """
     if not callable(fn):
         raise OdforkTypeError(f"spawn() needs a callable, not {type(fn).__name__}")
-    pid, r = _child.fork_call(fn, args, kwargs)
-    return Child(pid, r)
+    _reap_orphans()
+    pid, fd = _child.fork_call(fn, args, kwargs, to_file=True)
+    return Child(pid, fd)
