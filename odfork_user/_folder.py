@@ -7,9 +7,17 @@ that a snapshot must fold under the arena's lock.  Folded in place while the
 process runs (arena.fold() does the same on request), the next fork and the
 next snapshot are O(chunks) again.
 
-When: the thread starts at the first fork made through Python in a process
-(os.register_at_fork after_in_parent), so a child that never forks runs no
-thread and never folds.  Every FOLD_PERIOD it spends at most FOLD_BUDGET
+When: the thread starts at the first fork made through Python in a process,
+so a child that never forks runs no thread and never folds.  It is stopped
+(joined) before every fork made through Python and started again in the
+parent once the fork has returned, so that no fork sees it: a fork in a
+process with more than one thread warns (Python 3.12+: DeprecationWarning
+"This process is multi-threaded, use of fork() may lead to deadlocks in the
+child"), and the child would hold no thread anyway.  Python 3.12 counts the
+threads before the after-fork hooks run and 3.13 after them, so on 3.13 the
+restart waits for os.fork() to return: odfork() restarts it itself, and the
+after-fork hook leaves a pending call (Py_AddPendingCall) that the main
+thread runs at its next check, once it is out of the fork.  Every FOLD_PERIOD it spends at most FOLD_BUDGET
 folding views whose count is back to 1 (and only FOLD_BUDGET apart while the
 budget leaves such views behind), one chunk per lock hold: a writer of
 a chunk being folded waits for that chunk only (userfaultfd write-protect or
@@ -18,6 +26,7 @@ ODFORK_FOLD=0 turns it off (folds then happen only in arena.fold() and
 snapshots).
 """
 import os
+import sys
 import threading
 import time
 import weakref
@@ -27,9 +36,12 @@ from odfork_user._core import ffi, lib
 FOLD_PERIOD = 0.02      # seconds between steps
 FOLD_BUDGET_NS = 2_000_000  # per step and arena: 10% of a CPU (50% while catching up)
 ENABLED = os.environ.get("ODFORK_FOLD", "1").strip() != "0"
+# where the thread count a fork warns about is taken after the after-fork hooks
+_COUNTS_AFTER_HOOKS = sys.version_info >= (3, 13)
 
 _arenas = weakref.WeakSet()
 _thread = None
+_stop = None            # the running thread's stop event
 _start_lock = threading.Lock()
 
 
@@ -55,30 +67,129 @@ def _step():
     return behind
 
 
-def _run():
+def _run(stop):
     behind = False
-    while True:
-        # views the budget left behind: catch up at half a CPU, else a tenth
-        time.sleep(FOLD_BUDGET_NS / 1e9 if behind else FOLD_PERIOD)
+    # views the budget left behind: catch up at half a CPU, else a tenth
+    while not stop.wait(FOLD_BUDGET_NS / 1e9 if behind else FOLD_PERIOD):
         try:
             behind = _step()
         except Exception:  # never let the folder die of one arena's error
             behind = False
 
 
-def _after_fork_in_parent():
-    global _thread
+def start():
+    """Start the folder thread if it should run and is not running: the one
+    place that decides.  Called after a fork, in the parent."""
+    global _thread, _stop
     if not ENABLED or not _arenas or (_thread is not None and _thread.is_alive()):
         return
     with _start_lock:
         if _thread is None or not _thread.is_alive():
-            _thread = threading.Thread(target=_run, name="odfork-folder", daemon=True)
+            _stop = threading.Event()
+            _thread = threading.Thread(target=_run, args=(_stop,), name="odfork-folder", daemon=True)
             _thread.start()
 
 
-def _after_fork_in_child():
+def _halt():
+    """Stop the thread and wait until its OS thread is gone (Thread.join()
+    returns before that on 3.12, where threads are detached)."""
     global _thread
-    _thread = None  # the parent's thread does not exist here
+    thread = _thread
+    if thread is None:
+        return
+    _stop.set()
+    thread.join()
+    _thread = None
+    task = f"/proc/self/task/{thread.native_id}"
+    for _ in range(10000):  # microseconds in practice; the bound only guards against a stuck exit
+        if not os.path.exists(task):
+            break
+        time.sleep(0.00002)
 
 
-os.register_at_fork(after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
+# -- the restart on 3.13+: after os.fork() has returned ----------------------
+
+_fork_frame = None      # the frame that called os.fork(), and where it was
+_fork_lasti = -1
+_fork_pid = 0
+_pending = None         # (Py_AddPendingCall, the C callback), once made; False where unavailable
+
+
+def _returned_from_fork():
+    """In the pending call: has os.fork() returned?  While the after-fork
+    hooks (or the warning) run, the frame that called it is below them,
+    still at the call; once it returned, that frame runs (or ran) on."""
+    frame = sys._getframe(2)  # 0: here, 1: the pending call
+    if frame is _fork_frame:
+        return True
+    while frame is not None:
+        if frame is _fork_frame:
+            return frame.f_lasti != _fork_lasti
+        frame = frame.f_back
+    return True
+
+
+def _pending_start(_arg):
+    global _fork_frame
+    try:
+        if os.getpid() != _fork_pid:   # a child that inherited the queue
+            return 0
+        if _fork_frame is not None and not _returned_from_fork():
+            _add_pending()             # still inside the fork: at the next check
+            return 0
+        _fork_frame = None
+        start()
+    except BaseException:  # never fail the main thread's pending calls (shutdown: no new threads)
+        pass
+    return 0
+
+
+def _add_pending():
+    global _pending
+    if _pending is None:
+        try:
+            import ctypes
+            proto = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+            add = ctypes.PyDLL(None).Py_AddPendingCall  # its own function object: argtypes stay ours
+            add.argtypes, add.restype = [proto, ctypes.c_void_p], ctypes.c_int
+            _pending = (add, proto(_pending_start))
+        except Exception:
+            _pending = False
+    if _pending:
+        _pending[0](_pending[1], None)
+
+
+# -- fork hooks ---------------------------------------------------------------
+
+def _before_fork():
+    global _fork_frame, _fork_lasti
+    _halt()
+    if _COUNTS_AFTER_HOOKS:
+        frame = sys._getframe(1)  # os.fork() is C: this is the frame that called it
+        _fork_frame, _fork_lasti = frame, frame.f_lasti
+
+
+def _after_fork_in_parent():
+    global _fork_pid
+    if not _COUNTS_AFTER_HOOKS:
+        start()
+    elif ENABLED and _arenas:
+        _fork_pid = os.getpid()
+        _add_pending()
+
+
+def after_odfork():
+    """odfork() in the parent, after os.fork() returned: start now."""
+    global _fork_frame
+    _fork_frame = None
+    start()
+
+
+def _after_fork_in_child():
+    global _thread, _fork_frame
+    _thread = None  # it was stopped before the fork; this process starts its own at its first fork
+    _fork_frame = None
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                    after_in_child=_after_fork_in_child)
