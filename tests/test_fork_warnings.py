@@ -12,6 +12,7 @@ import odfork_user as ou
 SCRIPT = r'''
 import os, sys, threading, time, multiprocessing, concurrent.futures
 import odfork_user as ou
+from odfork_user import _folder
 import logging                        # registers its own after-fork hooks after the library's
 os.register_at_fork(after_in_parent=lambda: [i for i in range(3)])   # Python code after ours
 
@@ -24,7 +25,7 @@ def folded():
     while a.stats()["views"]:
         assert time.time() < deadline, a.stats()
         time.sleep(0.01)
-    assert "odfork-folder" in [t.name for t in threading.enumerate()]
+    assert _folder.running()
 
 def one(i):
     buf[:] = bytes([i]) * len(buf)
