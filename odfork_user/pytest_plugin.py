@@ -19,6 +19,9 @@ pytest.  The child saves its coverage data before it leaves (coverage gives a
 forked process its own data file; pytest-cov combines them).
 
 `--odfork-with=os` uses os.fork instead (same protocol, for comparisons).
+
+pytest imports this module in every run (an entry point); the C core is only
+loaded by the first test that runs in a child.
 """
 import os
 import pickle
@@ -28,8 +31,7 @@ import warnings
 import pytest
 from _pytest.runner import call_and_report
 
-from odfork_user import _child
-from odfork_user._forking import odfork
+from odfork_user import _child  # plain Python: the package loads its core on first use
 
 
 def pytest_addoption(parser):
@@ -116,7 +118,10 @@ def _kill(pid):
 
 def _call_in_child(item):
     """Reports of the call phase (the last is the test's own), run in a child."""
-    fork = os.fork if item.config.getoption("odfork_with") == "os" else odfork
+    if item.config.getoption("odfork_with") == "os":
+        fork = os.fork
+    else:
+        from odfork_user._forking import odfork as fork  # the C core, loaded by the first such test
     r, w = os.pipe()
     pid = fork()
     if pid == 0:

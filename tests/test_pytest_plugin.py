@@ -296,3 +296,15 @@ def test_selection_and_stopping_options_match_plain_pytest(pytester):
     outcomes("--odfork")
     assert outcomes("--odfork", "--lf") == plain_lf
     assert [o for _, o in plain_lf[1]] == ["failed", "failed"]
+
+
+def test_the_plugin_loads_no_core_in_a_run_without_odfork(pytester):
+    pytester.makepyfile(test_mods='''
+import sys
+def test_no_core():
+    assert "odfork_user.pytest_plugin" in sys.modules      # the plugin is loaded...
+    assert "odfork_user._ffi" not in sys.modules            # ...but not the C core
+    assert "odfork_user._core" not in sys.modules
+''')
+    result = pytester.runpytest_subprocess(*_plugin_args(), "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
