@@ -359,3 +359,20 @@ def test_no_core():
 ''')
     result = pytester.runpytest_subprocess(*_plugin_args(), "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+def test_odfork_runs_do_not_warn_multi_threaded(pytester):
+    """The folder runs in the pytest process (an arena, forks); no fork of the plugin warns (3.12+)."""
+    pytester.makepyfile(test_w='''
+import pytest, odfork_user as ou
+@pytest.fixture(scope="session")
+def buf():
+    return ou.Arena(16 << 20).alloc(8 << 20)
+@pytest.mark.parametrize("i", range(5))
+def test_w(buf, i):
+    buf[:] = bytes([i]) * len(buf)
+''')
+    result = pytester.runpytest_subprocess(*_plugin_args(), "--odfork", "-p", "no:cacheprovider",
+                                           "-W", "always::DeprecationWarning")
+    result.assert_outcomes(passed=5)
+    assert "multi-threaded" not in result.stdout.str() + result.stderr.str()
