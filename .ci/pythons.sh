@@ -12,7 +12,7 @@ for py in "${PYTHONS[@]}"; do
         echo "== $py: not on this machine, skipped"
         continue
     fi
-    venv="/tmp/odfork-pythons-$(basename "$(dirname "$(dirname "$py")")")-$("$py" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])')"
+    venv="/tmp/odfork-pythons-$("$py" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])')"
     echo "== $py ($("$py" --version 2>&1)) in $venv"
     rm -rf "$venv"
     if ! "$py" -m venv "$venv"; then
