@@ -19,14 +19,16 @@ from odfork_user._errors import (ChildError, CorruptionError, OdforkBufferError,
                                  RemoteTraceback)
 
 if TYPE_CHECKING:  # what the names below resolve to, for type checkers
-    from odfork_user._core import CHUNK_SIZE, explain_efault
     from odfork_user._forking import odfork
     from odfork_user.arena import Arena, default_arena
     from odfork_user.process import Child, spawn
     from odfork_user.pyheap import heap_stats, install, installed, installing, uninstall
     from odfork_user.snapshot import Snapshot
 
-    FOLD_PROTECT: str
+    CHUNK_SIZE: int                  # 2 MiB
+    FOLD_PROTECT: str                # "userfaultfd" or "mprotect"
+
+    def explain_efault(exc: BaseException) -> BaseException: ...
 
 __all__ = ["Arena", "default_arena", "odfork", "spawn", "Child", "Snapshot", "OdforkError", "OdforkMemoryError",
            "OdforkValueError", "OdforkTypeError", "OdforkBufferError", "OdforkOSError", "OdforkTimeoutError", "CorruptionError",

@@ -41,11 +41,11 @@ class RemoteTraceback(Exception):
     """The __cause__ of an exception re-raised from a child: its str() is the
     child's traceback, so that the parent's traceback shows where it happened."""
 
-    def __init__(self, tb):
+    def __init__(self, tb: str) -> None:
         super().__init__(tb)
         self.tb = tb
 
-    def __str__(self):
+    def __str__(self) -> str:
         return f'\n"""\n{self.tb}"""'
 
 
@@ -59,7 +59,7 @@ class ChildError(OdforkError):
         remote_traceback: the child's traceback text, if it raised.
     """
 
-    def __init__(self, message, *, exitcode=None, remote_traceback=None):
+    def __init__(self, message: str, *, exitcode: int | None = None, remote_traceback: str | None = None) -> None:
         super().__init__(message)
         self.exitcode = exitcode
         self.remote_traceback = remote_traceback

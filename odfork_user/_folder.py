@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 import weakref
+from typing import Any
 
 from odfork_user._core import ffi, lib
 
@@ -45,7 +46,7 @@ ENABLED = os.environ.get("ODFORK_FOLD", "1").strip() != "0"
 _COUNTS_THREADS = sys.version_info >= (3, 12)
 _COUNTS_AFTER_HOOKS = sys.version_info >= (3, 13)
 
-_arenas = weakref.WeakSet()
+_arenas: weakref.WeakSet[Any] = weakref.WeakSet()
 # The running thread's (stop, done, [native id]): `stop` and `done` are locks
 # the starter holds; releasing `stop` wakes the thread and ends it, which
 # releases `done`.  A raw _thread, not a threading.Thread: Thread.start() waits
@@ -136,10 +137,10 @@ def _halt():
 
 # -- the restart on 3.13+: after os.fork() has returned ----------------------
 
-_fork_frame = None      # the frame that called os.fork(), and where it was
+_fork_frame: Any = None  # the frame that called os.fork(), and where it was
 _fork_lasti = -1
 _fork_pid = 0
-_pending = None         # (Py_AddPendingCall, the C callback), once made; False where unavailable
+_pending: Any = None    # (Py_AddPendingCall, the C callback), once made; False where unavailable
 
 
 def _returned_from_fork():

@@ -7,7 +7,7 @@ from odfork_user._core import lib
 from odfork_user._errors import _check
 
 
-def odfork():
+def odfork() -> int:
     """Fork the process; arenas are shared chunk by chunk and copied on first write.
 
     Returns:

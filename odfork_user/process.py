@@ -1,15 +1,21 @@
 """spawn(): run a function in an odfork child and get its result back."""
+from __future__ import annotations
+
 import os
 import pickle
 import select
 import signal
 import threading
+from typing import Any, Callable, Generic, ParamSpec, TypeVar
 
 from odfork_user import _child
 from odfork_user._errors import ChildError, OdforkTimeoutError, OdforkTypeError, RemoteTraceback
 
+T = TypeVar("T")
+P = ParamSpec("P")
 
-class Child:
+
+class Child(Generic[T]):
     """A running odfork child (see spawn).  Follows multiprocessing.Process for
     pid/join/exitcode/is_alive/kill/terminate and concurrent.futures.Future for
     result/exception/done.
@@ -20,18 +26,18 @@ class Child:
     pidfd, reap it and read the message.  A Child dropped while its process
     still runs is reaped by a later spawn()."""
 
-    def __init__(self, pid, fd):
+    def __init__(self, pid: int, fd: int) -> None:
         self.pid = pid
-        self._pidfd = os.pidfd_open(pid)
-        self._fd = fd          # the memfd the child writes its message into
-        self._exitcode = None
-        self._value = None
-        self._error = None     # what result() raises, once done
+        self._pidfd: int | None = os.pidfd_open(pid)
+        self._fd: int | None = fd          # the memfd the child writes its message into
+        self._exitcode: int | None = None
+        self._value: Any = None
+        self._error: BaseException | None = None  # what result() raises, once done
         self._finished = False
         self._waiters = 0      # threads polling the pidfd now (it is closed when the last leaves)
         self._lock = threading.Lock()
 
-    def _wait(self, timeout):
+    def _wait(self, timeout: float | None) -> bool:
         """Wait up to `timeout` seconds (None: for ever) for the child's end;
         reap it and read its message then.  True once done."""
         with self._lock:
@@ -39,6 +45,7 @@ class Child:
                 return True
             self._waiters += 1
             pidfd = self._pidfd
+            assert pidfd is not None  # closed only once finished (and no waiter is left)
         ended = False
         try:
             poll = select.poll()
@@ -103,18 +110,18 @@ class Child:
         return exc
 
     @property
-    def exitcode(self):
+    def exitcode(self) -> int | None:
         """None while running; 0 ok; -N if killed by signal N."""
         return self._exitcode
 
-    def is_alive(self):
+    def is_alive(self) -> bool:
         return not self._wait(0)
 
-    def done(self):
+    def done(self) -> bool:
         """True once the child has ended and its outcome is known."""
         return self._wait(0)
 
-    def join(self, timeout=None):
+    def join(self, timeout: float | None = None) -> None:
         """Wait for the child to end (at most `timeout` seconds).  Returns None."""
         self._wait(timeout)
 
@@ -126,11 +133,11 @@ class Child:
                 except ProcessLookupError:  # exited, not reaped yet
                     pass
 
-    def kill(self):
+    def kill(self) -> None:
         """Send SIGKILL (through a pidfd, so a reused pid is never hit)."""
         self._signal(signal.SIGKILL)
 
-    def terminate(self):
+    def terminate(self) -> None:
         """Send SIGTERM (through a pidfd, like kill())."""
         self._signal(signal.SIGTERM)
 
@@ -138,7 +145,7 @@ class Child:
         if not self._wait(timeout):
             raise OdforkTimeoutError(f"child {self.pid} did not finish within {timeout} s")
 
-    def result(self, timeout=None):
+    def result(self, timeout: float | None = None) -> T:
         """fn's return value.
 
         Raises:
@@ -156,7 +163,7 @@ class Child:
             raise self._error
         return self._value
 
-    def exception(self, timeout=None):
+    def exception(self, timeout: float | None = None) -> BaseException | None:
         """The exception result() would raise, or None if fn returned.
         Raises TimeoutError if not finished within `timeout`."""
         self._outcome(timeout)
@@ -173,12 +180,12 @@ class Child:
         except Exception:
             pass
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "running" if not self._finished else f"exitcode={self._exitcode}"
         return f"<odfork_user.Child pid={self.pid} {state}>"
 
 
-_orphans = []  # (pid, pidfd, memfd) of Children dropped before their process ended
+_orphans: list[tuple[int, int, int]] = []  # (pid, pidfd, memfd) of Children dropped before their process ended
 
 
 def _reap_orphans():
@@ -197,7 +204,7 @@ def _reap_orphans():
             os.close(fd)
 
 
-def spawn(fn, *args, **kwargs):
+def spawn(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Child[T]:
     """Run fn(*args, **kwargs) in an odfork child.
 
     Returns:

@@ -139,7 +139,7 @@ def _call_phase(item):
     return {"reports": [_travelling(d) for d in reports], "warnings": caught}
 
 
-_unreaped = []
+_unreaped: list[int] = []
 
 
 def _reap(block):
