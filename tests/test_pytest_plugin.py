@@ -365,9 +365,10 @@ def test_odfork_runs_do_not_warn_multi_threaded(pytester):
     """The folder runs in the pytest process (an arena, forks); no fork of the plugin warns (3.12+)."""
     pytester.makepyfile(test_w='''
 import pytest, odfork_user as ou
+ARENA = ou.Arena(16 << 20)        # kept: the folder watches live arenas only
 @pytest.fixture(scope="session")
 def buf():
-    return ou.Arena(16 << 20).alloc(8 << 20)
+    return ARENA.alloc(8 << 20)
 @pytest.mark.parametrize("i", range(5))
 def test_w(buf, i):
     buf[:] = bytes([i]) * len(buf)
