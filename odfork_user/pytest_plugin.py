@@ -171,7 +171,13 @@ def _call_in_child(item):
     else:
         from odfork_user._forking import odfork as fork  # the C core, loaded by the first such test
     r, w = os.pipe()
-    pid = fork()
+    with warnings.catch_warnings():
+        # Where pytest itself runs threads (an xdist worker: execnet's), 3.12+
+        # warns at every fork that the process is multi-threaded.  The child
+        # only runs the test's call phase and reports; plain pytest, which does
+        # not fork, prints no such warning, so neither does this.
+        warnings.filterwarnings("ignore", r"This process \(pid=\d+\) is multi-threaded", DeprecationWarning)
+        pid = fork()
     if pid == 0:
         code = 70
         try:
