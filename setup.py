@@ -8,7 +8,12 @@ PTH = "odfork_user-run.pth"  # ODFORK_RUN=1: the arena heap from interpreter sta
 
 
 class build_py_with_pth(build_py):
-    """Puts the .pth file at the top of the wheel, that is, in site-packages."""
+    """Puts the .pth file at the top of the wheel, that is, in site-packages,
+    and leaves the cffi build script out of it (exclude-package-data only
+    covers data files, not modules)."""
+
+    def find_package_modules(self, package, package_dir):
+        return [m for m in super().find_package_modules(package, package_dir) if m[:2] != ("odfork_user", "_ffi_build")]
 
     def run(self):
         super().run()

@@ -7,8 +7,11 @@ the message and waits for that child only, not for every process that
 inherited the pipe (a grandchild the child left behind can keep it open for
 ever).
 
-A call's message is ("ok", value), ("raised", "Type: text", traceback) or
-("unpicklable", "Type: text", None).  Used by spawn(), the pytest plugin, the
+A call's message is ("ok", value), ("raised", "Type: text", traceback,
+pickled exception or None) or ("unpicklable", "Type: text", None).  The
+exception travels pickled on its own, so that one that cannot (a class
+defined inside a function, an attribute that pickle refuses, arguments its
+__init__ does not take back) still leaves its text and traceback.  Used by spawn(), the pytest plugin, the
 test suite's in_child and the benchmark workers.
 """
 import os
@@ -89,7 +92,18 @@ def outcome(fn, *args, **kwargs):
     try:
         return ("ok", fn(*args, **kwargs)), 0
     except BaseException as exc:  # the child reports everything
-        return ("raised", f"{type(exc).__name__}: {exc}", traceback.format_exc()), 1
+        return ("raised", f"{type(exc).__name__}: {exc}", traceback.format_exc(), _pickled_exception(exc)), 1
+
+
+def _pickled_exception(exc):
+    """exc pickled, or None where it cannot be, or where it would not come
+    back whole (pickle.loads here stands for the parent's: same classes)."""
+    try:
+        data = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
+        back = pickle.loads(data)
+    except Exception:
+        return None
+    return data if type(back) is type(exc) else None
 
 
 def _save_coverage():
@@ -128,26 +142,51 @@ def leave(code):
         os._exit(code)
 
 
-def fork_call(fn, args=(), kwargs=None, fork=None):
+def fork_call(fn, args=(), kwargs=None, fork=None, to_file=False):
     """Fork (odfork by default); the child sends outcome(fn, *args, **kwargs)
-    and leaves.  Returns (pid, read end) in the parent."""
+    and leaves.  Returns (pid, read end) in the parent.  to_file: the message
+    goes into a memfd instead of a pipe (returned; read it with
+    receive_file() once the child has exited), so that a child whose parent
+    reads nothing while it runs never blocks on a full pipe."""
     if fork is None:
         from odfork_user._forking import odfork as fork
-    r, w = os.pipe2(os.O_CLOEXEC)
+    if to_file:
+        r = w = os.memfd_create("odfork-result", os.MFD_CLOEXEC)
+    else:
+        r, w = os.pipe2(os.O_CLOEXEC)
     try:
         pid = fork()
     except BaseException:
         os.close(r)
-        os.close(w)
+        if w != r:
+            os.close(w)
         raise
     if pid == 0:
         code = 70
         try:
-            os.close(r)
+            if w != r:
+                os.close(r)
             msg, code = outcome(fn, *args, **(kwargs or {}))
             settle()
             code = send_outcome(w, msg, code)
         finally:
             leave(code)
-    os.close(w)
+    if w != r:
+        os.close(w)
     return pid, r
+
+
+def receive_file(fd):
+    """The message a child wrote into memfd `fd` (fork_call(to_file=True)),
+    or None if it is not whole.  Call once the child has exited."""
+    head = os.pread(fd, _HEADER.size, 0)
+    if len(head) < _HEADER.size:
+        return None
+    n = _HEADER.unpack(head)[0]
+    buf = bytearray()
+    while len(buf) < n:
+        part = os.pread(fd, min(n - len(buf), 1 << 24), _HEADER.size + len(buf))
+        if not part:
+            return None
+        buf += part
+    return pickle.loads(bytes(buf))

@@ -37,15 +37,29 @@ class CorruptionError(OdforkError, AssertionError):
     """Arena.check() found the family-wide invariants broken."""
 
 
+class RemoteTraceback(Exception):
+    """The __cause__ of an exception re-raised from a child: its str() is the
+    child's traceback, so that the parent's traceback shows where it happened."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb}"""'
+
+
 class ChildError(OdforkError):
-    """A spawned child failed: it raised, its result could not be pickled, or it was killed.
+    """A spawned child failed where its own exception cannot be re-raised: it
+    raised one that cannot be pickled (or a BaseException that is not an
+    Exception), its result could not be pickled, or it died without a result.
 
     Attributes:
         exitcode: the child's exit code (-N if killed by signal N), or None.
         remote_traceback: the child's traceback text, if it raised.
     """
 
-    def __init__(self, message, *, exitcode=None, remote_traceback=None):
+    def __init__(self, message: str, *, exitcode: int | None = None, remote_traceback: str | None = None) -> None:
         super().__init__(message)
         self.exitcode = exitcode
         self.remote_traceback = remote_traceback

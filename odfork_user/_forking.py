@@ -2,11 +2,12 @@
 import os
 import warnings
 
+from odfork_user import _folder
 from odfork_user._core import lib
 from odfork_user._errors import _check
 
 
-def odfork():
+def odfork() -> int:
     """Fork the process; arenas are shared chunk by chunk and copied on first write.
 
     Returns:
@@ -28,6 +29,7 @@ def odfork():
         lib.odf_fork_abort()
         raise
     if pid:
+        _folder.after_odfork()  # stopped before the fork, so that the fork does not see it
         lib.odf_fork_note_child(pid)
         err = lib.odf_fork_last_error()
         if err:

@@ -17,11 +17,12 @@ deadlock on itself.
 import os
 import threading
 import weakref
+from typing import Any
 
 LEVEL_HEAP, LEVEL_DEFAULT, LEVEL_ARENA, LEVEL_SNAPSHOT = range(4)
 
-_owners = [weakref.WeakSet() for _ in range(4)]  # objects with a ._lock, per level
-_module_locks = {}                               # level -> lock of a module
+_owners: list[weakref.WeakSet[Any]] = [weakref.WeakSet() for _ in range(4)]  # objects with a ._lock, per level
+_module_locks: dict[int, Any] = {}                               # level -> lock of a module
 _held = threading.local()
 
 

@@ -1,4 +1,6 @@
 """Arena: memory that forks on demand."""
+from __future__ import annotations
+
 import errno
 import operator
 import os
@@ -6,6 +8,7 @@ import re
 import sys
 import threading
 import weakref
+from typing import TYPE_CHECKING, Any, Literal, Sequence, cast
 
 from odfork_user import _core, _folder, _forklocks
 from odfork_user._alloc import BlockAllocator
@@ -13,13 +16,16 @@ from odfork_user._core import CHUNK_SIZE, ffi, lib
 from odfork_user._errors import (CorruptionError, OdforkBufferError, OdforkMemoryError, OdforkTypeError,
                                  OdforkValueError, _check)
 
+if TYPE_CHECKING:
+    from odfork_user.snapshot import Snapshot
+
 _STATS_KEYS = (
     "chunks", "chunks_resident", "chunks_shared", "faults", "cow_copies", "reuses",
     "bytes_copied", "forks", "segments_live", "segments_max", "slots_used", "views",
     "folds",
 )
 MAX_ARENAS = 64  # per process (ODF_MAX_ARENAS in the core)
-_open_arenas = weakref.WeakSet()
+_open_arenas: weakref.WeakSet[Arena] = weakref.WeakSet()
 
 
 def _closed_error():
@@ -56,9 +62,10 @@ class Arena:
             64 arenas open.
     """
 
-    chunk_size = CHUNK_SIZE
+    chunk_size: int = CHUNK_SIZE
 
-    def __init__(self, size, *, max_procs=None, cow=None, background_fold=True, _max_segments=0):
+    def __init__(self, size: int, *, max_procs: int | None = None, cow: str | None = None,
+                 background_fold: bool = True, _max_segments: int = 0) -> None:
         if not isinstance(size, int) or isinstance(size, bool):
             raise OdforkTypeError(f"Arena size must be an int, not {type(size).__name__}")
         if size <= 0:
@@ -78,7 +85,7 @@ class Arena:
                               "arenas open (close one first)")
         _check(rc, f"cannot reserve an arena of {size} bytes")
         self._h = out[0]
-        self.cow = cow or "page"
+        self.cow: str = cow or "page"
         if self.cow == "chunk":
             _core._chunk_mode_created()
         elif background_fold:
@@ -86,10 +93,10 @@ class Arena:
         self._base = lib.odf_arena_base(self._h)
         self._size = lib.odf_arena_size(self._h)
         self._alloc = BlockAllocator(self._size)
-        self._blocks = {}  # offset -> [rounded size, exporter, nbytes]
-        self._freed = {}   # offset -> [rounded size, exporter]: freed while views lived
+        self._blocks: dict[int, list[Any]] = {}  # offset -> [rounded size, exporter, nbytes]
+        self._freed: dict[int, list[Any]] = {}   # offset -> [rounded size, exporter]: freed while views lived
         self._lock = threading.RLock()
-        self._snaps = weakref.WeakSet()
+        self._snaps: weakref.WeakSet[Snapshot] = weakref.WeakSet()
         self._closed = False
         self._holds_heap = False  # odfork_user.install() put the Python heap here
         _open_arenas.add(self)
@@ -97,16 +104,16 @@ class Arena:
 
     # -- properties ---------------------------------------------------------
     @property
-    def size(self):
+    def size(self) -> int:
         """Reserved bytes, a multiple of chunk_size."""
         return self._size
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
         return self._closed
 
     @property
-    def kernel_writes(self):
+    def kernel_writes(self) -> str:
         """How writes the kernel makes into shared chunks (read(2), recv_into)
         fare: "direct" in page mode (they just work, as after fork(2)),
         "prepare_write" in chunk mode (EFAULT unless prepare_write() made the
@@ -115,7 +122,7 @@ class Arena:
         return "direct" if self.cow == "page" else "prepare_write"
 
     @property
-    def address(self):
+    def address(self) -> int:
         """Address of the first byte (the same in every process of the family)."""
         return self._base
 
@@ -143,7 +150,7 @@ class Arena:
             lib.odf_handler_ensure()
 
     # -- blocks -------------------------------------------------------------
-    def alloc(self, nbytes):
+    def alloc(self, nbytes: int) -> memoryview:
         """Allocate a zero-filled block.
 
         Returns:
@@ -181,7 +188,7 @@ class Arena:
             self._blocks[off] = [rounded, exporter, nbytes]
             return memoryview(exporter)
 
-    def ndarray(self, shape, dtype="float64"):
+    def ndarray(self, shape: int | Sequence[int], dtype: Any = "float64") -> Any:
         """A zero-filled numpy array on arena memory (needs numpy)."""
         try:
             import numpy as np
@@ -189,17 +196,17 @@ class Arena:
             raise ImportError("Arena.ndarray needs numpy: pip install 'odfork_user[numpy]'") from exc
         dt = np.dtype(dtype)
         try:
-            shape = (operator.index(shape),) if not isinstance(shape, (tuple, list)) else \
+            dims = (operator.index(cast(Any, shape)),) if not isinstance(shape, (tuple, list)) else \
                 tuple(operator.index(n) for n in shape)
         except TypeError:
             raise OdforkValueError(f"bad shape {shape!r}: expected an int or a sequence of ints") from None
         count = 1
-        for n in shape:
+        for n in dims:
             if n < 0:
-                raise OdforkValueError(f"bad shape {shape!r}: negative dimension")
+                raise OdforkValueError(f"bad shape {dims!r}: negative dimension")
             count *= n
         buf = self.alloc(max(count * dt.itemsize, 1))
-        return np.frombuffer(buf, dtype=dt, count=count).reshape(shape)
+        return np.frombuffer(buf, dtype=dt, count=count).reshape(dims)
 
     def _block_offset(self, obj):
         try:
@@ -214,7 +221,7 @@ class Arena:
             raise OdforkValueError("buffer is not a block of this arena, or was already freed")
         return off
 
-    def free(self, obj):
+    def free(self, obj: Any) -> None:
         """Give a block (the memoryview or array that alloc/ndarray returned) back.
 
         A memoryview passed in is released: using it afterwards raises
@@ -254,14 +261,14 @@ class Arena:
                 + sum(sys.getrefcount(b[1]) - 2 for b in self._freed.values()))
 
     # -- state --------------------------------------------------------------
-    def stats(self):
+    def stats(self) -> dict[str, int]:
         """This process's view of the arena (see the Stats table of the API)."""
         with self._lock:
             st = ffi.new("odf_stats_t *")
             _check(lib.odf_arena_stats(self._live(), st), "stats")
             return {k: int(getattr(st, k)) for k in _STATS_KEYS}
 
-    def check(self):
+    def check(self) -> None:
         """Verify the family-wide invariants; raises CorruptionError if broken."""
         with self._lock:
             msg = ffi.new("char[]", lib.ODF_CHECK_MSG_LEN)
@@ -270,7 +277,7 @@ class Arena:
                 raise CorruptionError(ffi.string(msg).decode(errors="replace"))
             _check(rc, "check")
 
-    def prepare_write(self, view, nbytes=None):
+    def prepare_write(self, view: Any, nbytes: int | None = None) -> None:
         """Make the memory of `view` writable now, keeping every byte written
         so far.
 
@@ -286,7 +293,7 @@ class Arena:
             _check(lib.odf_arena_prepare_write(self._live(), int(ffi.cast("uintptr_t", ptr)), n),
                    "prepare_write")
 
-    def fold(self, max_dirty=None):
+    def fold(self, max_dirty: int | None = None) -> None:
         """Fold this process's private views back into their segments where
         nobody else shares them (page mode): their copied pages are written
         into the segment, so that the next fork has no page-table entries to
@@ -301,7 +308,7 @@ class Arena:
             _check(lib.odf_arena_fold(self._live(), n), "fold")
 
     # -- snapshots ----------------------------------------------------------
-    def snapshot(self):
+    def snapshot(self) -> Snapshot:
         """A frozen copy of the whole arena, taken in O(chunks) with no data copied."""
         from odfork_user.snapshot import Snapshot
         with self._lock:
@@ -312,7 +319,7 @@ class Arena:
             self._snaps.add(snap)
             return snap
 
-    def restore(self, snap):
+    def restore(self, snap: Snapshot) -> None:
         """Roll the arena back to `snap` in O(chunks); views already handed out
         see the restored bytes.  The snapshot stays valid."""
         from odfork_user.snapshot import Snapshot
@@ -324,7 +331,7 @@ class Arena:
         with self._lock:
             snap._restore_into(self._live())
 
-    def close(self):
+    def close(self) -> None:
         """Unmap the arena in this process (other processes keep their view).
 
         Raises:
@@ -346,11 +353,11 @@ class Arena:
             lib.odf_arena_close(self._h)
             self._h = ffi.NULL
 
-    def __enter__(self):
+    def __enter__(self) -> Arena:
         self._live()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> Literal[False]:
         self.close()
         return False
 
@@ -363,18 +370,18 @@ class Arena:
         except Exception:
             pass
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "closed" if self._closed else f"at 0x{self._base:x}"
         return f"<odfork_user.Arena size={self._size} {state}>"
 
 
-_default = None
+_default: Arena | None = None
 _default_lock = threading.RLock()
 _forklocks.register_lock(_default_lock, _forklocks.LEVEL_DEFAULT)
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)i?b?\s*$", re.I)
 
 
-def parse_size(text):
+def parse_size(text: str | int) -> int:
     """'64G', '512M', '1048576' -> bytes."""
     m = _SIZE_RE.match(str(text))
     if not m:
@@ -382,7 +389,7 @@ def parse_size(text):
     return int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}[m.group(2).lower()]
 
 
-def default_arena():
+def default_arena() -> Arena:
     """The process-wide arena, created on first use (size: ODFORK_ARENA_SIZE, default 64G)."""
     global _default
     with _default_lock:

@@ -10,10 +10,13 @@ C libraries take from malloc directly or through PyMem_RawMalloc, thread
 stacks, the interpreter's own static state.  numpy array data moves too once
 hook_numpy() has run (odfork_user.launcher does it when numpy is imported).
 """
+from __future__ import annotations
+
 import errno
 import sys
 import threading
 import warnings
+from typing import TYPE_CHECKING, Any, Literal
 
 from odfork_user import _forklocks
 from odfork_user._core import ffi, lib
@@ -21,12 +24,15 @@ from odfork_user._errors import OdforkTypeError, OdforkValueError, _check
 
 _lock = threading.RLock()
 _forklocks.register_lock(_lock, _forklocks.LEVEL_HEAP)
-_state = {"arena": None, "heap": None}
+if TYPE_CHECKING:
+    from odfork_user.arena import Arena
+
+_state: dict[str, Any] = {"arena": None, "heap": None}
 _HEAP_STATS = ("live_bytes", "live_blocks", "raw_bytes", "top_bytes", "mapped_bytes",
                "free_page_bytes", "free_extents")
 
 
-def install(arena=None, size=None):
+def install(arena: Arena | None = None, size: int | None = None) -> Arena:
     """Allocate the interpreter's objects in `arena` (default: default_arena())
     from now on.  `size` bytes of the arena (default: half of it, whole chunks)
     become the heap: the lowest free extent that holds them, so that the
@@ -64,14 +70,14 @@ def install(arena=None, size=None):
         return arena
 
 
-def uninstall():
+def uninstall() -> None:
     """New allocations go back to the allocators CPython had; objects already
     in the arena stay there (and are freed there)."""
     with _lock:
         lib.odf_py_uninstall()
 
 
-def installed():
+def installed() -> bool:
     """True while new allocations go to the arena."""
     return bool(lib.odf_py_installed())
 
@@ -79,18 +85,18 @@ def installed():
 class installing:
     """Context manager: install() on entry, uninstall() on exit."""
 
-    def __init__(self, arena=None, size=None):
+    def __init__(self, arena: Arena | None = None, size: int | None = None) -> None:
         self.arena, self.size = arena, size
 
-    def __enter__(self):
+    def __enter__(self) -> Arena:
         return install(self.arena, self.size)
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> Literal[False]:
         uninstall()
         return False
 
 
-def heap_stats():
+def heap_stats() -> dict[str, int] | None:
     """The heap's own counters (None before install): live bytes and blocks,
     bytes in pymalloc arenas, the extent handed out, resident bytes, free pages."""
     h = _state["heap"]
@@ -101,7 +107,7 @@ def heap_stats():
     return {k: int(getattr(st, k)) for k in _HEAP_STATS}
 
 
-def heap_check():
+def heap_check() -> None:
     """Verify the heap's structure; raises CorruptionError if broken."""
     from odfork_user._errors import CorruptionError
     h = _state["heap"]
@@ -109,7 +115,7 @@ def heap_check():
         raise CorruptionError("the Python heap's free extents or block headers are inconsistent")
 
 
-def hook_numpy():
+def hook_numpy() -> bool:
     """Send numpy's array data to the heap (numpy's NEP 49 allocator hook) in
     this thread's context and in contexts made from it.  Needs install() first
     and numpy >= 1.22; warns (and changes nothing) where numpy is older."""
@@ -146,7 +152,7 @@ class _NumpyImportHook:
         return spec
 
 
-def hook_numpy_on_import():
+def hook_numpy_on_import() -> bool | None:
     """hook_numpy() now if numpy is imported, else right after it is."""
     if "numpy" in sys.modules:
         return hook_numpy()
@@ -193,7 +199,7 @@ def _smaps_anonymous():
     return out
 
 
-def memory_report():
+def memory_report() -> dict[str, Any]:
     """Where this process's memory is: the heap's own counters (heap_stats()),
     numpy data made through the hook (in the heap, or outside when the heap was
     full or uninstalled), and the private anonymous bytes of every other kind
@@ -205,7 +211,7 @@ def memory_report():
             "outside": _smaps_anonymous()}
 
 
-def format_memory_report(report=None):
+def format_memory_report(report: dict[str, Any] | None = None) -> str:
     r = report or memory_report()
     mib = 1 << 20
     h = r["heap"]

@@ -19,17 +19,25 @@ pytest.  The child saves its coverage data before it leaves (coverage gives a
 forked process its own data file; pytest-cov combines them).
 
 `--odfork-with=os` uses os.fork instead (same protocol, for comparisons).
+
+The outcome is always plain pytest's: a value in a report that cannot be
+pickled (a subtest keyed by an instance of a class defined in the test, a
+lambda given to record_property) comes back as its repr, and an error in the
+child's side of the protocol becomes the test's failure with its traceback.
+
+pytest imports this module in every run (an entry point); the C core is only
+loaded by the first test that runs in a child.
 """
 import os
 import pickle
 import signal
+import traceback
 import warnings
 
 import pytest
 from _pytest.runner import call_and_report
 
-from odfork_user import _child
-from odfork_user._forking import odfork
+from odfork_user import _child  # plain Python: the package loads its core on first use
 
 
 def pytest_addoption(parser):
@@ -44,6 +52,11 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "odfork: run this test's body in an odfork child")
 
 
+def _failed_report(item, why):
+    return pytest.TestReport(item.nodeid, item.location, {k: 1 for k in item.keywords}, "failed",
+                             why, "call", [], 0.0)
+
+
 def _crash_report(item, status):
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
@@ -54,9 +67,49 @@ def _crash_report(item, status):
                              why, "call", [], 0.0)
 
 
+def _picklable(obj):
+    try:
+        pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        return True
+    except Exception:
+        return False
+
+
+def _travelling(obj):
+    """obj with every value that cannot be pickled replaced by its repr
+    (the report is still read the way it was made; only such values change)."""
+    if _picklable(obj):
+        return obj
+    if isinstance(obj, dict):
+        return {(k if _picklable(k) else repr(k)): _travelling(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_travelling(v) for v in obj) if type(obj) in (list, tuple) else \
+            [_travelling(v) for v in obj]
+    try:
+        return repr(obj)
+    except Exception as exc:  # a repr that raises
+        return f"<{type(obj).__name__} object (repr failed: {type(exc).__name__})>"
+
+
 def _run_in_child(item, w):
-    """The child's side: run the call phase, collecting every report it logs
-    and every warning it raises, and send them (length-prefixed) to the parent."""
+    """The child's side: run the call phase and send what it made; an error
+    of this side itself is sent as its traceback."""
+    try:
+        msg = _call_phase(item)
+    except BaseException:
+        msg = {"error": traceback.format_exc()}
+    # coverage saved before the message: the parent may finish the session (and
+    # pytest-cov combine the data files) as soon as the last test's message is in
+    _child.settle()
+    try:
+        _child.send(w, msg)
+    except Exception:  # the message itself would not pickle: say why
+        _child.send(w, {"error": traceback.format_exc()})
+
+
+def _call_phase(item):
+    """Run the call phase, collecting every report it logs and every warning
+    it raises, serialized for the parent."""
     config = item.config
     logged = []
 
@@ -83,13 +136,10 @@ def _run_in_child(item, w):
         except Exception:  # a warning class defined where pickle cannot find it
             caught.append((UserWarning, f"{m.category.__name__}: {m.message}", m.filename, m.lineno))
     reports = logged + [config.hook.pytest_report_to_serializable(config=config, report=rep)]
-    # coverage saved before the message: the parent may finish the session (and
-    # pytest-cov combine the data files) as soon as the last test's message is in
-    _child.settle()
-    _child.send(w, {"reports": reports, "warnings": caught})
+    return {"reports": [_travelling(d) for d in reports], "warnings": caught}
 
 
-_unreaped = []
+_unreaped: list[int] = []
 
 
 def _reap(block):
@@ -116,9 +166,18 @@ def _kill(pid):
 
 def _call_in_child(item):
     """Reports of the call phase (the last is the test's own), run in a child."""
-    fork = os.fork if item.config.getoption("odfork_with") == "os" else odfork
+    if item.config.getoption("odfork_with") == "os":
+        fork = os.fork
+    else:
+        from odfork_user._forking import odfork as fork  # the C core, loaded by the first such test
     r, w = os.pipe()
-    pid = fork()
+    with warnings.catch_warnings():
+        # Where pytest itself runs threads (an xdist worker: execnet's), 3.12+
+        # warns at every fork that the process is multi-threaded.  The child
+        # only runs the test's call phase and reports; plain pytest, which does
+        # not fork, prints no such warning, so neither does this.
+        warnings.filterwarnings("ignore", r"This process \(pid=\d+\) is multi-threaded", DeprecationWarning)
+        pid = fork()
     if pid == 0:
         code = 70
         try:
@@ -154,6 +213,9 @@ def _call_in_child(item):
     # test a millisecond or more; it is reaped later.
     _unreaped.append(pid)
     _reap(block=False)
+    if "error" in msg:
+        return [_failed_report(item, "error in the test's child process (odfork_user's pytest plugin):\n"
+                                     + msg["error"])]
     for category, message, filename, lineno in msg["warnings"]:
         warnings.warn_explicit(message, category, filename, lineno)
     return [item.config.hook.pytest_report_from_serializable(config=item.config, data=d) for d in msg["reports"]]

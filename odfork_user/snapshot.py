@@ -1,10 +1,17 @@
 """Snapshots: a frozen copy of an arena inside the same process, O(chunks), no copying."""
+from __future__ import annotations
+
+import os
 import sys
 import threading
+from typing import TYPE_CHECKING, Any, Literal
 
 from odfork_user import _forklocks
 from odfork_user._core import ffi, lib
 from odfork_user._errors import OdforkBufferError, OdforkValueError, _check
+
+if TYPE_CHECKING:
+    from odfork_user.arena import Arena
 
 _WRITE_STEP = 64 << 20
 
@@ -17,11 +24,11 @@ class Snapshot:
     Use as a context manager or call close(); a closed snapshot raises ValueError.
     """
 
-    def __init__(self, arena, snap_id):
+    def __init__(self, arena: Arena, snap_id: int) -> None:
         self._arena = arena
         self._id = snap_id
         self._addr = 0
-        self._exporter = None
+        self._exporter: Any = None
         self._lock = threading.RLock()
         self._closed = False
         _forklocks.register(self, _forklocks.LEVEL_SNAPSHOT)
@@ -32,10 +39,10 @@ class Snapshot:
         return self._arena._live()
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
         return self._closed
 
-    def buffer(self):
+    def buffer(self) -> memoryview:
         """A read-only memoryview of the arena's bytes as of the snapshot
         (mapped at its own address range)."""
         with self._lock:
@@ -47,7 +54,7 @@ class Snapshot:
                 self._exporter = ffi.buffer(ffi.cast("char *", self._addr), self._arena.size)
             return memoryview(self._exporter).toreadonly()
 
-    def save(self, path):
+    def save(self, path: str | os.PathLike[str]) -> None:
         """Write the snapshot's bytes to `path`.  Safe to run in a background
         thread while the arena keeps changing; the GIL is released while writing."""
         view = self.buffer()
@@ -70,7 +77,7 @@ class Snapshot:
     def _views_alive(self):
         return self._exporter is not None and sys.getrefcount(self._exporter) > 2
 
-    def close(self):
+    def close(self) -> None:
         """Drop the snapshot's references.  Raises BufferError while views from buffer() are alive."""
         with self._lock:
             if self._closed:
@@ -84,11 +91,11 @@ class Snapshot:
             if not self._arena.closed:
                 _check(lib.odf_snapshot_release(self._arena._h, self._id), "snapshot.close")
 
-    def __enter__(self):
+    def __enter__(self) -> Snapshot:
         self._check_open()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> Literal[False]:
         self.close()
         return False
 
@@ -98,5 +105,5 @@ class Snapshot:
         except Exception:
             pass
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<odfork_user.Snapshot id={self._id}{' closed' if self._closed else ''}>"

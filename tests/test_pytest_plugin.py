@@ -296,3 +296,84 @@ def test_selection_and_stopping_options_match_plain_pytest(pytester):
     outcomes("--odfork")
     assert outcomes("--odfork", "--lf") == plain_lf
     assert [o for _, o in plain_lf[1]] == ["failed", "failed"]
+
+
+UNPICKLABLE_SUITE = '''
+import os, pytest
+
+def test_subtest_keyed_by_a_local_instance(subtests):
+    class Key:
+        def __repr__(self):
+            return "Key()"
+    with subtests.test(key=Key()):
+        assert True
+
+def test_failing_subtest_keyed_by_a_local_instance(subtests):
+    class Key:
+        pass
+    with subtests.test(key=Key()):
+        assert False, "this subtest fails"
+
+def test_property_is_a_lambda(record_property):
+    record_property("fn", lambda: 1)
+'''
+
+
+def test_values_that_cannot_be_pickled_give_plain_pytests_outcome(pytester):
+    pytester.makepyfile(test_unpicklable=UNPICKLABLE_SUITE)
+    plain = pytester.inline_run("-p", "no:cacheprovider")
+    forked = pytester.inline_run("--odfork", "-p", "no:cacheprovider")
+    plain_out, forked_out = _outcomes(plain), _outcomes(forked)
+    assert [n for n in plain_out if "without a report" in str(n)] == []
+    assert {k: [(t, o) for t, o, _ in v] for k, v in forked_out.items()} == \
+        {k: [(t, o) for t, o, _ in v] for k, v in plain_out.items()}
+    assert forked.ret == plain.ret == 1
+    props = [r.user_properties for r in forked.getreports("pytest_runtest_logreport")
+             if r.nodeid.endswith("test_property_is_a_lambda") and r.when == "call"]
+    assert len(props) == 1 and props[0][0][0] == "fn" and "lambda" in props[0][0][1]   # shown as its repr
+
+
+def test_an_error_in_the_childs_protocol_shows_its_traceback(pytester):
+    pytester.makeconftest('''
+import os
+PARENT = os.getpid()
+def pytest_report_teststatus(report, config):
+    if os.getpid() != PARENT and report.when == "call":
+        raise RuntimeError("protocol boom in the child")
+''')
+    pytester.makepyfile(test_p="def test_p():\n    pass\n")
+    result = pytester.runpytest_subprocess(*_plugin_args(), "--odfork", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert "RuntimeError: protocol boom in the child" in out and "Traceback" in out
+    assert "without a report" not in out
+
+
+def test_the_plugin_loads_no_core_in_a_run_without_odfork(pytester):
+    pytester.makepyfile(test_mods='''
+import sys
+def test_no_core():
+    assert "odfork_user.pytest_plugin" in sys.modules      # the plugin is loaded...
+    assert "odfork_user._ffi" not in sys.modules            # ...but not the C core
+    assert "odfork_user._core" not in sys.modules
+''')
+    result = pytester.runpytest_subprocess(*_plugin_args(), "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+
+
+def test_odfork_runs_do_not_warn_multi_threaded(pytester):
+    """The folder runs in the pytest process (an arena, forks); no fork of the plugin warns (3.12+)."""
+    pytester.makepyfile(test_w='''
+import pytest, odfork_user as ou
+ARENA = ou.Arena(16 << 20)        # kept: the folder watches live arenas only
+@pytest.fixture(scope="session")
+def buf():
+    return ARENA.alloc(8 << 20)
+@pytest.mark.parametrize("i", range(5))
+def test_w(buf, i):
+    buf[:] = bytes([i]) * len(buf)
+''')
+    result = pytester.runpytest_subprocess(*_plugin_args(), "--odfork", "-p", "no:cacheprovider",
+                                           "-W", "always::DeprecationWarning")
+    result.assert_outcomes(passed=5)
+    assert "multi-threaded" not in result.stdout.str() + result.stderr.str()

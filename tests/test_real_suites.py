@@ -61,6 +61,24 @@ def pytest_sessionfinish(session, exitstatus):
 '''
 
 
+def _extract(tar, dest):
+    """tar.extractall with the "data" filter where this Python has it (3.11.4+,
+    3.12+); before that (the distribution's 3.11.2), only regular files and
+    folders whose names stay inside `dest`."""
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(dest, filter="data")
+        return
+    root = os.path.realpath(dest)
+    members = []
+    for m in tar.getmembers():
+        target = os.path.realpath(os.path.join(root, m.name))
+        if not (m.isfile() or m.isdir()) or os.path.isabs(m.name) or os.path.commonpath([root, target]) != root:
+            raise tarfile.TarError(f"refusing to extract {m.name!r} from {tar.name}")
+        m.mode = (m.mode | 0o600) & 0o755 if m.isfile() else 0o755
+        members.append(m)
+    tar.extractall(dest, members=members)
+
+
 def _source(name, version):
     """The unpacked source release, downloaded once."""
     dest = CACHE / f"{name}-{version}"
@@ -75,13 +93,7 @@ def _source(name, version):
                     f"{(dl.stderr or dl.stdout).strip().splitlines()[-1:]}")
     with tarfile.open(archives[0]) as tar:
         top = tar.getnames()[0].split("/")[0]
-        if hasattr(tarfile, "data_filter"):
-            tar.extractall(CACHE, filter="data")
-        else:  # CPython 3.11.2 (Debian's): no extraction filters; what "data" refuses, refused by hand
-            for m in tar.getmembers():
-                if not (m.isfile() or m.isdir()) or m.name.startswith("/") or ".." in m.name.split("/"):
-                    raise AssertionError(f"unexpected member in a source release: {m.name!r}")
-            tar.extractall(CACHE)
+        _extract(tar, CACHE)
     (CACHE / top).rename(dest) if (CACHE / top) != dest else None
     (dest / ".complete").write_text("")
     return dest

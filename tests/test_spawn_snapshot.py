@@ -37,13 +37,77 @@ def test_spawn_result_and_exitcode():
     assert c.exitcode == 0 and not c.is_alive() and c.pid > 0
 
 
-def test_spawn_exception_carries_remote_traceback():
+def test_spawn_reraises_the_childs_exception_with_its_traceback_as_cause():
     c = ou.spawn(_raise)
+    with pytest.raises(KeyError) as ei:   # `except KeyError:` works, as with concurrent.futures
+        c.result(timeout=30)
+    assert type(ei.value) is KeyError and ei.value.args == ("boom in child",)
+    cause = ei.value.__cause__
+    assert isinstance(cause, ou.RemoteTraceback)
+    assert "Traceback" in cause.tb and "_raise" in cause.tb and "_raise" in str(cause)
+    assert c.exitcode == 1
+    assert c.exception() is ei.value and c.done()
+
+
+class AppError(Exception):
+    def __init__(self, message, code):
+        super().__init__(message, code)
+        self.code = code
+
+
+class NoArgsBack(Exception):
+    def __init__(self, code, where):   # unpickling calls NoArgsBack("code 3 at x"): TypeError
+        super().__init__(f"code {code} at {where}")
+
+
+def _raise_app():
+    raise AppError("bad", 3)
+
+
+def _raise_local():
+    class Local(Exception):
+        pass
+    raise Local("defined inside a function")
+
+
+def _raise_no_args_back():
+    raise NoArgsBack(3, "x")
+
+
+def _exit():
+    raise SystemExit(5)
+
+
+def test_spawn_reraises_a_custom_exception_with_its_attributes():
+    with pytest.raises(AppError) as ei:
+        ou.spawn(_raise_app).result(timeout=30)
+    assert ei.value.args == ("bad", 3) and ei.value.code == 3
+
+
+@pytest.mark.parametrize("fn,text", [(_raise_local, "Local: defined inside a function"),
+                                     (_raise_no_args_back, "NoArgsBack: code 3 at x"),
+                                     (_exit, "SystemExit: 5")])
+def test_spawn_exception_that_cannot_travel_is_child_error(fn, text):
+    c = ou.spawn(fn)
     with pytest.raises(ou.ChildError) as ei:
         c.result(timeout=30)
-    assert "boom in child" in str(ei.value) and "_raise" in str(ei.value)
-    assert "Traceback" in ei.value.remote_traceback
-    assert c.exitcode == 1
+    assert text in str(ei.value) and fn.__name__ in ei.value.remote_traceback
+    assert isinstance(ei.value.__cause__, ou.RemoteTraceback) and ei.value.exitcode == 1
+    assert c.exception() is ei.value
+
+
+def test_spawn_exception_done_and_terminate():
+    ok = ou.spawn(_square, 3)
+    assert ok.exception(timeout=30) is None and ok.done() and ok.result() == 9
+    c = ou.spawn(_sleep, 60)
+    assert not c.done()
+    with pytest.raises(TimeoutError):
+        c.exception(timeout=0.01)
+    c.terminate()
+    err = c.exception(timeout=30)
+    assert isinstance(err, ou.ChildError) and err.exitcode == -signal.SIGTERM == c.exitcode and c.done()
+    c.terminate()  # after the end: nothing to signal, no error
+    c.kill()
 
 
 def test_spawn_unpicklable_result_names_the_problem():
@@ -71,7 +135,7 @@ def test_spawn_timeout_then_later_call_works():
 
 def test_spawn_large_result_does_not_deadlock():
     c = ou.spawn(lambda: b"x" * (32 << 20))
-    c.join(timeout=60)  # join before result: the pipe is drained meanwhile
+    c.join(timeout=60)  # join before result: the child never waits for a reader
     assert c.exitcode == 0
     assert len(c.result()) == 32 << 20
 
@@ -108,6 +172,7 @@ def test_spawn_from_threads_and_dropped_children_are_reaped(arena):
 
     deadline = time.time() + 10
     while any(zombie_or_running(p) for p in dropped):
+        ou.spawn(int).join()  # a dropped child is reaped by a later spawn()
         assert time.time() < deadline, "a dropped child was never reaped"
         time.sleep(0.05)
 
