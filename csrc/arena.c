@@ -128,8 +128,7 @@ int odf_arena_create(size_t size, const odf_arena_opts_t *opts, odf_arena_t **ou
      * where /proc cannot reopen it, it stays read-write. */
     {
         char path[48];
-        memcpy(path, "/proc/self/fd/", 14);
-        _odf_fmt_u(path + 14, (unsigned)a->pool_fd, 10);
+        _odf_fd_path(path, a->pool_fd);
         int ro = open(path, O_RDONLY | O_CLOEXEC);
         if (ro >= 0) {
             close(a->pool_fd);

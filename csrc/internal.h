@@ -226,6 +226,7 @@ void _odf_block_signals(sigset_t *old); /* every signal; *old for _odf_restore_s
 void _odf_restore_signals(const sigset_t *old);
 int _odf_pwrite_all(int fd, const void *src, size_t len, off_t off); /* EINTR retried; 0 or errno */
 unsigned _odf_thread_count(void); /* threads of this process, 0 if unknown */
+void _odf_fd_path(char *buf, int fd); /* "/proc/self/fd/<fd>" into buf (>= 32 bytes) */
 
 /* park.c: a chunk's mappings.  Plain syscalls; the caller holds a->local. */
 int _odf_map_seg(odf_arena_t *a, uintptr_t addr, uint32_t seg, int prot, int populate);

@@ -29,8 +29,7 @@ int _odf_pool_rw(odf_arena_t *a, int *fd)
     if (!a->pool_ro)
         return 0;
     char path[48];
-    memcpy(path, "/proc/self/fd/", 14);
-    _odf_fmt_u(path + 14, (unsigned)a->pool_fd, 10);
+    _odf_fd_path(path, a->pool_fd);
     int f = open(path, O_RDWR | O_CLOEXEC);
     if (f < 0)
         return errno == ENOENT ? EBADF : errno;

@@ -49,6 +49,12 @@ int _odf_pwrite_all(int fd, const void *src, size_t len, off_t off)
     return 0;
 }
 
+void _odf_fd_path(char *buf, int fd)
+{
+    memcpy(buf, "/proc/self/fd/", 14);
+    _odf_fmt_u(buf + 14, (unsigned)fd, 10);
+}
+
 /* Threads of this process (num_threads, field 20 of /proc/self/stat), or 0
  * when it cannot be read.  open/read only: async-signal-safe. */
 unsigned _odf_thread_count(void)
