@@ -4,7 +4,7 @@ import os
 from setuptools import Extension, setup
 from setuptools.command.build_py import build_py
 
-PTH = "odfork_user-run.pth"  # ODFORK_RUN=1: the arena heap from interpreter start-up (odfork_user/launcher.py)
+PTH = "odfork_user-run.pth"  # ODFORK_RUN=1: the arena heap from interpreter start-up (src/odfork_user/cli/run.py)
 
 
 class build_py_with_pth(build_py):
@@ -21,7 +21,7 @@ class build_py_with_pth(build_py):
 
 
 def _core_sources():
-    spec = importlib.util.spec_from_file_location("_ffi_build_sources", "odfork_user/_ffi_build.py")
+    spec = importlib.util.spec_from_file_location("_ffi_build_sources", "src/odfork_user/_ffi_build.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return [f"csrc/{name}" for name in mod.SOURCES if not name.startswith("py/")]
@@ -40,7 +40,7 @@ preload = Extension(
 )
 
 setup(
-    cffi_modules=["odfork_user/_ffi_build.py:ffi"],
+    cffi_modules=["src/odfork_user/_ffi_build.py:ffi"],
     ext_modules=[preload],
     cmdclass={"build_py": build_py_with_pth},
 )

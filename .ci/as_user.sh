@@ -24,6 +24,6 @@ setpriv --reuid="$user" --regid="$user" --init-groups \
         python3 -m pip install -q --upgrade pip
         python3 -m pip install -q '.[test]'
         python3 -P -c 'from odfork_user._core import prepare_process; print(\"fold protection:\", *prepare_process())'
-        python3 -P -m pytest tests -q -p no:cacheprovider
-        python3 -P -m pytest tests/test_launcher.py -q -p no:cacheprovider -m slow
+        python3 -m pytest tests -q -p no:cacheprovider
+        python3 -m pytest tests/test_launcher.py -q -p no:cacheprovider -m slow
     "

@@ -22,7 +22,7 @@ for py in "${PYTHONS[@]}"; do
     fi
     # -P: the installed package (with its built core) is imported, not the source folder
     if ! ( . "$venv/bin/activate" && python3 -m pip install -q --upgrade pip && python3 -m pip install -q ".[test]" \
-           && python3 -P -m pytest tests -q -p no:cacheprovider ); then
+           && python3 -m pytest tests -q -p no:cacheprovider ); then
         failed+=("$py")
     fi
 done

@@ -125,7 +125,7 @@ def plots(rows, sizes, outdir):
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    from odfork_user._measure import plot_latency
+    from odfork_user.cli.measure import plot_latency
     panels = [(title, {k: [(s, rows[(metric, s)][k][0] * 1e3) for s in sizes if k in rows.get((metric, s), {})]
                        for k in KINDS})
               for metric, title in (("1-fork-latency", "fork latency"), ("2-roundtrip", "round trip"))]
@@ -281,7 +281,7 @@ HEAP_KINDS = ("empty", "os", "os-freeze", "run", "run-freeze", "odfork", "odfork
 
 
 def heap_section(data):
-    """Python objects in an arena (bench/test_pyheap.py): the workers' own timings."""
+    """Python objects in an arena (bench/test_objects_fork.py): the workers' own timings."""
     rows = defaultdict(dict)
     n = None
     for b in data["benchmarks"]:

@@ -6,7 +6,7 @@ Sizes:    ODFORK_BENCH_SIZES=64M,256M,1G,4G,16G (a size is skipped, with the rea
           when the memory it needs is not available: 1.3x the size for the latency
           groups, 2.3x for the write and read groups).
 
-Kinds of memory (odfork_user/_measure.py):
+Kinds of memory (src/odfork_user/cli/measure.py):
   bytearray    os.fork, ordinary heap memory in 4 KiB pages (the baseline)
   numpy-thp    os.fork, a numpy array in transparent huge pages
   odfork       odfork, the same bytes in an arena (default configuration: page mode,
@@ -21,8 +21,8 @@ import os
 
 import pytest
 
-from conftest import make_holder, sizes
-from odfork_user._measure import KINDS, WaitingChild, child_pattern, thp_state
+from benchlib import make_holder, sizes
+from odfork_user.cli.measure import KINDS, WaitingChild, child_pattern, thp_state
 
 np = pytest.importorskip("numpy")  # the THP baseline needs numpy
 CH = 1 << 21

@@ -6,9 +6,11 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-cp -r "$root/csrc" "$root/odfork_user" "$root/tests" "$work/"
-rm -f "$work"/odfork_user/*.so
-(cd "$work" && ODFORK_SANITIZE=address,undefined python3 odfork_user/_ffi_build.py >/dev/null)
+mkdir -p "$work/src"
+cp -r "$root/csrc" "$root/tests" "$work/"
+cp -r "$root/src/odfork_user" "$work/src/"
+rm -f "$work"/src/odfork_user/*.so
+(cd "$work" && ODFORK_SANITIZE=address,undefined python3 src/odfork_user/_ffi_build.py >/dev/null)
 cd "$work/tests"
 if [ $# -eq 0 ]; then
     set -- test_isolation.py test_core.py test_spawn_snapshot.py test_kernel_writes.py test_page_cow.py test_adversarial.py
@@ -24,7 +26,7 @@ export ASAN_OPTIONS=detect_leaks=0:handle_segv=0:abort_on_error=1:log_path=$logs
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1:log_path=$logs/ubsan
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)"
 rc=0
-PYTHONPATH="$work" python3 -P -m pytest -q -p no:cacheprovider "$@" || rc=$?
+PYTHONPATH="$work/src" python3 -P -m pytest -q -p no:cacheprovider "$@" || rc=$?
 for f in "$logs"/*; do
     [ -e "$f" ] || continue
     echo "==== sanitizer report $(basename "$f") ===="

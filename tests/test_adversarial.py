@@ -14,7 +14,7 @@ import pytest
 
 import odfork_user as ou
 from odfork_user import odfork
-from conftest import CH, _children, finish_child, in_child, run_py
+from testlib import CH, _children, finish_child, in_child, run_py
 
 
 def _daemon_child(arena, buf, how, go_r):

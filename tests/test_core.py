@@ -8,7 +8,7 @@ import threading
 import pytest
 
 import odfork_user as ou
-from conftest import CH, MiB, finish_child, in_child, raises_odfork, run_py, start_child
+from testlib import CH, MiB, finish_child, in_child, raises_odfork, run_py, start_child
 from odfork_user import odfork
 from odfork_user._core import lib
 

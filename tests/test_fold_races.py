@@ -9,7 +9,7 @@ Without a full userfaultfd a fold is refused while another thread runs
 """
 import pytest
 
-from conftest import run_py
+from testlib import run_py
 from test_kernel_writes import HAVE_UFFD
 
 PROTECTIONS = ["mprotect"] + (["userfaultfd"] if HAVE_UFFD else [])

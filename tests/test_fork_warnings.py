@@ -3,11 +3,10 @@
 runs), while the background folder still folds between forks.  On 3.11 there is
 no such warning and these tests only check that forks and folds go on."""
 import os
-import subprocess
-import sys
 import textwrap
 
 import odfork_user as ou
+from testlib import python
 
 SCRIPT = r'''
 import os, sys, threading, time, multiprocessing, concurrent.futures
@@ -65,11 +64,7 @@ print("done", file=sys.stderr)
 
 
 def _run(*flags, code=SCRIPT):
-    root = os.path.dirname(os.path.dirname(ou.__file__))
-    env = dict(os.environ, PYTHONPATH=root)
-    env.pop("PYTHONWARNINGS", None)
-    return subprocess.run([sys.executable, *flags, "-P", "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, env=env, timeout=180)
+    return python(*flags, "-c", textwrap.dedent(code), env={"PYTHONWARNINGS": None}, timeout=180)
 
 
 def test_forks_do_not_warn_multi_threaded():

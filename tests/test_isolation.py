@@ -6,7 +6,7 @@ import random
 import pytest
 
 import odfork_user as ou
-from conftest import CH, MiB, finish_child, in_child, start_child
+from testlib import CH, MiB, finish_child, in_child, start_child
 from odfork_user import odfork
 
 

@@ -19,7 +19,7 @@ import odfork_user as ou
 from odfork_user import odfork
 from odfork_user._core import lib
 
-from conftest import CH, checked_arena, finish_child, in_child, run_py, start_child
+from testlib import CH, checked_arena, finish_child, in_child, run_py, start_child
 
 HAVE_UFFD = lib.odf_uffd_probe() == 0
 MODES = ["page", "chunk"]

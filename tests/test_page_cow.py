@@ -13,7 +13,7 @@ import pytest
 import odfork_user as ou
 from odfork_user import odfork
 from odfork_user._core import lib
-from conftest import CH, checked_arena, finish_child, in_child, start_child
+from testlib import CH, checked_arena, finish_child, in_child, start_child
 
 
 @pytest.fixture

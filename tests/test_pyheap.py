@@ -5,10 +5,7 @@ its script in a fresh interpreter; the script asserts, and the test checks
 that it ran to the end.  The heap allocator itself is also driven directly
 (no install) against a model.
 """
-import os
 import random
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -16,7 +13,7 @@ import pytest
 import odfork_user as ou
 from odfork_user._core import ffi, lib
 
-from conftest import CH
+from testlib import CH, run_py
 
 PRELUDE = """
 import gc, os, sys, threading, weakref, pickle
@@ -41,11 +38,7 @@ def in_arena(obj, arena):
 
 
 def run(code, timeout=120, **env):
-    e = dict(os.environ, **env)
-    root = os.path.dirname(os.path.dirname(ou.__file__))
-    e["PYTHONPATH"] = os.pathsep.join(p for p in [root, e.get("PYTHONPATH", "")] if p)
-    src = PRELUDE + textwrap.dedent(code) + "\nprint('SCRIPT-DONE')\n"
-    p = subprocess.run([sys.executable, "-P", "-c", src], env=e, capture_output=True, text=True, timeout=timeout)
+    p = run_py(PRELUDE + textwrap.dedent(code) + "\nprint('SCRIPT-DONE')\n", timeout=timeout, env=env)
     assert p.returncode == 0 and "SCRIPT-DONE" in p.stdout, f"rc={p.returncode}\n{p.stdout}\n{p.stderr}"
     return p.stdout
 

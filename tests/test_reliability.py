@@ -5,12 +5,11 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 
 import pytest
 
 import odfork_user as ou
-from conftest import CH, run_py
+from testlib import CH, python, run_py
 from odfork_user import odfork
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -19,9 +18,7 @@ STRESS = os.environ.get("ODFORK_STRESS") == "1"
 
 def test_kill_anywhere():
     trials = 1000 if STRESS else 100
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(ou.__file__)))
-    p = subprocess.run([sys.executable, "-P", os.path.join(HERE, "stress_kill.py"), str(trials), "3"],
-                       capture_output=True, text=True, env=env, timeout=600)
+    p = python(os.path.join(HERE, "stress_kill.py"), str(trials), "3", timeout=600)
     assert p.returncode == 0, p
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["ok"] and out["killed"] + out["died_early"] >= trials, out

@@ -8,7 +8,7 @@ import time
 import pytest
 
 import odfork_user as ou
-from conftest import CH
+from testlib import CH
 
 
 def _square(x, *, add=0):

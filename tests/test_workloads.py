@@ -2,12 +2,10 @@
 every mode of each produces its result (timings are reported, never asserted)."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-import odfork_user as ou
+from testlib import python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,9 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_workloads_quick(tmp_path):
     pytest.importorskip("pytest_forked")
     out = tmp_path / "w.json"
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(ou.__file__)))
-    p = subprocess.run([sys.executable, "-P", os.path.join(ROOT, "bench", "workloads.py"), "--quick",
-                        "--json", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    p = python(os.path.join(ROOT, "bench", "workloads.py"), "--quick", "--json", str(out), timeout=600)
     assert p.returncode == 0, p
     res = json.loads(out.read_text())
     plugin = res["plugin"]["results"]

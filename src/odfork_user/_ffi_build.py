@@ -1,6 +1,6 @@
 """cffi build script (out-of-line API mode) for the odfork_user C core.
 
-setup.py names ``odfork_user/_ffi_build.py:ffi``; ``python odfork_user/_ffi_build.py``
+setup.py names ``src/odfork_user/_ffi_build.py:ffi``; ``python src/odfork_user/_ffi_build.py``
 builds the extension in place for development.  ``ODFORK_SANITIZE=address,undefined``
 adds sanitizer flags.
 """
@@ -10,7 +10,8 @@ import pathlib
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
-CSRC = HERE.parent / "csrc"
+ROOT = HERE.parent.parent  # the project root: src/odfork_user/ -> .
+CSRC = ROOT / "csrc"
 # in layers, each file using only those before it (see csrc/internal.h)
 SOURCES = ["prim.c", "park.c", "registry.c", "uffd.c", "family.c", "cow.c", "fault_sigsegv.c", "fork.c",
            "snapshot.c", "check.c", "arena.c", "heap.c", "py/pyalloc.c"]
@@ -37,5 +38,5 @@ ffi.set_source(
 )
 
 if __name__ == "__main__":
-    os.chdir(HERE.parent)
-    ffi.compile(tmpdir=str(HERE.parent), verbose=True)
+    os.chdir(ROOT)
+    ffi.compile(tmpdir=str(ROOT / "src"), verbose=True)

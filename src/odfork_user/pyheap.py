@@ -8,7 +8,7 @@ C-extension PyMem_Malloc memory).  What does not: memory allocated before
 install (it is still freed and resized by the allocator that made it), memory
 C libraries take from malloc directly or through PyMem_RawMalloc, thread
 stacks, the interpreter's own static state.  numpy array data moves too once
-hook_numpy() has run (odfork_user.launcher does it when numpy is imported).
+hook_numpy() has run (odfork_user.cli.run does it when numpy is imported).
 """
 from __future__ import annotations
 

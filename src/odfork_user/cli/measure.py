@@ -31,7 +31,7 @@ import time
 import zlib
 
 from odfork_user import Arena, odfork
-from odfork_user._core import CHUNK_SIZE, lib
+from odfork_user._core import CHUNK_SIZE
 
 KINDS = ("bytearray", "numpy-thp", "odfork", "odfork-empty")
 EXTRA_KINDS = ("odfork-chunk",)  # measured on request / in some groups
@@ -297,7 +297,7 @@ def measure(kind, size, rounds, heavy_rounds=3, progress=None):
     return out
 
 
-if __name__ == "__main__":  # python -m odfork_user._measure KIND SIZE ROUNDS [HEAVY] -> JSON on stdout
+if __name__ == "__main__":  # python -m odfork_user.cli.measure KIND SIZE ROUNDS [HEAVY] -> JSON on stdout
     kind, size, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     heavy = int(sys.argv[4]) if len(sys.argv) > 4 else 3
     json.dump(measure(kind, size, rounds, heavy, progress=sys.stderr), sys.stdout)

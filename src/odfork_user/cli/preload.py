@@ -21,7 +21,7 @@ from odfork_user.arena import parse_size
 
 def library_path():
     """The installed preload library."""
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the package, beside _ffi
     found = sorted(glob.glob(os.path.join(here, "_preload*.so")))
     if not found:
         from odfork_user._errors import OdforkOSError

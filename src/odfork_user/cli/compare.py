@@ -1,16 +1,12 @@
-"""Command line:
-    python -m odfork_user compare [--sizes 256M,1G] [--rounds N] [--json FILE] [--plot FILE.png]
-    python -m odfork_user run [--heap-size N] [--gc-freeze] [--heap-stats] script.py args... | -m module args...
-    python -m odfork_user exec [--heap-size N] -- CMD ARGS...     (native programs, LD_PRELOAD)
-"""
-import argparse
+"""`python -m odfork_user compare`: odfork vs os.fork on this machine, each kind of memory in a
+fresh process (odfork_user.cli.measure), every metric, medians."""
 import json
 import os
 import platform
 import subprocess
 import sys
 
-from odfork_user._measure import KINDS, free_bytes, plot_latency, thp_state
+from odfork_user.cli.measure import KINDS, free_bytes, plot_latency, thp_state
 from odfork_user.arena import parse_size
 
 METRICS = [
@@ -96,7 +92,7 @@ def compare(args):
         row = {}
         for kind in kinds:
             # -P: the child imports the same installed package, not a source folder in the cwd
-            out = subprocess.run([sys.executable, "-P", "-m", "odfork_user._measure", kind, str(size),
+            out = subprocess.run([sys.executable, "-P", "-m", "odfork_user.cli.measure", kind, str(size),
                                   str(args.rounds), str(args.heavy_rounds)],
                                  stdout=subprocess.PIPE, stderr=None if args.progress else subprocess.DEVNULL,
                                  text=True, check=False)
@@ -117,31 +113,3 @@ def compare(args):
         plot(results, args.plot)
         print(f"\nplot written to {args.plot}")
     return 1 if failed else 0
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m odfork_user", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("compare", help="odfork vs os.fork at a few sizes, every metric")
-    c.add_argument("--sizes", default="64M,256M,1G", help="comma-separated sizes (default 64M,256M,1G)")
-    c.add_argument("--rounds", type=int, default=11, help="forks per latency measurement (default 11)")
-    c.add_argument("--heavy-rounds", type=int, default=3, help="rounds of the write and read metrics (default 3)")
-    c.add_argument("--json", help="write the raw results to this file")
-    c.add_argument("--plot", help="write a log-log plot of latency vs size (PNG, needs matplotlib)")
-    c.add_argument("--no-progress", dest="progress", action="store_false", help="no progress lines on stderr")
-    from odfork_user import launcher, preload
-    r = launcher.add_parser(sub)
-    e = preload.add_parser(sub)
-    args = p.parse_args(argv)
-    if args.cmd == "run":
-        return launcher.run(args, r)
-    if args.cmd == "exec":
-        return preload.run(args, e)
-    if args.rounds < 1 or args.heavy_rounds < 1:
-        p.error("--rounds and --heavy-rounds must be >= 1")
-    return compare(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

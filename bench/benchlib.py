@@ -1,8 +1,9 @@
+"""Helpers shared by the benchmarks: the sizes to run (ODFORK_BENCH_SIZES) and memory checks."""
 import os
 
 import pytest
 
-from odfork_user._measure import Holder, free_bytes
+from odfork_user.cli.measure import Holder, free_bytes
 from odfork_user.arena import parse_size
 
 

@@ -12,7 +12,7 @@ try:
 except ImportError as exc:  # pragma: no cover - build problem
     raise ImportError(
         "odfork_user's C core is not built: install with `pip install .` "
-        "or build in place with `python odfork_user/_ffi_build.py`"
+        "or build in place with `python src/odfork_user/_ffi_build.py`"
     ) from exc
 
 from odfork_user._errors import OdforkOSError, OdforkValueError  # noqa: E402 (after the core loaded)

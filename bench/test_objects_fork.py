@@ -28,7 +28,7 @@ import sys
 
 import pytest
 
-from conftest import require_memory
+from benchlib import require_memory
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 N = int(os.environ.get("ODFORK_HEAP_OBJECTS", "8000000"))
