@@ -20,11 +20,12 @@ class build_py_with_pth(build_py):
         self.copy_file(PTH, os.path.join(self.build_lib, PTH))
 
 
-def _core_sources():
+def _preload_sources():
+    """The core and the heap (csrc/), as the cffi build script lists them."""
     spec = importlib.util.spec_from_file_location("_ffi_build_sources", "src/odfork_user/_ffi_build.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return [f"csrc/{name}" for name in mod.SOURCES if not name.startswith("py/")]
+    return [f"csrc/{name}" for name in mod.CORE + mod.HEAP]
 
 
 # The LD_PRELOAD library (python -m odfork_user exec): the core plus
@@ -32,8 +33,8 @@ def _core_sources():
 # only so that it lands beside the package; nothing imports it.
 preload = Extension(
     "odfork_user._preload",
-    sources=["csrc/preload/odfork_preload.c"] + _core_sources(),
-    include_dirs=["csrc"],
+    sources=["csrc/preload/odfork_preload.c"] + _preload_sources(),
+    include_dirs=["csrc/core", "csrc/heap"],
     define_macros=[("ODF_HEAP_SYS_LIBC", "1")],  # heap.c's own bookkeeping from glibc, not from itself
     extra_compile_args=["-std=gnu11", "-O2", "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-unused-parameter"],
     libraries=["pthread", "dl"],

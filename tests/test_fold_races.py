@@ -5,7 +5,7 @@ have one, and PROT_READ, the protection of an ordinary user on a default
 kernel, forced with ODFORK_USERFAULTFD=0).
 
 Without a full userfaultfd a fold is refused while another thread runs
-(csrc/uffd.c), so no kernel write can ever meet a read-only view.
+(csrc/core/uffd.c), so no kernel write can ever meet a read-only view.
 """
 import pytest
 

@@ -161,8 +161,9 @@ def test_c_core_is_clean_under_valgrind(tmp_path):
     if not os.path.isdir(csrc):
         pytest.skip("the C sources are not next to the tests")
     exe = tmp_path / "test_core"
-    srcs = sorted(glob.glob(os.path.join(csrc, "*.c")))
-    subprocess.run(["gcc", "-std=gnu11", "-g", "-O1", "-Wall", "-Werror", "-I", csrc, *srcs,
+    dirs = [os.path.join(csrc, d) for d in ("core", "heap")]
+    srcs = sorted(f for d in dirs for f in glob.glob(os.path.join(d, "*.c")))
+    subprocess.run(["gcc", "-std=gnu11", "-g", "-O1", "-Wall", "-Werror", *(f"-I{d}" for d in dirs), *srcs,
                     os.path.join(HERE, "c", "test_core.c"), "-lpthread", "-o", str(exe)], check=True)
     p = subprocess.run(["valgrind", "-q", "--error-exitcode=99", "--leak-check=full", "--trace-children=yes",
                         str(exe)], capture_output=True, text=True, timeout=300)

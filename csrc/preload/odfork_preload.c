@@ -38,7 +38,7 @@
  * interposed; the program's handler becomes the one the core chains to.
  */
 #define _GNU_SOURCE
-#include "odfork.h"
+#include "odfork_heap.h"
 
 #include <dlfcn.h>
 #include <errno.h>

@@ -38,7 +38,7 @@
 
 #include <malloc.h>
 
-#include "odfork.h"
+#include "odfork_py.h"
 
 static odf_heap_t *heap;
 static int active;

@@ -23,7 +23,7 @@ warn: there it runs on across forks.
 What: every FOLD_PERIOD it spends at most FOLD_BUDGET folding views whose count is back to 1 (and only FOLD_BUDGET apart while the
 budget leaves such views behind), one chunk per lock hold: a writer of
 a chunk being folded waits for that chunk only (userfaultfd write-protect or
-PROT_READ, see csrc/uffd.c).  Shared views are never folded here.
+PROT_READ, see csrc/core/uffd.c).  Shared views are never folded here.
 ODFORK_FOLD=0 turns it off (folds then happen only in arena.fold() and
 snapshots).  Without a full userfaultfd (FOLD_PROTECT "mprotect") the core
 refuses a fold while another thread runs, this one included, so the thread
@@ -108,7 +108,7 @@ def start():
     if not ENABLED or not _arenas or running():
         return
     if _core.prepare_process()[0] != "userfaultfd":
-        return  # a fold is refused while another thread runs (csrc/uffd.c)
+        return  # a fold is refused while another thread runs (csrc/core/uffd.c)
     with _start_lock:
         if not running():
             stop, done = _thread.allocate_lock(), _thread.allocate_lock()

@@ -1,12 +1,21 @@
-/* odfork.h - public C API of the odfork_user core.
+/* odfork.h - public C API of the odfork_user core: arenas, forks, folds,
+ * snapshots, statistics.  The clients built on it have headers of their own:
+ * odfork_heap.h (csrc/heap/heap.c, a block allocator in an arena) and
+ * odfork_py.h (csrc/py/pyalloc.c, CPython's allocator hooks); the test hooks
+ * are in odfork_debug.h.
  *
- * An arena is a 2 MiB-aligned virtual range whose 2 MiB chunks are backed by
+ * An arena is a 1 GiB-aligned virtual range whose 2 MiB chunks are backed by
  * segments of a memfd pool shared by a family of forked processes.  Each
  * process has a software page table (chunk -> segment) in a shared control
  * block; segments carry family-wide reference counts.  A fork shares every
- * resident chunk (O(chunks) bookkeeping, nothing per page); the first write to
- * a shared chunk copies it, a write to a chunk whose count is back to 1 reuses
- * it in place.
+ * resident chunk (O(chunks) bookkeeping, nothing per page).  What a write
+ * after it costs depends on the arena's copy mode (odf_arena_opts_t):
+ * page mode (the default) makes every writable chunk a MAP_PRIVATE view of
+ * its segment, so a write copies one 4 KiB page in the kernel; chunk mode
+ * leaves shared chunks read-only and the first write copies the whole chunk,
+ * or reuses it in place when its count is back to 1.  A segment whose count
+ * is above 1 is never written.  The chunk states and the rules behind them
+ * are in internal.h.
  *
  * Errors: every function that can fail returns 0 or a positive errno value
  * and never prints.  ENOMEM: out of pool segments, process slots or VMAs.
@@ -162,60 +171,8 @@ int odf_snapshot_map(odf_arena_t *a, uint64_t id, uintptr_t *addr); /* read-only
 int odf_snapshot_unmap(uintptr_t addr, size_t size);
 int odf_snapshot_restore(odf_arena_t *a, uint64_t id);
 
-/* Test hooks: break the family state on purpose (tests prove that check()
- * and the isolation tests can fail).  `what` is one of: */
-enum odf_debug_hook {
-    ODF_DEBUG_EXTRA_REF = 1,       /* one count too many on the chunk's segment */
-    ODF_DEBUG_BROKEN_COW = 2,      /* resolve shared faults without a copy (a broken COW) */
-    ODF_DEBUG_DROP_EXTRA_REF = 3,  /* undo ODF_DEBUG_EXTRA_REF */
-    ODF_DEBUG_DIE_LOCKED = 4,      /* die of SIGKILL holding the family lock, a count half updated */
-    ODF_DEBUG_CRASH_IN_HANDLER = 5 /* fault inside the SIGSEGV handler on the next arena fault */
-};
-int _odf_debug_break(odf_arena_t *a, int what, uint32_t chunk);
-
-/* ---- heap.c: a block allocator in an arena range (see heap.c) ----
- * Not thread-safe: the caller serialises every call (but for the three marked
- * "no lock needed"). */
-#define ODF_HEAP_NCLASS 39
-#define ODF_HEAP_MAX_SMALL 32768
-typedef struct odf_heap_s odf_heap_t;
-typedef struct odf_heap_stats_s {
-    uint64_t live_bytes;      /* in blocks handed out (rounded to their class or pages) */
-    uint64_t live_blocks;
-    uint64_t raw_bytes;       /* in raw page runs (pymalloc arenas) */
-    uint64_t top_bytes;       /* extent of the heap ever handed out and not given back */
-    uint64_t mapped_bytes;    /* resident chunks of the heap range */
-    uint64_t free_page_bytes; /* free pages below the top */
-    uint64_t free_extents;
-} odf_heap_stats_t;
-/* [start, start+len) must lie in the arena, page aligned, and not be used by anything else. */
-int odf_heap_create(odf_arena_t *a, uintptr_t start, size_t len, odf_heap_t **out);
-void *odf_heap_alloc(odf_heap_t *h, size_t n);          /* NULL when full; 16-byte aligned */
-void *odf_heap_realloc(odf_heap_t *h, void *p, size_t n);
-void odf_heap_free(odf_heap_t *h, void *p);              /* p from alloc/realloc */
-size_t odf_heap_usable(odf_heap_t *h, const void *p);    /* no lock needed for a block the caller owns */
-int odf_heap_class(size_t n);                             /* size class of n, -1 above ODF_HEAP_MAX_SMALL;
-                                                             valid once a heap has been created */
-size_t odf_heap_class_size(int c);
-int odf_heap_block_class(odf_heap_t *h, const void *p);  /* class of a block, -1 large; no lock needed */
-void *odf_heap_alloc_raw(odf_heap_t *h, size_t n);       /* page aligned, no header */
-void odf_heap_free_raw(odf_heap_t *h, void *p, size_t n);
-int odf_heap_owns(odf_heap_t *h, const void *p);         /* p is a block of alloc/realloc */
-int odf_heap_in_range(odf_heap_t *h, const void *p);
-void odf_heap_stats(odf_heap_t *h, odf_heap_stats_t *out);
-int odf_heap_check(odf_heap_t *h);                       /* 0, or EUCLEAN */
-
 /* Give the whole chunks of [addr, addr+len) back to the family: they become
  * non-resident (reading them again maps fresh zeros). */
 int odf_arena_release(odf_arena_t *a, uintptr_t addr, size_t len);
-
-/* csrc/py/pyalloc.c (in the Python extension only): CPython's MEM and OBJ
- * domains and pymalloc's arenas allocate from h (EBUSY if another heap was
- * installed before); uninstall stops new allocations going there. */
-int odf_py_install(odf_heap_t *h);
-void odf_py_uninstall(void);
-int odf_py_installed(void);
-int odf_py_numpy_hook(void);
-void odf_py_numpy_stats(size_t *in_heap, size_t *outside);
 
 #endif

@@ -214,8 +214,11 @@ struct odf_arena_s {
  *   snapshot.c     snapshots (slots of state SNAP)
  *   check.c        stats, the invariant check, test hooks
  *   arena.c        create / close (installs the handlers, builds the family)
- *   heap.c         the block allocator over an arena range (public API only)
- *   py/pyalloc.c   CPython's and numpy's allocator hooks over heap.c
+ *
+ * Above the core, through its public API only (odfork.h), never this file:
+ *   ../heap/heap.c               the block allocator over an arena range
+ *   ../py/pyalloc.c              CPython's and numpy's allocator hooks over heap.c
+ *   ../preload/odfork_preload.c  the malloc family of `exec` over heap.c
  */
 
 /* prim.c */

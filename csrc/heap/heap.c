@@ -29,7 +29,7 @@
  * the process and the arena part on demand, so parent and child each go on
  * with a consistent heap.
  */
-#include "odfork.h" /* the public API only: the arena's state is not this file's to read */
+#include "odfork_heap.h" /* and through it odfork.h, the public API only: the arena's state is not this file's to read */
 
 #include <errno.h>
 #include <stdint.h>

@@ -5,6 +5,7 @@
  * but the public API.
  */
 #include "internal.h"
+#include "odfork_debug.h"
 
 #include <errno.h>
 #include <stdio.h>
