@@ -52,7 +52,7 @@ def test_sdist_carries_tests_docs_and_the_build_script(tmp_path):
     (archive,) = tmp_path.glob("*.tar.gz")
     with tarfile.open(archive) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    for want in ("LICENSE", "CHANGELOG.md", "README.md", "docs/API.md", "docs/DESIGN.md", "tests/conftest.py",
+    for want in ("LICENSE", "CHANGELOG.md", "README.md", "CONTRIBUTING.md", "docs/API.md", "docs/DESIGN.md", "docs/LIMITS.md", "tests/conftest.py",
                  "tests/test_core.py", "csrc/core/odfork.h", "src/odfork_user/_ffi_build.py", "setup.py", "pyproject.toml"):
         assert want in names, want
     assert not [n for n in names if "__pycache__" in n or n.endswith((".so", ".pyc"))]

@@ -20,9 +20,6 @@ HEAP = ["heap/heap.c"]
 SOURCES = CORE + HEAP + ["py/pyalloc.c"]
 INCLUDE_DIRS = ["csrc/core", "csrc/heap", "csrc/py"]
 
-ffi = FFI()
-ffi.cdef((CSRC / "py" / "odfork_cdef.h").read_text())
-
 extra_compile = ["-std=gnu11", "-O2", "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-unused-parameter"]
 extra_link = []
 sanitize = os.environ.get("ODFORK_SANITIZE")
@@ -30,18 +27,27 @@ if sanitize:
     extra_compile += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-O1", "-g"]
     extra_link += [f"-fsanitize={sanitize}"]
 
-ffi.set_source(
-    "odfork_user._ffi",
-    '#include "odfork.h"\n#include "odfork_heap.h"\n#include "odfork_py.h"\n#include "odfork_debug.h"\n'
-    '#include <string.h>\n',
-    # relative paths: setuptools builds from the project root (in-place builds chdir there)
-    sources=[f"csrc/{name}" for name in SOURCES],
-    include_dirs=INCLUDE_DIRS,
-    extra_compile_args=extra_compile,
-    extra_link_args=extra_link,
-    libraries=["pthread"],
-)
 
-if __name__ == "__main__":
-    os.chdir(ROOT)
-    ffi.compile(tmpdir=str(ROOT / "src"), verbose=True)
+
+def make_ffi(root=""):
+    """The cffi builder.  root: prefix of the C paths; setuptools wants them
+    relative to the project root (the default), an in-place build absolute."""
+    builder = FFI()
+    builder.cdef((CSRC / "py" / "odfork_cdef.h").read_text())
+    builder.set_source(
+        "odfork_user._ffi",
+        '#include "odfork.h"\n#include "odfork_heap.h"\n#include "odfork_py.h"\n#include "odfork_debug.h"\n'
+        '#include <string.h>\n',
+        sources=[f"{root}csrc/{name}" for name in SOURCES],
+        include_dirs=[f"{root}{d}" for d in INCLUDE_DIRS],
+        extra_compile_args=extra_compile,
+        extra_link_args=extra_link,
+        libraries=["pthread"],
+    )
+    return builder
+
+
+ffi = make_ffi()  # named by setup.py's cffi_modules
+
+if __name__ == "__main__":  # in place: src/odfork_user/_ffi*.so, for PYTHONPATH=src
+    make_ffi(f"{ROOT}/").compile(tmpdir=str(ROOT / "src"), verbose=True)
