@@ -8,6 +8,7 @@
 #include "odfork_debug.h"
 
 #include <errno.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -74,109 +75,110 @@ int odf_arena_stats(odf_arena_t *a, odf_stats_t *out)
     return rc;
 }
 
-static int check_locked(odf_arena_t *a, char *msg, size_t len)
+/* The invariant check (internal.h, "Invariants"), in four parts, each
+ * returning 0 or EUCLEAN with what broke written into msg. */
+__attribute__((format(printf, 3, 4))) static int broken(char *msg, size_t len, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, len, fmt, ap);
+    va_end(ap);
+    return EUCLEAN;
+}
+
+/* cnt[s] = the slots whose page table holds s, plus the pins on s. */
+static int count_holders(odf_arena_t *a, uint32_t nseg, uint32_t *cnt, char *msg, size_t len)
 {
     odf_ctl_t *ctl = a->ctl;
-    uint32_t nseg = ctl->seg_hwm;
-    if (ctl->magic != ODF_CTL_MAGIC)
-        return snprintf(msg, len, "control block magic is wrong"), EUCLEAN;
-    uint32_t *cnt = calloc(nseg ? nseg : 1, sizeof(uint32_t));
-    uint8_t *isfree = calloc(nseg ? nseg : 1, 1);
-    int rc = 0;
-    if (!cnt || !isfree) {
-        rc = ENOMEM;
-        goto out;
-    }
     for (uint32_t i = 0; i < ctl->slot_hwm; i++) {
         odf_slot_t *s = &a->slots[i];
         uint32_t st = ODF_SG_STATE(atomic_load(&s->sg));
         uint32_t *pt = ODF_PT(a, i);
         if (st == ODF_SLOT_FREE || st == ODF_SLOT_DYING) {
             for (uint32_t c = 0; c < ctl->nchunks; c++)
-                if (pt[c]) {
-                    snprintf(msg, len, "free slot %u holds chunk %u -> segment %u", i, c, pt[c] - 1);
-                    rc = EUCLEAN;
-                    goto out;
-                }
+                if (pt[c])
+                    return broken(msg, len, "free slot %u holds chunk %u -> segment %u", i, c, pt[c] - 1);
             continue;
         }
         for (uint32_t c = 0; c < ctl->nchunks; c++) {
             if (!pt[c])
                 continue;
-            if (c >= s->hi || pt[c] - 1 >= nseg) {
-                snprintf(msg, len, "slot %u chunk %u: entry %u out of range (hi %u, segments %u)",
-                         i, c, pt[c], s->hi, nseg);
-                rc = EUCLEAN;
-                goto out;
-            }
+            if (c >= s->hi || pt[c] - 1 >= nseg)
+                return broken(msg, len, "slot %u chunk %u: entry %u out of range (hi %u, segments %u)", i, c,
+                              pt[c], s->hi, nseg);
             cnt[pt[c] - 1]++;
         }
         if (s->pin)
             cnt[s->pin - 1]++;
     }
-    for (uint32_t k = 0; k < ctl->nfree; k++) {
-        uint32_t s = a->freestack[k];
-        if (s >= nseg || isfree[s]) {
-            snprintf(msg, len, "free stack entry %u (segment %u) is out of range or repeated", k, s);
-            rc = EUCLEAN;
-            goto out;
-        }
+    return 0;
+}
+
+/* isfree[s] = s is on the free stack or the kept (dirty) stack, each once. */
+static int mark_stack(const uint32_t *stack, uint32_t n, const char *what, uint32_t nseg, uint8_t *isfree,
+                      char *msg, size_t len)
+{
+    for (uint32_t k = 0; k < n; k++) {
+        uint32_t s = stack[k];
+        if (s >= nseg || isfree[s])
+            return broken(msg, len, "%s entry %u (segment %u) is out of range or repeated", what, k, s);
         isfree[s] = 1;
     }
-    for (uint32_t k = 0; k < ctl->ndirty; k++) {
-        uint32_t s = a->dirty[k];
-        if (s >= nseg || isfree[s]) {
-            snprintf(msg, len, "kept-segment entry %u (segment %u) is out of range or repeated", k, s);
-            rc = EUCLEAN;
-            goto out;
-        }
-        isfree[s] = 1;
-    }
+    return 0;
+}
+
+/* Every segment's count is its holders; a segment is free iff nobody holds it. */
+static int check_counts(odf_arena_t *a, uint32_t nseg, const uint32_t *cnt, const uint8_t *isfree, char *msg,
+                        size_t len)
+{
+    odf_ctl_t *ctl = a->ctl;
     for (uint32_t s = 0; s < nseg; s++) {
-        if (cnt[s] != a->refcnt[s]) {
-            snprintf(msg, len, "segment %u: count %u but %u holders", s, a->refcnt[s], cnt[s]);
-            rc = EUCLEAN;
-            goto out;
-        }
-        if ((cnt[s] == 0) != isfree[s]) {
-            snprintf(msg, len, "segment %u: %u holders but %s the free stack", s, cnt[s],
-                     isfree[s] ? "on" : "not on");
-            rc = EUCLEAN;
-            goto out;
-        }
+        if (cnt[s] != a->refcnt[s])
+            return broken(msg, len, "segment %u: count %u but %u holders", s, a->refcnt[s], cnt[s]);
+        if ((cnt[s] == 0) != isfree[s])
+            return broken(msg, len, "segment %u: %u holders but %s the free stack", s, cnt[s],
+                          isfree[s] ? "on" : "not on");
     }
-    if (ctl->segments_live != (uint64_t)nseg - ctl->nfree - ctl->ndirty) {
-        snprintf(msg, len, "segments_live %llu != %u allocated",
-                 (unsigned long long)ctl->segments_live, nseg - ctl->nfree - ctl->ndirty);
-        rc = EUCLEAN;
-        goto out;
-    }
+    if (ctl->segments_live != (uint64_t)nseg - ctl->nfree - ctl->ndirty)
+        return broken(msg, len, "segments_live %llu != %u allocated", (unsigned long long)ctl->segments_live,
+                      nseg - ctl->nfree - ctl->ndirty);
+    return 0;
+}
+
+/* This process's chunks: mapped only what its page table says, writable
+ * only where the segment is its alone, and no fold left half done. */
+static int check_chunks(odf_arena_t *a, char *msg, size_t len)
+{
     for (uint32_t c = 0; c < a->nchunks; c++) {
         uint8_t f = a->flags[c];
         uint32_t e = a->mypt[c];
-        if ((f & (ODF_F_WRITABLE | ODF_F_PARKED | ODF_F_PRIVATE | ODF_F_FOLDING)) && !e) {
-            snprintf(msg, len, "chunk %u: mapped (flags %u) but not in the page table", c, f);
-            rc = EUCLEAN;
-            goto out;
-        }
-        if ((f & ODF_F_WRITABLE) && a->refcnt[e - 1] != 1) {
-            snprintf(msg, len, "chunk %u: writable while segment %u is shared (count %u)", c, e - 1,
-                     a->refcnt[e - 1]);
-            rc = EUCLEAN;
-            goto out;
-        }
-        if ((f & ODF_F_WRITABLE) && (f & (ODF_F_PARKED | ODF_F_PRIVATE))) {
-            snprintf(msg, len, "chunk %u: writable and parked or private (flags %u)", c, f);
-            rc = EUCLEAN;
-            goto out;
-        }
-        if (f & ODF_F_FOLDING) {
-            snprintf(msg, len, "chunk %u: left folding", c);
-            rc = EUCLEAN;
-            goto out;
-        }
+        if ((f & (ODF_F_WRITABLE | ODF_F_PARKED | ODF_F_PRIVATE | ODF_F_FOLDING)) && !e)
+            return broken(msg, len, "chunk %u: mapped (flags %u) but not in the page table", c, f);
+        if ((f & ODF_F_WRITABLE) && a->refcnt[e - 1] != 1)
+            return broken(msg, len, "chunk %u: writable while segment %u is shared (count %u)", c, e - 1,
+                          a->refcnt[e - 1]);
+        if ((f & ODF_F_WRITABLE) && (f & (ODF_F_PARKED | ODF_F_PRIVATE)))
+            return broken(msg, len, "chunk %u: writable and parked or private (flags %u)", c, f);
+        if (f & ODF_F_FOLDING)
+            return broken(msg, len, "chunk %u: left folding", c);
     }
-out:
+    return 0;
+}
+
+static int check_locked(odf_arena_t *a, char *msg, size_t len)
+{
+    odf_ctl_t *ctl = a->ctl;
+    uint32_t nseg = ctl->seg_hwm;
+    if (ctl->magic != ODF_CTL_MAGIC)
+        return broken(msg, len, "control block magic is wrong");
+    uint32_t *cnt = calloc(nseg ? nseg : 1, sizeof(uint32_t));
+    uint8_t *isfree = calloc(nseg ? nseg : 1, 1);
+    int rc = ENOMEM;
+    if (cnt && isfree && !(rc = count_holders(a, nseg, cnt, msg, len)) &&
+        !(rc = mark_stack(a->freestack, ctl->nfree, "free stack", nseg, isfree, msg, len)) &&
+        !(rc = mark_stack(a->dirty, ctl->ndirty, "kept-segment", nseg, isfree, msg, len)) &&
+        !(rc = check_counts(a, nseg, cnt, isfree, msg, len)))
+        rc = check_chunks(a, msg, len);
     free(cnt);
     free(isfree);
     return rc;

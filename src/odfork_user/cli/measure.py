@@ -6,7 +6,7 @@ A holder owns `size` bytes of written memory of one kind:
                them: THP 'madvise' mode + numpy's madvise), forked with os.fork
   odfork       an arena block, forked with odfork, the default configuration
                (page mode: private views at fork time, the kernel copies the
-               pages written; cheap views folded by the next fork)
+               pages written; views folded in the background once nobody shares them)
   odfork-chunk the same, Arena(cow="chunk"): read-only shared chunks, a
                SIGSEGV and a whole 2 MiB copy on the first write of each
   odfork-empty an arena of the same size with nothing written, forked with odfork
