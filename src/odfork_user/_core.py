@@ -20,44 +20,36 @@ from odfork_user._errors import OdforkOSError, OdforkValueError  # noqa: E402 (a
 CHUNK_SIZE = lib.ODF_CHUNK_SIZE
 
 
-def _keep_handler_on_top():
-    """faulthandler.enable() after an arena exists would put faulthandler in
-    front of the core's SIGSEGV handler, and the next copy-on-write fault would
-    be reported as a crash.  Re-take the front after it (chaining to it)."""
-    import faulthandler
+def _call_then(module, name, after):
+    """Replace module.name by a function that calls it, then after(*args),
+    and returns its result; once per process."""
     import functools
 
-    enable = faulthandler.enable
-    if getattr(enable, "_odfork_wrapped", False):
+    fn = getattr(module, name)
+    if getattr(fn, "_odfork_wrapped", False):
         return
 
-    @functools.wraps(enable)
-    def enable_then_chain(*args, **kwargs):
-        result = enable(*args, **kwargs)
-        lib.odf_handler_ensure()
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        result = fn(*args, **kwargs)
+        after(*args)
         return result
 
-    enable_then_chain._odfork_wrapped = True
-    faulthandler.enable = enable_then_chain
+    wrapper._odfork_wrapped = True
+    setattr(module, name, wrapper)
 
 
-    import signal as _signal
+def _keep_handler_on_top():
+    """faulthandler.enable() or signal.signal(SIGSEGV, ...) after an arena
+    exists would put another handler in front of the core's SIGSEGV handler,
+    and the next copy-on-write fault would be reported as a crash (or, with
+    Python's own handler, which only sets a flag and returns, retried for
+    ever).  Re-take the front after either (chaining to what they installed)."""
+    import faulthandler
+    import signal
 
-    set_handler = _signal.signal
-    if not getattr(set_handler, "_odfork_wrapped", False):
-        @functools.wraps(set_handler)
-        def signal_then_chain(signalnum, handler):
-            previous = set_handler(signalnum, handler)
-            if signalnum == _signal.SIGSEGV:
-                # Python's own handler only sets a flag and returns: in front of
-                # the core, a copy-on-write fault would be retried for ever.
-                lib.odf_handler_ensure()
-            return previous
-
-        signal_then_chain._odfork_wrapped = True
-        _signal.signal = signal_then_chain
-
-
+    _call_then(faulthandler, "enable", lambda *args: lib.odf_handler_ensure())
+    _call_then(signal, "signal", lambda signalnum, *rest: signalnum == signal.SIGSEGV and lib.odf_handler_ensure())
 
 
 # -- folds: how writers of a view being folded are held off ------------------

@@ -114,44 +114,59 @@ def _set_path0(entry):
         sys.path[0] = entry
 
 
-def run(args, parser):
+def _check_program(args, parser):
+    """args.module and args.args as python would take them; a usage error
+    when no program is named."""
     if args.module is not None:
         if not args.module:
             parser.error("run: -m needs a module name")
         args.module, args.args = args.module[0], args.module[1:] + args.args
     if args.module is None and not args.args:
         parser.error("run: give a script (run script.py ...) or a module (run -m module ...)")
-    _install(args.heap_size, args.gc_freeze, args.arena_size)
+
+
+def _target(args):
+    """(fn, what): how to run the program, with sys.argv and sys.path[0] set
+    as python sets them for it."""
     import runpy
     if args.module is not None:
         sys.argv = [args.module] + args.args   # runpy puts the module's path in argv[0]
         _set_path0(os.getcwd())                # -m: the working directory comes first
-        target = (_run_module, args.module)
-    else:
-        script = args.args[0]
-        sys.argv = list(args.args)
-        _set_path0(os.path.dirname(os.path.abspath(script)))
-        target = (_run_script if os.path.isfile(script) else runpy.run_path, script)
-    fn, what = target
+        return _run_module, args.module
+    script = args.args[0]
+    sys.argv = list(args.args)
+    _set_path0(os.path.dirname(os.path.abspath(script)))
+    return (_run_script if os.path.isfile(script) else runpy.run_path), script
+
+
+def _end_as_python_does(exc):
+    """The program raised exc: print its traceback from the program's own
+    frames, and end an interrupted program by SIGINT; else exit status 1."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    exc.__traceback__ = tb or exc.__traceback__   # (what the hook prints)
+    sys.excepthook(type(exc), exc, exc.__traceback__)
+    if isinstance(exc, KeyboardInterrupt):
+        # python ends a program interrupted by ^C with the default SIGINT action
+        import signal
+        sys.stdout.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    return 1
+
+
+def run(args, parser):
+    _check_program(args, parser)
+    _install(args.heap_size, args.gc_freeze, args.arena_size)
+    fn, what = _target(args)
     program_globals = None
     try:
         program_globals = fn(what, run_name="__main__")
     except SystemExit:
         raise
     except BaseException as exc:
-        # as python does: the traceback from the program's own frames, then exit status 1
-        tb = exc.__traceback__
-        while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
-            tb = tb.tb_next
-        exc.__traceback__ = tb or exc.__traceback__   # (what the hook prints)
-        sys.excepthook(type(exc), exc, exc.__traceback__)
-        if isinstance(exc, KeyboardInterrupt):
-            # python ends a program interrupted by ^C with the default SIGINT action
-            import signal
-            sys.stdout.flush()
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGINT)
-        return 1
+        return _end_as_python_does(exc)
     finally:
         if args.heap_stats:
             # while the program's objects are alive (its globals, or the frames of
