@@ -47,16 +47,23 @@ def _fmt(key, v):
 
 
 def print_table(size, row, out=sys.stdout):
+    """One size: every metric of every kind, and two ratios: os.fork of 4 KiB
+    pages (bytearray) and of transparent huge pages (numpy-thp), each over
+    odfork's value (above 1: odfork takes less)."""
     kinds = list(row)
     print(f"\nsize {_human(size)}", file=out)
-    print(f"  {'metric':<30}" + "".join(f"{k:>14}" for k in kinds) + f"{'os.fork/odfork':>16}", file=out)
+    print(f"  {'metric':<30}" + "".join(f"{k:>14}" for k in kinds) + f"{'4K/odfork':>12}{'THP/odfork':>12}",
+          file=out)
     for key, label in METRICS:
         vals = [row[k].get(key) for k in kinds]
         if all(v is None for v in vals):
             continue
-        base, od = row.get("bytearray", {}).get(key), row.get("odfork", {}).get(key)
-        ratio = f"{base / od:.1f}x" if base and od else "-"
-        print(f"  {label:<30}" + "".join(f"{_fmt(key, v):>14}" for v in vals) + f"{ratio:>16}", file=out)
+        od = row.get("odfork", {}).get(key)
+        ratios = ""
+        for base_kind in ("bytearray", "numpy-thp"):
+            base = row.get(base_kind, {}).get(key)
+            ratios += f"{(f'{base / od:.2f}x' if base and od else '-'):>12}"
+        print(f"  {label:<30}" + "".join(f"{_fmt(key, v):>14}" for v in vals) + ratios, file=out)
     if "odfork" in row and "odfork-empty" in row:
         print(f"  odfork written / empty arena, fork: "
               f"{row['odfork']['fork_ms'] / row['odfork-empty']['fork_ms']:.2f}x", file=out)
@@ -76,6 +83,7 @@ def compare(args):
           f"{os.cpu_count()} CPUs, THP {thp_state()}")
     print("# bytearray = os.fork with 4 KiB pages; numpy-thp = os.fork with transparent huge pages;")
     print("# odfork = arena with every byte written; odfork-empty = arena with nothing written.")
+    print("# 4K/odfork, THP/odfork: os.fork's value over odfork's (above 1: odfork takes less).")
     from odfork_user._core import prepare_process
     FOLD_PROTECT = prepare_process()[0]
     print("# odfork configuration: the default (page mode: private views at fork, the kernel copies the "
