@@ -40,6 +40,10 @@ def test_a_c_program_behaves_the_same_with_its_heap_in_the_arena(check_program):
     pre = _exec(check_program)
     assert plain.returncode == 0 and pre.returncode == 0, (plain.stderr, pre.stderr)
     assert "in-arena 0" in plain.stdout and "in-arena 101" in pre.stdout, pre.stdout
+    # aligned blocks (16 bytes to 2 MiB) are the arena heap's too; above a chunk, glibc's
+    assert "aligned in-arena 0 of 360" in plain.stdout.splitlines(), plain.stdout
+    assert "aligned in-arena 360 of 360" in pre.stdout.splitlines(), pre.stdout
+    assert "above-chunk aligned in-arena 0" in pre.stdout.splitlines(), pre.stdout
     fds = [ln for ln in plain.stdout.splitlines() if ln.startswith("fds")]
     assert fds and fds == [ln for ln in pre.stdout.splitlines() if ln.startswith("fds")]  # nothing leaks into exec
     assert "ok" in pre.stdout.splitlines()
