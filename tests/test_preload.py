@@ -40,6 +40,10 @@ def test_a_c_program_behaves_the_same_with_its_heap_in_the_arena(check_program):
     pre = _exec(check_program)
     assert plain.returncode == 0 and pre.returncode == 0, (plain.stderr, pre.stderr)
     assert "in-arena 0" in plain.stdout and "in-arena 101" in pre.stdout, pre.stdout
+    # aligned blocks (16 bytes to 2 MiB) are the arena heap's too; above a chunk, glibc's
+    assert "aligned in-arena 0 of 360" in plain.stdout.splitlines(), plain.stdout
+    assert "aligned in-arena 360 of 360" in pre.stdout.splitlines(), pre.stdout
+    assert "above-chunk aligned in-arena 0" in pre.stdout.splitlines(), pre.stdout
     fds = [ln for ln in plain.stdout.splitlines() if ln.startswith("fds")]
     assert fds and fds == [ln for ln in pre.stdout.splitlines() if ln.startswith("fds")]  # nothing leaks into exec
     assert "ok" in pre.stdout.splitlines()
@@ -96,6 +100,53 @@ def test_a_full_heap_falls_back_to_glibc(check_program):
     # a 4 MiB heap: most of the program's blocks come from glibc, and it still works
     p = _exec(check_program, env={"ODFORK_HEAP_SIZE": "4M"})
     assert p.returncode == 0 and "ok" in p.stdout, p.stderr
+
+
+RUBY_FORK = r"""
+# a few tens of MiB of objects: strings long enough to have their own
+# (malloc'd) buffers, arrays and hashes
+$data = Array.new(40_000) { |i| ["x#{i}" * 40, [i, i.to_s, [i] * 8], {k: i, v: "v#{i}" * 20}] }
+GC.start
+def arena_rss_kib
+  File.read("/proc/self/smaps").split(/^(?=\h+-\h+ )/).sum { |m| m.lines[0].include?("odfork-pool") ? m[/^Rss:\s+(\d+)/, 1].to_i : 0 }
+end
+def intact?(data)
+  data.each_with_index.all? { |(s, a, h), i| s == "x#{i}" * 40 && a[1] == i.to_s && a[2].sum == 8 * i && h[:v] == "v#{i}" * 20 }
+end
+r, w = IO.pipe
+pid = Process.fork do
+  r.close
+  ok = intact?($data)
+  $data.each { |s, a, h| s.upcase!; a[1] << "c"; h[:v] = "child" }   # the child's writes, in place
+  $data.concat(Array.new(20_000) { |i| "new#{i}" * 30 })           # and new objects
+  GC.start
+  w.write(ok && $data[7][0] == "X7" * 40 && $data[7][2][:v] == "child" ? "child-ok" : "child-bad")
+  w.close
+  exit!(0)
+end
+w.close
+got = r.read
+Process.wait(pid)
+puts got, $?.exitstatus, intact?($data) ? "parent-intact" : "parent-changed", $data.size
+puts "arena-kib #{arena_rss_kib}"
+"""
+
+
+@pytest.mark.skipif(not shutil.which("ruby"), reason="ruby is not installed (apt-get install ruby)")
+def test_an_unmodified_ruby_forks_its_objects_isolated(tmp_path):
+    # Debian's ruby, unmodified: its child reads the parent's objects and
+    # rewrites them, the parent's stay as they were.  Its malloc heap (the
+    # strings' buffers, the arrays' and hashes' tables) is in the arena; the
+    # object slots are not: Ruby 3.1 maps its heap pages with mmap, not malloc.
+    script = tmp_path / "fork.rb"
+    script.write_text(RUBY_FORK)
+    plain = subprocess.run(["ruby", str(script)], capture_output=True, text=True, timeout=60)
+    pre = _exec("ruby", str(script), timeout=60)
+    for p in (plain, pre):
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.splitlines()[:4] == ["child-ok", "0", "parent-intact", "40000"], p.stdout
+    arena = {name: int(p.stdout.split("arena-kib ")[1]) for name, p in (("plain", plain), ("pre", pre))}
+    assert arena["plain"] == 0 and arena["pre"] > 16 << 10, arena  # > 16 MiB of ruby's heap in the arena
 
 
 needs_redis = pytest.mark.skipif(not all(shutil.which(x) for x in ("redis-server", "redis-cli", "redis-benchmark")),

@@ -5,6 +5,8 @@ its script in a fresh interpreter; the script asserts, and the test checks
 that it ran to the end.  The heap allocator itself is also driven directly
 (no install) against a model.
 """
+import errno
+import os
 import random
 import textwrap
 
@@ -305,4 +307,98 @@ def test_heap_large_block_grows_in_place_and_top_comes_down(heap):
     lib.odf_heap_free(h, big)
     assert a.stats()["chunks_resident"] < resident  # whole chunks above the top were given back
     assert lib.odf_heap_alloc(h, 40 * CH) == ffi.NULL  # bigger than the heap: NULL, heap intact
+    assert lib.odf_heap_check(h) == 0
+
+
+ALIGNS = [32, 64, 128, 256, 1024, 4096, 16384, 65536, 1 << 20, CH]
+
+
+def test_heap_aligned_blocks_under_random_churn_with_ordinary_ones(heap):
+    # aligned blocks (every power of two from 32 bytes to a chunk, small and
+    # large sizes) interleaved with ordinary ones: each at a multiple of its
+    # alignment, its bytes its own, freed and resized as any block
+    a, h = heap
+    rng = random.Random(11)
+    live = {}  # address -> (size, byte)
+    out = ffi.new("void **")
+    sizes = [1, 100, 3000, 5000, 33000, 70000, 300000]
+    for step in range(3000):
+        op = rng.random()
+        if (op < 0.55 and len(live) < 120) or not live:  # (at most ~20 chunk-aligned runs live: they fit)
+            n = rng.choice(sizes) + rng.randrange(64)
+            if rng.random() < 0.6:
+                align = rng.choice(ALIGNS)
+                assert lib.odf_heap_alloc_aligned(h, align, n, out) == 0
+                p = out[0]
+            else:
+                align, p = 16, lib.odf_heap_alloc(h, n)
+            assert p != ffi.NULL
+            addr = int(ffi.cast("uintptr_t", p))
+            assert addr % align == 0 and addr not in live and lib.odf_heap_owns(h, p), (hex(addr), align, n)
+            assert lib.odf_heap_usable(h, p) >= n
+            b = step % 251
+            _fill(p, n, b)
+            live[addr] = (n, b)
+        elif op < 0.8:
+            addr = rng.choice(list(live))
+            n, b = live.pop(addr)
+            p = ffi.cast("void *", addr)
+            assert _read(p, n) == bytes([b]) * n
+            lib.odf_heap_free(h, p)
+        else:
+            addr = rng.choice(list(live))
+            n, b = live.pop(addr)
+            m = rng.choice(sizes) + rng.randrange(64)
+            q = lib.odf_heap_realloc(h, ffi.cast("void *", addr), m)
+            assert q != ffi.NULL and lib.odf_heap_usable(h, q) >= m
+            assert _read(q, min(n, m)) == bytes([b]) * min(n, m)
+            _fill(q, m, b)
+            live[int(ffi.cast("uintptr_t", q))] = (m, b)
+        if step % 300 == 0:
+            assert lib.odf_heap_check(h) == 0
+    spans = sorted((addr, addr + lib.odf_heap_usable(h, ffi.cast("void *", addr))) for addr in live)
+    assert all(e <= s for (_, e), (s, _) in zip(spans, spans[1:]))  # usable sizes do not overlap either
+    for addr, (n, b) in live.items():
+        assert _read(ffi.cast("void *", addr), n) == bytes([b]) * n
+        lib.odf_heap_free(h, ffi.cast("void *", addr))
+    st = ffi.new("odf_heap_stats_t *")
+    lib.odf_heap_stats(h, st)
+    assert st.live_blocks == 0 and st.live_bytes == 0  # (slabs stay: the top does not come down)
+    assert lib.odf_heap_check(h) == 0
+
+
+def test_heap_aligned_runs_pack_grow_and_give_their_chunks_back(heap):
+    a, h = heap
+    out = ffi.new("void **")
+    st = ffi.new("odf_heap_stats_t *")
+    # a runtime's object pages: 64 KiB at 64 KiB, one after another, with
+    # small blocks between them: the pages skipped to align are reused
+    pages, smalls = [], []
+    for i in range(200):
+        assert lib.odf_heap_alloc_aligned(h, 65536, 65536, out) == 0
+        pages.append(out[0])
+        smalls.append(lib.odf_heap_alloc(h, 200))
+        assert lib.odf_heap_usable(h, out[0]) == 65536
+    lib.odf_heap_stats(h, st)
+    assert st.top_bytes <= 202 * 65536, st.top_bytes  # the runs and one slab, next to each other
+    assert lib.odf_heap_check(h) == 0
+    # a run at the top grows in place, shrinks in place
+    assert lib.odf_heap_alloc_aligned(h, CH, 100000, out) == 0
+    big = out[0]
+    assert int(ffi.cast("uintptr_t", big)) % CH == 0
+    assert lib.odf_heap_realloc(h, big, 3 * CH) == big and lib.odf_heap_usable(h, big) == 3 * CH
+    assert lib.odf_heap_realloc(h, big, CH + 1) == big and lib.odf_heap_usable(h, big) == CH + 4096
+    _fill(big, CH + 1, 9)
+    resident = a.stats()["chunks_resident"]
+    lib.odf_heap_free(h, big)
+    assert a.stats()["chunks_resident"] < resident  # its whole chunks went back
+    for p in pages + smalls:
+        lib.odf_heap_free(h, p)
+    lib.odf_heap_stats(h, st)
+    assert st.live_blocks == 0 and st.top_bytes <= 3 * 65536  # (the small blocks' slab stays)
+    # what the heap cannot serve: an error code, nothing changed
+    assert lib.odf_heap_alloc_aligned(h, 2 * CH, 100, out) == errno.EINVAL   # above a chunk: the caller's
+    assert lib.odf_heap_alloc_aligned(h, 3 * 4096, 100, out) == errno.EINVAL  # not a power of two
+    assert lib.odf_heap_alloc_aligned(h, 0, 100, out) == errno.EINVAL
+    assert lib.odf_heap_alloc_aligned(h, CH, 40 * CH, out) == errno.ENOMEM   # bigger than the heap
     assert lib.odf_heap_check(h) == 0

@@ -18,9 +18,21 @@
  *   grows in place into a free neighbour or the top when it can.
  *   "raw" page runs (pymalloc's 1 MiB arenas): pages with no header; the
  *   caller passes the size back when freeing.
+ *   aligned blocks (odf_heap_alloc_aligned; alignments up to ODF_CHUNK_SIZE,
+ *   beyond which the caller must look elsewhere): up to a page, a size class
+ *   that is a multiple of the alignment (its slab starts on a page, so all
+ *   its blocks are aligned) when the size is a small one; else a run of
+ *   whole pages with no header, its first page at an address that is a
+ *   multiple of the alignment (first fit over the free extents, the pages
+ *   before it staying a free extent, else above the top, the pages skipped
+ *   becoming one).  Such a run's length is in `kind`: KIND_ALIGNED on its
+ *   first page, KIND_ACONT on each later one; the page after it never holds
+ *   KIND_ACONT (it starts something else, or is free), so its length is the
+ *   count of KIND_ACONT pages that follow its first, read without a lock.
  * Per page, one byte in `kind` (private memory) says what it is: 0 free or
  * unused, 1..ODF_HEAP_NCLASS slab of that class, KIND_BIG first page of a
- * large block, KIND_CONT a later page of a large block or a raw run.
+ * large block, KIND_CONT a later page of a large block or a raw run,
+ * KIND_ALIGNED / KIND_ACONT first / later page of an aligned run.
  *
  * Concurrency: none inside; the caller serialises (the Python allocator
  * hooks run with the GIL held), except odf_heap_usable, odf_heap_block_class
@@ -59,6 +71,8 @@ extern void __libc_free(void *);
 #define SLAB_PAGES 16 /* 64 KiB */
 #define KIND_BIG 0xFF
 #define KIND_CONT 0xFE
+#define KIND_ALIGNED 0xFD
+#define KIND_ACONT 0xFC
 #define BIG_MAGIC 0x6f6462696762ULL /* "odbigb" */
 #define HDR 16
 
@@ -139,16 +153,26 @@ int odf_heap_create(odf_arena_t *a, uintptr_t start, size_t len, odf_heap_t **ou
 
 /* ---- pages ---- */
 
+/* Room for k more free extents, so that what follows cannot fail on it. */
+static int ext_reserve(odf_heap_t *h, size_t k)
+{
+    if (h->next + k <= h->ext_cap)
+        return 0;
+    size_t cap = h->ext_cap ? h->ext_cap * 2 : 64;
+    while (cap < h->next + k)
+        cap *= 2;
+    extent_t *e = sys_realloc(h->ext, cap * sizeof(*e));
+    if (!e)
+        return ENOMEM;
+    h->ext = e;
+    h->ext_cap = cap;
+    return 0;
+}
+
 static int ext_insert(odf_heap_t *h, size_t at, uint32_t page, uint32_t n)
 {
-    if (h->next == h->ext_cap) {
-        size_t cap = h->ext_cap ? h->ext_cap * 2 : 64;
-        extent_t *e = sys_realloc(h->ext, cap * sizeof(*e));
-        if (!e)
-            return ENOMEM;
-        h->ext = e;
-        h->ext_cap = cap;
-    }
+    if (ext_reserve(h, 1))
+        return ENOMEM;
     memmove(h->ext + at + 1, h->ext + at, (h->next - at) * sizeof(*h->ext));
     h->ext[at] = (extent_t){page, n};
     h->next++;
@@ -194,29 +218,52 @@ static void unmap_pages(odf_heap_t *h, size_t p, size_t n)
         odf_arena_release(h->arena, lo, hi - lo);
 }
 
-/* n pages, first fit; returns the page index or SIZE_MAX. */
-static size_t pages_alloc(odf_heap_t *h, size_t n)
+/* The first page at or after p whose address is a multiple of ap pages (a power of two). */
+static inline size_t page_align_up(const odf_heap_t *h, size_t p, size_t ap)
+{
+    size_t s = h->start >> PAGE_SHIFT;
+    return ((s + p + ap - 1) & ~(ap - 1)) - s;
+}
+
+/* n pages, first fit, the first of them at an address that is a multiple of
+ * ap pages (a power of two; 1: any page); returns the page index or SIZE_MAX.
+ * The pages skipped to reach the alignment stay free (an extent). */
+static size_t pages_alloc_aligned(odf_heap_t *h, size_t n, size_t ap)
 {
     for (size_t i = 0; i < h->next; i++) {
         extent_t *e = &h->ext[i];
-        if (e->npages >= n) {
-            size_t p = e->page;
-            if (map_pages(h, p, n))
-                return SIZE_MAX;
-            e->page += (uint32_t)n;
-            e->npages -= (uint32_t)n;
-            if (!e->npages)
-                ext_remove(h, i);
-            return p;
+        size_t q = page_align_up(h, e->page, ap), end = (size_t)e->page + e->npages;
+        if (q + n > end)
+            continue;
+        size_t head = q - e->page, tail = end - (q + n);
+        if ((head && tail && ext_reserve(h, 1)) || map_pages(h, q, n))
+            return SIZE_MAX;
+        e = &h->ext[i]; /* (ext_reserve may have moved the list) */
+        if (!head && !tail) {
+            ext_remove(h, i);
+        } else if (!head) {
+            e->page = (uint32_t)(q + n);
+            e->npages = (uint32_t)tail;
+        } else {
+            e->npages = (uint32_t)head;
+            if (tail)
+                ext_insert(h, i + 1, (uint32_t)(q + n), (uint32_t)tail); /* (reserved: cannot fail) */
         }
+        return q;
     }
-    size_t p = h->top;
-    /* a free extent that ends at the top is merged into it on free, so none is here */
-    if (p + n > h->npages || map_pages(h, p, n))
+    size_t p = h->top, q = page_align_up(h, p, ap);
+    /* a free extent that ends at the top is merged into it on free, so none is here;
+     * the skipped pages [p, q) become one (no chunk wholly above the top is mapped) */
+    if (q + n > h->npages || (q > p && ext_reserve(h, 1)) || map_pages(h, q, n))
         return SIZE_MAX;
-    h->top = p + n;
-    return p;
+    if (q > p)
+        ext_insert(h, h->next, (uint32_t)p, (uint32_t)(q - p));
+    h->top = q + n;
+    return q;
 }
+
+/* n pages, first fit; returns the page index or SIZE_MAX. */
+static size_t pages_alloc(odf_heap_t *h, size_t n) { return pages_alloc_aligned(h, n, 1); }
 
 static void pages_free(odf_heap_t *h, size_t p, size_t n)
 {
@@ -240,15 +287,16 @@ static void pages_free(odf_heap_t *h, size_t p, size_t n)
     unmap_pages(h, p, n);
 }
 
-/* Can the large block at page p (n pages) grow to m pages in place? */
-static int grow_in_place(odf_heap_t *h, size_t p, size_t n, size_t m)
+/* Can the large block or aligned run at page p (n pages) grow to m pages in
+ * place?  Its new pages are marked `cont`. */
+static int grow_in_place(odf_heap_t *h, size_t p, size_t n, size_t m, uint8_t cont)
 {
     size_t end = p + n, need = m - n;
     if (end == h->top) {
         if (end + need > h->npages || map_pages(h, end, need))
             return 0;
         h->top = end + need;
-        memset(h->kind + end, KIND_CONT, need);
+        memset(h->kind + end, cont, need);
         return 1;
     }
     size_t lo = ext_find(h, end);
@@ -259,7 +307,7 @@ static int grow_in_place(odf_heap_t *h, size_t p, size_t n, size_t m)
         h->ext[lo].npages -= (uint32_t)need;
         if (!h->ext[lo].npages)
             ext_remove(h, lo);
-        memset(h->kind + end, KIND_CONT, need);
+        memset(h->kind + end, cont, need);
         return 1;
     }
     return 0;
@@ -275,7 +323,7 @@ int odf_heap_owns(odf_heap_t *h, const void *ptr)
     if (p < h->start || p >= h->start + (h->top << PAGE_SHIFT))
         return 0;
     uint8_t k = h->kind[page_of(h, ptr)];
-    return k == KIND_BIG || (k >= 1 && k <= ODF_HEAP_NCLASS);
+    return k == KIND_BIG || k == KIND_ALIGNED || (k >= 1 && k <= ODF_HEAP_NCLASS);
 }
 
 int odf_heap_in_range(odf_heap_t *h, const void *ptr)
@@ -322,24 +370,80 @@ void *odf_heap_alloc(odf_heap_t *h, size_t n)
     return hdr + 2;
 }
 
+/* Pages of the aligned run whose first page is p: its first and the KIND_ACONT
+ * pages after it.  The page after a run is never KIND_ACONT (another run's
+ * later pages follow that run's first page), whatever other threads make or
+ * free there meanwhile; so no lock is needed for a run the caller owns, whose
+ * own kinds change only through its owner's realloc or free. */
+static size_t aligned_pages(const odf_heap_t *h, size_t p)
+{
+    const uint8_t *k = h->kind + p + 1, *end = h->kind + h->npages;
+    while (k < end && *k == KIND_ACONT)
+        k++;
+    return (size_t)(k - (h->kind + p));
+}
+
+/* The smallest size class >= n that is a multiple of align (<= a page), or -1. */
+static int aligned_class(size_t n, size_t align)
+{
+    for (int c = class_of(n); c < ODF_HEAP_NCLASS; c++)
+        if (!(class_size[c] & (align - 1)))
+            return c;
+    return -1;
+}
+
+int odf_heap_alloc_aligned(odf_heap_t *h, size_t align, size_t n, void **out)
+{
+    if (!align || (align & (align - 1)) || align > ODF_CHUNK_SIZE)
+        return EINVAL;
+    if (!n)
+        n = 1;
+    void *b;
+    if (align <= 16) { /* every block is */
+        b = odf_heap_alloc(h, n);
+    } else if (align <= PAGE && n <= ODF_HEAP_MAX_SMALL && aligned_class(n, align) >= 0) {
+        /* a slab starts on a page, so its blocks of a class that is a multiple of align are aligned */
+        b = odf_heap_alloc(h, class_size[aligned_class(n, align)]);
+    } else {
+        if (n > ((size_t)UINT32_MAX << PAGE_SHIFT))
+            return ENOMEM;
+        size_t np = (n + PAGE - 1) >> PAGE_SHIFT, ap = align > PAGE ? align >> PAGE_SHIFT : 1;
+        size_t p = pages_alloc_aligned(h, np, ap);
+        if (p == SIZE_MAX)
+            return ENOMEM;
+        h->kind[p] = KIND_ALIGNED;
+        memset(h->kind + p + 1, KIND_ACONT, np - 1);
+        h->live_bytes += np << PAGE_SHIFT;
+        h->live_blocks++;
+        b = (void *)(h->start + (p << PAGE_SHIFT));
+    }
+    if (!b)
+        return ENOMEM;
+    *out = b;
+    return 0;
+}
+
 int odf_heap_class(size_t n) { return n <= ODF_HEAP_MAX_SMALL ? class_of(n) : -1; }
 
 size_t odf_heap_class_size(int c) { return class_size[c]; }
 
 /* Needs no lock when the caller owns the block: a page's kind is written when
- * its slab or large block is made and cleared only when the large block is
- * freed (slabs are never given back), and a large block's header changes only
- * through its owner's realloc. */
+ * its slab, large block or aligned run is made and cleared only when the
+ * large block or run is freed (slabs are never given back), and a large
+ * block's header or a run's length changes only through its owner's realloc. */
 int odf_heap_block_class(odf_heap_t *h, const void *ptr)
 {
     uint8_t k = h->kind[page_of(h, ptr)];
-    return k == KIND_BIG ? -1 : k - 1;
+    return k >= 1 && k <= ODF_HEAP_NCLASS ? k - 1 : -1;
 }
 
 size_t odf_heap_usable(odf_heap_t *h, const void *ptr)
 {
-    int c = odf_heap_block_class(h, ptr);
-    return c < 0 ? (((const uint64_t *)ptr)[-2] << PAGE_SHIFT) - HDR : class_size[c];
+    size_t pg = page_of(h, ptr);
+    uint8_t k = h->kind[pg];
+    if (k == KIND_ALIGNED)
+        return aligned_pages(h, pg) << PAGE_SHIFT;
+    return k == KIND_BIG ? (((const uint64_t *)ptr)[-2] << PAGE_SHIFT) - HDR : class_size[k - 1];
 }
 
 void odf_heap_free(odf_heap_t *h, void *ptr)
@@ -349,6 +453,13 @@ void odf_heap_free(odf_heap_t *h, void *ptr)
     if (k == KIND_BIG) {
         size_t np = ((uint64_t *)ptr)[-2];
         ((uint64_t *)ptr)[-1] = 0; /* a second free of this block then finds no magic */
+        h->live_bytes -= np << PAGE_SHIFT;
+        h->live_blocks--;
+        pages_free(h, pg, np);
+        return;
+    }
+    if (k == KIND_ALIGNED) {
+        size_t np = aligned_pages(h, pg);
         h->live_bytes -= np << PAGE_SHIFT;
         h->live_blocks--;
         pages_free(h, pg, np);
@@ -368,21 +479,26 @@ void *odf_heap_realloc(odf_heap_t *h, void *ptr, size_t n)
     size_t pg = page_of(h, ptr);
     uint8_t k = h->kind[pg];
     size_t have = odf_heap_usable(h, ptr);
-    if (k != KIND_BIG) {
+    if (k != KIND_BIG && k != KIND_ALIGNED) {
         if (n <= have && (n > ODF_HEAP_MAX_SMALL || class_of(n) == k - 1))
             return ptr;
-    } else if (n > ODF_HEAP_MAX_SMALL) {
-        size_t np = ((uint64_t *)ptr)[-2], want = (n + HDR + PAGE - 1) >> PAGE_SHIFT;
+    } else if (n > ODF_HEAP_MAX_SMALL && n <= ((size_t)UINT32_MAX << PAGE_SHIFT)) {
+        /* a large block (its header counts) or an aligned run (none): in place when it can */
+        int big = k == KIND_BIG;
+        size_t np = big ? ((uint64_t *)ptr)[-2] : have >> PAGE_SHIFT;
+        size_t want = (n + (big ? HDR : 0) + PAGE - 1) >> PAGE_SHIFT;
         if (want <= np) {
             if (want < np) { /* give the tail back */
-                ((uint64_t *)ptr)[-2] = want;
+                if (big)
+                    ((uint64_t *)ptr)[-2] = want;
                 h->live_bytes -= (np - want) << PAGE_SHIFT;
                 pages_free(h, pg + want, np - want);
             }
             return ptr;
         }
-        if (grow_in_place(h, pg, np, want)) {
-            ((uint64_t *)ptr)[-2] = want;
+        if (grow_in_place(h, pg, np, want, big ? KIND_CONT : KIND_ACONT)) {
+            if (big)
+                ((uint64_t *)ptr)[-2] = want;
             h->live_bytes += (want - np) << PAGE_SHIFT;
             return ptr;
         }
@@ -430,7 +546,8 @@ void odf_heap_stats(odf_heap_t *h, odf_heap_stats_t *out)
 }
 
 /* Structural check: extents sorted, disjoint, below the top, not touching;
- * pages in extents are marked free; large-block headers are intact. */
+ * pages in extents are marked free; large-block headers are intact; an
+ * aligned run's later pages follow its first. */
 int odf_heap_check(odf_heap_t *h)
 {
     size_t prev_end = 0;
@@ -453,6 +570,9 @@ int odf_heap_check(odf_heap_t *h)
             for (size_t q = p + 1; q < p + hdr[0]; q++)
                 if (h->kind[q] != KIND_CONT)
                     return EUCLEAN;
+        } else if (h->kind[p] == KIND_ACONT) { /* only inside an aligned run */
+            if (!p || (h->kind[p - 1] != KIND_ALIGNED && h->kind[p - 1] != KIND_ACONT))
+                return EUCLEAN;
         }
     }
     return 0;

@@ -31,6 +31,9 @@ int odf_heap_class(size_t n);                             /* size class of n, -1
                                                              valid once a heap has been created */
 size_t odf_heap_class_size(int c);
 int odf_heap_block_class(odf_heap_t *h, const void *p);  /* class of a block, -1 large; no lock needed */
+/* A block at a multiple of align (a power of two <= ODF_CHUNK_SIZE, else
+ * EINVAL), freed, resized and measured as any block: 0, EINVAL or ENOMEM. */
+int odf_heap_alloc_aligned(odf_heap_t *h, size_t align, size_t n, void **out);
 void *odf_heap_alloc_raw(odf_heap_t *h, size_t n);       /* page aligned, no header */
 void odf_heap_free_raw(odf_heap_t *h, void *p, size_t n);
 int odf_heap_owns(odf_heap_t *h, const void *p);         /* p is a block of alloc/realloc */

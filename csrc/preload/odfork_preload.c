@@ -22,8 +22,8 @@
  *
  * What stays with glibc's allocator (__libc_*): the few allocations made
  * while the arena is being created (the core's own calloc), alignments above
- * 64 bytes (and 32/64-byte alignments above ODF_HEAP_MAX_SMALL), and
- * everything after the heap is full (malloc returns glibc's memory until it
+ * the chunk size (2 MiB; memalign, posix_memalign, aligned_alloc, valloc and
+ * pvalloc up to it are the heap's), and everything after the heap is full (malloc returns glibc's memory until it
  * too is exhausted; ENOMEM, never corruption).  free() and realloc() tell the
  * two apart by address (the arena's range).
  *
@@ -394,24 +394,24 @@ EXPORT void *reallocarray(void *p, size_t nmemb, size_t size)
 
 EXPORT size_t malloc_usable_size(void *p) { return p ? usable(p) : 0; }
 
-/* The heap's blocks are 16-byte aligned; size classes up to ODF_HEAP_MAX_SMALL
- * are multiples of 64 from slabs that start on a page, so a block of such a
- * class is 64-byte aligned.  Larger alignments come from glibc. */
+/* Any power-of-two alignment up to the chunk size (2 MiB) is the heap's
+ * (odf_heap_alloc_aligned: a size class that is a multiple of it, or a run of
+ * pages that starts on a multiple of it), so a language runtime that
+ * allocates its object pages aligned (Ruby's 64 KiB heap pages) keeps them in
+ * the arena.  Above the chunk size, glibc's memalign serves (the heap's page
+ * runs are aligned to at most a chunk), as it does once the heap is full. */
 static void *aligned(size_t align, size_t n)
 {
     if (align <= 16)
         return malloc(n);
-    if (align <= 64) {
-        size_t m = n < 64 ? 64 : (n + 63) & ~(size_t)63;
-        if (m <= ODF_HEAP_MAX_SMALL) {
-            void *p = heap_alloc(m);
-            if (p && ((uintptr_t)p & (align - 1)) == 0)
-                return p;
-            if (p)
-                free(p);
-        }
+    void *p = NULL;
+    if (align <= ODF_CHUNK_SIZE && !in_init && state != 3) {
+        pthread_mutex_lock(&heap_lock);
+        if ((state == 2 || init_locked() == 0) && odf_heap_alloc_aligned(heap, align, n, &p))
+            p = NULL;
+        pthread_mutex_unlock(&heap_lock);
     }
-    return __libc_memalign(align, n);
+    return p ? p : __libc_memalign(align, n);
 }
 
 EXPORT int posix_memalign(void **out, size_t align, size_t n)
@@ -443,12 +443,16 @@ EXPORT void *memalign(size_t align, size_t n)
     return aligned(align ? align : 1, n);
 }
 
-EXPORT void *valloc(size_t n) { return __libc_memalign((size_t)sysconf(_SC_PAGESIZE), n); }
+EXPORT void *valloc(size_t n) { return aligned((size_t)sysconf(_SC_PAGESIZE), n); }
 
 EXPORT void *pvalloc(size_t n)
 {
     size_t pg = (size_t)sysconf(_SC_PAGESIZE);
-    return __libc_memalign(pg, (n + pg - 1) & ~(pg - 1));
+    if (n > SIZE_MAX - pg) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    return aligned(pg, n ? (n + pg - 1) & ~(pg - 1) : pg);
 }
 
 /* ---- SIGSEGV: the core's handler stays in front ---- */

@@ -76,6 +76,7 @@ void *odf_heap_alloc(odf_heap_t *h, size_t n);
 void *odf_heap_realloc(odf_heap_t *h, void *p, size_t n);
 void odf_heap_free(odf_heap_t *h, void *p);
 size_t odf_heap_usable(odf_heap_t *h, const void *p);
+int odf_heap_alloc_aligned(odf_heap_t *h, size_t align, size_t n, void **out);
 void *odf_heap_alloc_raw(odf_heap_t *h, size_t n);
 void odf_heap_free_raw(odf_heap_t *h, void *p, size_t n);
 int odf_heap_owns(odf_heap_t *h, const void *p);

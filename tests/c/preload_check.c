@@ -4,7 +4,8 @@
  * a thread while others allocate), blocks freed by another thread, threads
  * that exit giving their blocks back, a child killed mid-write, exec after
  * fork, daemonizing, and that a SIGSEGV
- * handler the program installs still gets real crashes.  Prints "in-arena N"
+ * handler the program installs still gets real crashes, and aligned allocations
+ * (16 bytes to 2 MiB) as blocks like any other.  Prints "in-arena N"
  * (how many of its blocks lie in an odfork arena, from /proc/self/maps) and
  * "ok"; exits non-zero with a message on the first failure.
  *
@@ -160,6 +161,126 @@ static void fork_isolated(char *big, size_t n, const char *who)
     for (size_t i = 0; i < n; i += 4096)
         if (big[i] != 'P')
             FAIL("%s: the child's write reached the parent at %zu", who, i);
+}
+
+/* Aligned allocations, every power of two from 16 bytes to the chunk size
+ * (2 MiB), small and large, from each of the aligned calls, interleaved with
+ * ordinary mallocs: aligned, usable size >= the request, resized and freed as
+ * any block, and their bytes their own across a fork (the child checks and
+ * rewrites them, the parent's stay).  Prints "aligned in-arena N of M" (how
+ * many of the aligned blocks lie in an arena) and the same for alignments
+ * above the chunk size (glibc's under the preload too). */
+#define NALIGNED 360
+static void *al_blk[NALIGNED], *al_plain[NALIGNED];
+static size_t al_len[NALIGNED], al_plen[NALIGNED];
+
+static void *aligned_one(int i, size_t align, size_t n)
+{
+    void *p = NULL;
+    switch (i % 4) {
+    case 0: CHECK(posix_memalign(&p, align, n) == 0); break;
+    case 1: p = aligned_alloc(align, n); break;
+    case 2: p = memalign(align, n); break;
+    default: p = align == 4096 ? (i & 8 ? valloc(n) : pvalloc(n)) : memalign(align, n); break;
+    }
+    CHECK(p && ((uintptr_t)p & (align - 1)) == 0 && malloc_usable_size(p) >= n);
+    return p;
+}
+
+static size_t aligned_size(int i, size_t align)
+{
+    size_t span = align < 65536 ? 3 * align : 200000; /* within a page, a few pages, past a chunk */
+    return 1 + ((size_t)i * 7919u) % span + (i % 5 == 0 ? (size_t)i * 3000u : 0);
+}
+
+static void aligned_tags_are(unsigned char base, const char *who)
+{
+    for (int i = 0; i < NALIGNED; i++) {
+        const unsigned char *b = al_blk[i], *q = al_plain[i];
+        unsigned char t = (unsigned char)(base + i);
+        for (size_t j = 0; j < al_len[i]; j += 97)
+            if (b[j] != t)
+                FAIL("%s: aligned block %d changed at %zu", who, i, j);
+        if (b[al_len[i] - 1] != t || q[0] != (unsigned char)~t || q[al_plen[i] - 1] != (unsigned char)~t)
+            FAIL("%s: block %d changed at an end", who, i);
+    }
+}
+
+static void aligned_tag(unsigned char base)
+{
+    for (int i = 0; i < NALIGNED; i++) {
+        memset(al_blk[i], base + i, al_len[i]);
+        memset(al_plain[i], ~(unsigned char)(base + i), al_plen[i]);
+    }
+}
+
+static void aligned_check(void)
+{
+    for (int i = 0; i < NALIGNED; i++) {
+        size_t align = (size_t)16 << (i % 18); /* 16 .. 2 MiB */
+        al_len[i] = aligned_size(i, align);
+        al_blk[i] = aligned_one(i, align, al_len[i]);
+        al_plen[i] = (size_t)(i * 37 % 5000) + 1;
+        CHECK((al_plain[i] = malloc(al_plen[i])));
+    }
+    aligned_tag(1);
+    /* resize a third (realloc keeps the bytes, not the alignment), free and
+     * remake another third (the holes between runs are reused) */
+    for (int i = 0; i < NALIGNED; i += 3) {
+        size_t m = i % 2 ? al_len[i] / 2 + 1 : al_len[i] * 3 + 100;
+        unsigned char *q = realloc(al_blk[i], m);
+        CHECK(q && malloc_usable_size(q) >= m);
+        size_t keep = m < al_len[i] ? m : al_len[i];
+        for (size_t j = 0; j < keep; j += 97)
+            CHECK(q[j] == (unsigned char)(1 + i));
+        CHECK(q[keep - 1] == (unsigned char)(1 + i));
+        al_blk[i] = q;
+        al_len[i] = m;
+    }
+    for (int i = 1; i < NALIGNED; i += 3) {
+        free(al_blk[i]);
+        size_t align = (size_t)16 << ((i + 7) % 18);
+        al_len[i] = aligned_size(i + 1, align);
+        al_blk[i] = aligned_one(i + 1, align, al_len[i]);
+    }
+    aligned_tag(1);
+    read_maps();
+    int inside = 0;
+    for (int i = 0; i < NALIGNED; i++)
+        inside += in_arena(al_blk[i]);
+    /* across a fork: the child sees the parent's bytes, and its writes stay its own */
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        aligned_tags_are(1, "aligned, in the child");
+        aligned_tag(101);
+        void *own;
+        if (posix_memalign(&own, 65536, 65536))
+            _exit(11);
+        memset(own, 7, 65536);
+        aligned_tags_are(101, "aligned, the child's writes");
+        free(own);
+        _exit(0);
+    }
+    int st;
+    CHECK(waitpid(pid, &st, 0) == pid);
+    if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
+        FAIL("aligned: child failed (status %#x)", st);
+    aligned_tags_are(1, "aligned, the parent after its child");
+    for (int i = 0; i < NALIGNED; i++) {
+        free(al_blk[i]);
+        free(al_plain[i]);
+    }
+    printf("aligned in-arena %d of %d\n", inside, NALIGNED);
+    /* above the chunk size: glibc's, and still a block like any other */
+    void *huge_al = NULL;
+    CHECK(posix_memalign(&huge_al, (size_t)4 << 20, 100) == 0 && ((uintptr_t)huge_al & ((4 << 20) - 1)) == 0);
+    memset(huge_al, 1, 100);
+    void *grown = realloc(huge_al, 10000);
+    CHECK(grown && ((unsigned char *)grown)[99] == 1);
+    read_maps();
+    printf("above-chunk aligned in-arena %d\n", in_arena(grown));
+    free(grown);
 }
 
 static char *g_big;
@@ -318,6 +439,7 @@ int main(int argc, char **argv)
     free(v);
     free(pv);
     CHECK(posix_memalign((void **)&a, 3, 10) != 0);
+    aligned_check();
 
     /* the heap's blocks, and fork isolation of them */
     g_n = 64 << 20;
