@@ -1,6 +1,6 @@
 """Turn a pytest-benchmark JSON file into bench/RESULTS.md and PNG plots.
 
-    python bench/report.py bench/results.json bench/RESULTS.md
+    python bench/report.py bench/results/results.json bench/RESULTS.md
 
 Run by bench/run.sh after the suite; nothing here is measured, only summarised.
 """
@@ -215,8 +215,8 @@ def workload_section(w):
 
 
 def redis_section(bench_dir):
-    """Redis under the preload (bench/programs/redis_bgsave.py -> bench/redis*.json,
-    bench/programs/redis_testsuite.py -> bench/redis_suite.json), where present."""
+    """Redis under the preload (bench/programs/redis_bgsave.py -> bench/results/redis*.json,
+    bench/programs/redis_testsuite.py -> bench/results/redis_suite.json), where present."""
     runs = [(p, json.load(open(p))) for p in sorted(glob.glob(os.path.join(bench_dir, "redis*.json")))
             if not p.endswith("redis_suite.json")]
     suite_path = os.path.join(bench_dir, "redis_suite.json")
@@ -426,9 +426,12 @@ def main(src, dst, workloads=None):
     if workloads and os.path.exists(workloads):
         lines += workload_section(json.load(open(workloads)))
     lines += redis_section(os.path.dirname(os.path.abspath(src)))
-    made = plots(rows, sizes, os.path.dirname(os.path.abspath(dst)))
+    # the plots beside the JSON they come from (bench/results/), linked from dst
+    outdir = os.path.dirname(os.path.abspath(src))
+    made = plots(rows, sizes, outdir)
     if made:
-        lines += ["## Plots", ""] + [f"![{m}]({m})" for m in made] + [""]
+        rel = os.path.relpath(outdir, os.path.dirname(os.path.abspath(dst)))
+        lines += ["## Plots", ""] + [f"![{m}]({rel}/{m})" for m in made] + [""]
     with open(dst, "w") as f:
         f.write("\n".join(lines))
     print(f"wrote {dst} ({len(rows)} tables' rows, plots: {', '.join(made) or 'none'})")

@@ -11,7 +11,7 @@
           array: tasks per second under python vs python -m odfork_user run, and an
           empty interpreter's (the floor)
 
-    python bench/workloads.py [--quick] [--json bench/workloads.json]
+    python bench/workloads.py [--quick] [--json bench/results/workloads.json]
 
 --quick (CI): small sizes, a few seconds each.  bench/report.py puts the JSON into RESULTS.md.
 """
