@@ -87,9 +87,13 @@ def run_suite(mode, src, units, timeout):
             "--timeout", str(timeout)]
     for u in units:
         args += ["--single", u]
+    # a private copy of the tree: runtest deletes every tests/tmp/server.* of
+    # its tree when it starts, so two runs in one tree break each other
+    tree = os.path.join(d, "tree")
+    shutil.copytree(src, tree, symlinks=True)
     t0 = time.perf_counter()
     try:
-        p = subprocess.run(args, cwd=src, capture_output=True, text=True, timeout=timeout * 4)
+        p = subprocess.run(args, cwd=tree, capture_output=True, text=True, timeout=timeout * 4)
         out = ANSI.sub("", p.stdout + p.stderr)
         rc = p.returncode
     except subprocess.TimeoutExpired as e:
