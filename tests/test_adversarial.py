@@ -14,7 +14,7 @@ import pytest
 
 import odfork_user as ou
 from odfork_user import odfork
-from testlib import CH, _children, finish_child, in_child, run_py
+from testlib import forks_with_own_threads, CH, _children, finish_child, in_child, run_py
 
 
 def _daemon_child(arena, buf, how, go_r):
@@ -103,6 +103,7 @@ def test_freed_view_is_released_and_close_waits_for_slices(arena):
     arena.check()
 
 
+@forks_with_own_threads
 def test_fork_while_other_threads_are_inside_arena_methods(arena):
     buf = arena.alloc(CH)
     stop = threading.Event()

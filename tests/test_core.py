@@ -8,7 +8,7 @@ import threading
 import pytest
 
 import odfork_user as ou
-from testlib import CH, MiB, finish_child, in_child, raises_odfork, run_py, start_child
+from testlib import forks_with_own_threads, CH, MiB, finish_child, in_child, raises_odfork, run_py, start_child
 from odfork_user import odfork
 from odfork_user._core import lib
 
@@ -107,6 +107,7 @@ def test_threads_faulting_on_one_chunk_make_one_copy(arena):
     assert bytes(buf[:8 * 4096]) == b"\x00" * 8 * 4096
 
 
+@forks_with_own_threads
 def test_odfork_while_other_threads_write(arena):
     buf = arena.alloc(8 * CH)
     stop = threading.Event()
@@ -437,6 +438,7 @@ def test_orphaned_access_message_not_silent_corruption(arena):
     assert "not available in this process" in p.stderr, p
 
 
+@forks_with_own_threads
 def test_arena_created_by_a_thread_that_exits_stays_alive_for_the_family():
     # liveness must be per process: a thread that created the arena and then
     # exited must not make the process look dead to its children

@@ -13,7 +13,7 @@ import pytest
 import odfork_user as ou
 from odfork_user import odfork
 from odfork_user._core import lib
-from testlib import CH, checked_arena, finish_child, in_child, start_child
+from testlib import forks_with_own_threads, CH, checked_arena, finish_child, in_child, start_child
 
 
 @pytest.fixture
@@ -209,6 +209,7 @@ def test_prepare_write_keeps_the_bytes_of_a_view(parena):
         assert bytes(snap.buffer()[:3]) == b"120"
 
 
+@forks_with_own_threads
 @pytest.mark.parametrize("kernel", [False, True])
 def test_writers_during_folds_lose_nothing(parena, kernel):
     # Threads keep writing (user stores, and kernel writes through os.readv)

@@ -8,7 +8,7 @@ import time
 import pytest
 
 import odfork_user as ou
-from testlib import CH
+from testlib import forks_with_own_threads, CH
 
 
 def _square(x, *, add=0):
@@ -145,6 +145,7 @@ def test_spawn_not_callable():
         ou.spawn(42)
 
 
+@forks_with_own_threads
 def test_spawn_from_threads_and_dropped_children_are_reaped(arena):
     buf = arena.alloc(CH)
     buf[0] = 5

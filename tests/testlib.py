@@ -15,6 +15,13 @@ from odfork_user import _child, odfork
 MiB = 1 << 20
 CH = ou.CHUNK_SIZE
 
+# A test that forks while its own threads run gets Python 3.12+'s warning that
+# the process is multi-threaded, as any program would; it is the test's doing,
+# not the library's (tests/test_fork_warnings.py checks that the library makes
+# none), so such tests silence it rather than fill the report with it.
+forks_with_own_threads = pytest.mark.filterwarnings(
+    "ignore:This process .* is multi-threaded, use of fork:DeprecationWarning")
+
 
 def python(*args, env=None, timeout=60, **kw):
     """Run `python -P ARGS` in a fresh interpreter that imports the same
