@@ -196,3 +196,59 @@ def test_redis_own_suite_passes_under_the_preload_as_stock(tmp_path):
         assert r["outcomes"].get("ok", 0) > 50 and not r["outcomes"].get("err"), (mode, r)
         assert r["forks"] > 0, (mode, r)  # the units' BGSAVEs forked
     assert res["runs"]["odfork"]["arena_mapped"] and not res["runs"]["stock"]["arena_mapped"]
+
+
+def test_anonymous_mappings_are_the_arena_heaps_with_odfork_mmap(check_program):
+    # fresh ones zeroed, munmap of a head/tail/middle, MADV_DONTNEED, mremap, a read
+    # barrier by mprotect across a fork, fork isolation, MAP_FIXED: the same with and without
+    plain = subprocess.run([check_program, "mmap"], capture_output=True, text=True, timeout=120)
+    off = _exec(check_program, "mmap")
+    on = _exec(check_program, "mmap", env={"ODFORK_MMAP": "1"})
+    for p in (plain, off, on):
+        assert p.returncode == 0 and "mmap ok" in p.stdout.splitlines(), p.stdout + p.stderr
+    assert "mmap in-arena 0 of 300" in plain.stdout.splitlines() + off.stdout.splitlines()
+    assert "mmap in-arena 0 of 300" in off.stdout.splitlines()
+    assert "mmap in-arena 300 of 300" in on.stdout.splitlines(), on.stdout
+    # larger, other flags or protections: the kernel's
+    assert "mmap other in-arena 0" in on.stdout.splitlines(), on.stdout
+
+
+RUBY_MMAP = r'''
+in_arena = lambda do
+  File.read("/proc/self/maps").lines.grep(/odfork-pool/).map { |l| l.split(" ")[0].split("-").map { |x| x.to_i(16) } }
+end
+data = Array.new(400_000) { |i| "s#{i}" * 4 }
+h = {}
+100_000.times { |i| h[i] = [i, i.to_s] }
+GC.compact
+pid = Process.fork do
+  ok = data.each_with_index.all? { |s, i| s == "s#{i}" * 4 } && h.size == 100_000 && h[99_999] == [99_999, "99999"]
+  data.map!(&:upcase)
+  h.clear
+  GC.compact
+  exit!(ok && data[10] == "S10S10S10S10" ? 0 : 1)
+end
+Process.wait(pid)
+raise "child saw other data" unless $?.exitstatus == 0
+GC.compact
+raise "the parent's data changed" unless data[10] == "s10s10s10s10" && h[5] == [5, "5"] && data.size == 400_000
+raise "the parent's data changed" unless data.each_with_index.all? { |s, i| s == "s#{i}" * 4 }
+pid = Process.fork { GC.compact; exit!(data[7] == "s7s7s7s7" ? 0 : 1) }
+Process.wait(pid)
+raise "second child" unless $?.exitstatus == 0
+# the object pages are in the arena: an object's address (ObjectSpace is not needed: its id is not an address)
+require "fiddle"
+addr = Fiddle::Pointer[data[123]].to_i
+puts "ruby ok in-arena #{in_arena.call.any? { |lo, hi| addr >= lo && addr < hi }}"
+'''
+
+
+def test_ruby_forks_its_mmap_object_pages_on_demand_with_gc_compact_around(tmp_path):
+    if not shutil.which("ruby"):
+        pytest.skip("ruby is not installed")
+    src = tmp_path / "t.rb"
+    src.write_text(RUBY_MMAP)
+    plain = subprocess.run(["ruby", str(src)], capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0 and plain.stdout.strip() == "ruby ok in-arena false", plain.stdout + plain.stderr
+    p = _exec("ruby", str(src), env={"ODFORK_MMAP": "1"}, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip() == "ruby ok in-arena true", p.stdout + p.stderr

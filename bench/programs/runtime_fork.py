@@ -10,11 +10,13 @@ aligned  a model runtime in C (built here with gcc): its objects in 64 KiB
          pages from posix_memalign(65536, 65536), as runtimes that align their
          object pages allocate them, --mib of them, written, then fork().
 
-Both modes' processes are built first and stay up; then --forks rounds, the
-modes alternating within each (plain, exec, exec, plain, ...): each round the
+Three modes: plain, exec, exec-mmap (exec --mmap: small anonymous private
+mmaps in the arena too, where Ruby's object pages come from).  All modes'
+processes are built first and stay up; then --forks rounds, the modes in
+turn, the order reversed every other round: each round the
 process forks once, its child exits at once; the parent times fork() itself
 (fork_ms: how long the program was frozen) and fork + the child's exit + wait
-(cycle_ms).  Medians per mode, the ratio plain/exec, and the process's
+(cycle_ms).  Medians per mode, the ratios plain/exec and plain/exec-mmap, and the process's
 resident memory and how much of it lies in the arena (odfork-pool mappings in
 /proc/PID/smaps).  Output: JSON (stdout, and --json FILE).
 """
@@ -84,7 +86,7 @@ int main(int argc, char **argv)
 }
 """
 
-MODES = ("plain", "exec")
+MODES = ("plain", "exec", "exec-mmap")  # exec-mmap: exec --mmap (small anonymous mmaps in the arena too)
 
 
 def smaps_kib(pid):
@@ -102,8 +104,8 @@ def smaps_kib(pid):
 
 
 def start(cmd, mode):
-    if mode == "exec":
-        cmd = [sys.executable, "-P", "-m", "odfork_user", "exec", "--"] + cmd
+    if mode != "plain":
+        cmd = [sys.executable, "-P", "-m", "odfork_user", "exec"] + (["--mmap"] if mode == "exec-mmap" else []) + ["--"] + cmd
     p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     line = p.stdout.readline()
     if line.strip() != "ready":
@@ -149,6 +151,7 @@ def run_runtime(name, mib, forks, workdir):
                   "fork_ms": [round(x, 3) for x in res[m]["fork_ms"]]}
     for k in ("fork_ms_median", "cycle_ms_median"):
         out["speedup_" + k.split("_")[0]] = round(out["plain"][k] / out["exec"][k], 1)
+        out["speedup_" + k.split("_")[0] + "_mmap"] = round(out["plain"][k] / out["exec-mmap"][k], 1)
     return out
 
 

@@ -149,7 +149,7 @@ static int fold_in_place(odf_arena_t *a, uint32_t c, uint32_t seg, uint64_t *pm,
         resume_view(addr, token);
         return rc;
     }
-    a->flags[c] = ODF_F_WRITABLE;
+    ODF_SET_STATE(a, c, ODF_F_WRITABLE);
     _odf_writers_resume(token);
     a->n_cow += copied > 0;
     a->n_bytes += (uint64_t)copied * PAGE + (uint64_t)n * PAGE; /* the kernel's copies, then ours */
@@ -183,7 +183,7 @@ static int fold_shared(odf_arena_t *a, uint32_t c, uint32_t seg, const uint64_t 
         _odf_reserve(a->shadow + ((uintptr_t)c << ODF_CHUNK_SHIFT), ODF_CHUNK_SIZE);
     a->mypt[c] = nseg + 1;
     _odf_seg_decref(a, seg);
-    a->flags[c] = ODF_F_WRITABLE;
+    ODF_SET_STATE(a, c, ODF_F_WRITABLE);
     _odf_writers_resume(token);
     a->n_cow++;
     a->n_bytes += (uint64_t)copied * PAGE + ODF_CHUNK_SIZE;
@@ -210,8 +210,8 @@ int _odf_fold_locked(odf_arena_t *a, uint32_t c, uint32_t max_dirty, int shared,
 {
     uint64_t pm[NPAGES];
     *folded = 0;
-    if (!(a->flags[c] & ODF_F_PRIVATE) || !a->mypt[c])
-        return 0;
+    if (!(a->flags[c] & ODF_F_PRIVATE) || !a->mypt[c] || (a->flags[c] & ODF_F_USERPROT))
+        return 0; /* (a fold would remap the program's protections away, and may not read them) */
     uint32_t seg = a->mypt[c] - 1;
     if (a->refcnt[seg] > 1)
         _odf_reap_locked(a); /* a sharer may have died: then it is ours alone */
@@ -323,7 +323,7 @@ static int fault_fresh(odf_arena_t *a, uint32_t c, uintptr_t addr)
         _odf_family_unlock(a);
         return rc;
     }
-    a->flags[c] = ODF_F_WRITABLE;
+    ODF_SET_STATE(a, c, ODF_F_WRITABLE);
     return 0;
 }
 
@@ -341,7 +341,7 @@ static int fault_reuse(odf_arena_t *a, uint32_t c, uintptr_t addr)
     } else if (mprotect((void *)addr, ODF_CHUNK_SIZE, PROT_READ | PROT_WRITE) < 0) {
         return errno;
     }
-    a->flags[c] = ODF_F_WRITABLE;
+    ODF_SET_STATE(a, c, ODF_F_WRITABLE);
     a->n_reuse++;
     return 0;
 }
@@ -379,7 +379,7 @@ static int fault_copy(odf_arena_t *a, uint32_t c, uint32_t seg, uintptr_t addr)
     _odf_family_unlock(a);
     if (a->flags[c] & ODF_F_PARKED)
         _odf_reserve(sh, ODF_CHUNK_SIZE); /* the parked mapping showed seg: drop it */
-    a->flags[c] = ODF_F_WRITABLE;
+    ODF_SET_STATE(a, c, ODF_F_WRITABLE);
     a->n_cow++;
     a->n_bytes += ODF_CHUNK_SIZE;
     return 0;
@@ -396,8 +396,11 @@ static int fault_copy(odf_arena_t *a, uint32_t c, uint32_t seg, uintptr_t addr)
 int _odf_fault(odf_arena_t *a, uint32_t c)
 {
     uintptr_t addr = a->base + ((uintptr_t)c << ODF_CHUNK_SHIFT);
-    if (a->flags[c] & (ODF_F_WRITABLE | ODF_F_PRIVATE))
+    if (a->flags[c] & (ODF_F_WRITABLE | ODF_F_PRIVATE)) {
+        if (a->flags[c] & ODF_F_USERPROT)
+            return ODF_FAULT_PROGRAM; /* a protection of the program's own: its handler's business */
         return mprotect((void *)addr, ODF_CHUNK_SIZE, PROT_READ | PROT_WRITE) < 0 ? errno : 0;
+    }
     int rc = _odf_family_lock(a);
     if (rc)
         return rc;
@@ -445,6 +448,29 @@ int odf_arena_prepare_write(odf_arena_t *a, uintptr_t addr, size_t len)
 int odf_arena_populate(odf_arena_t *a, uintptr_t addr, size_t len)
 {
     return fault_range(a, addr, len, 1);
+}
+
+int odf_arena_protect(odf_arena_t *a, uintptr_t addr, size_t len, int prot, int mark)
+{
+    if (addr < a->base || addr + len > a->base + a->size || addr + len < addr || (addr & 4095) || !len)
+        return EINVAL;
+    uint32_t c0 = (uint32_t)((addr - a->base) >> ODF_CHUNK_SHIFT);
+    uint32_t c1 = (uint32_t)((addr + len - 1 - a->base) >> ODF_CHUNK_SHIFT);
+    int rc = 0;
+    sigset_t old;
+    _odf_block_signals(&old);
+    pthread_mutex_lock(&a->local);
+    for (uint32_t c = c0; c <= c1 && !rc; c++)
+        if (!a->mypt[c] || !(a->flags[c] & (ODF_F_WRITABLE | ODF_F_PRIVATE)))
+            rc = ENOMEM; /* not mapped for the program (as the kernel says of a hole) */
+    if (!rc && mprotect((void *)addr, len, prot) < 0)
+        rc = errno;
+    if (!rc)
+        for (uint32_t c = c0; c <= c1; c++)
+            a->flags[c] = (uint8_t)(mark ? a->flags[c] | ODF_F_USERPROT : a->flags[c] & ~ODF_F_USERPROT);
+    pthread_mutex_unlock(&a->local);
+    _odf_restore_signals(&old);
+    return rc;
 }
 
 int odf_arena_release(odf_arena_t *a, uintptr_t addr, size_t len)

@@ -103,7 +103,8 @@ static void odf_sigsegv(int sig, siginfo_t *si, void *uc)
                 errno = saved;
                 return;
             }
-            report("cannot resolve a write fault on arena memory", addr, rc);
+            if (rc != ODF_FAULT_PROGRAM)
+                report("cannot resolve a write fault on arena memory", addr, rc);
         }
     }
     chain(sig, si, uc);

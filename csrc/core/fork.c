@@ -66,7 +66,7 @@ static int park_run(odf_arena_t *a, uint32_t start, uint32_t n)
                 return rc;
     }
     for (uint32_t c = start; c < start + n; c++)
-        a->flags[c] = f;
+        ODF_SET_STATE(a, c, f);
     return 0;
 }
 
@@ -92,7 +92,7 @@ int _odf_write_protect(odf_arena_t *a)
                 continue;
             if (mprotect((void *)(a->base + ((uintptr_t)k << ODF_CHUNK_SHIFT)), ODF_CHUNK_SIZE, PROT_READ))
                 return errno;
-            a->flags[k] = 0;
+            ODF_SET_STATE(a, k, 0);
         }
     }
     return 0;
@@ -219,7 +219,7 @@ void _odf_child_setup(odf_arena_t *a)
     a->self = a->child_slot;
     a->mypt = ODF_PT(a, a->self);
     for (uint32_t c = 0; c < a->nchunks; c++) /* private mappings are inherited as they are */
-        a->flags[c] &= ODF_F_PRIVATE;
+        a->flags[c] &= ODF_F_PRIVATE | ODF_F_USERPROT;
     _odf_reserve(a->shadow, a->size); /* inherited parked mappings: no PTEs here */
     a->n_faults = a->n_cow = a->n_reuse = a->n_bytes = a->n_forks = a->n_folds = 0;
     _odf_ctl_writable(a, 0);

@@ -135,6 +135,13 @@ enum {
                              shared, so the unwritten pages stay the chunk's bytes. */
 #define ODF_F_FOLDING 8u  /* a VIEW whose writers are held off while it is folded */
 #define ODF_F_UNFOLDED 16u /* snapshot.c, within one take: a view its fold could not hold writers off */
+#define ODF_F_USERPROT 32u /* the program set its own protection on pages of this OWNED or VIEW chunk
+                              (odf_arena_protect): a fault there is the program's (_odf_fault returns
+                              ODF_FAULT_PROGRAM: passed to its handler, no report), and no fold remaps
+                              the chunk.  Kept across state changes (ODF_SET_STATE); a fork's remap
+                              drops the protections themselves, which their owner puts back. */
+#define ODF_SET_STATE(a, c, f) ((a)->flags[c] = (uint8_t)(((a)->flags[c] & ODF_F_USERPROT) | (f)))
+#define ODF_FAULT_PROGRAM (-1) /* _odf_fault: not the core's fault; chain it without a report */
 
 typedef struct odf_slot_s {
     _Atomic uint64_t sg;       /* gen << 32 | state; CAS by the child (PENDING->CLAIMED->LIVE),

@@ -171,6 +171,14 @@ int odf_snapshot_map(odf_arena_t *a, uint64_t id, uintptr_t *addr); /* read-only
 int odf_snapshot_unmap(uintptr_t addr, size_t size);
 int odf_snapshot_restore(odf_arena_t *a, uint64_t id);
 
+/* The program's own protection of [addr, addr+len) (page aligned; every chunk
+ * of it mapped for the program, else ENOMEM), applied under the arena's lock so
+ * that no fold remaps it meanwhile.  mark 1: these chunks keep pages the
+ * program protected: a fault there goes to the program's handler (no report)
+ * and no fold remaps them; 0: they no longer do.  A fork remaps writable
+ * chunks, dropping such protections: their owner puts them back after it. */
+int odf_arena_protect(odf_arena_t *a, uintptr_t addr, size_t len, int prot, int mark);
+
 /* Give the whole chunks of [addr, addr+len) back to the family: they become
  * non-resident (reading them again maps fresh zeros). */
 int odf_arena_release(odf_arena_t *a, uintptr_t addr, size_t len);

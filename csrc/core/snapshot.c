@@ -190,7 +190,7 @@ int odf_snapshot_restore(odf_arena_t *a, uint64_t id)
                     break;
                 if (a->flags[c] & ODF_F_PARKED)
                     _odf_reserve(a->shadow + ((uintptr_t)c << ODF_CHUNK_SHIFT), ODF_CHUNK_SIZE);
-                a->flags[c] = want && a->page_cow ? ODF_F_PRIVATE : 0;
+                ODF_SET_STATE(a, c, want && a->page_cow ? ODF_F_PRIVATE : 0);
                 if (want)
                     a->refcnt[want - 1]++;
                 a->mypt[c] = want;

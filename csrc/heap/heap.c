@@ -18,6 +18,11 @@
  *   grows in place into a free neighbour or the top when it can.
  *   "raw" page runs (pymalloc's 1 MiB arenas): pages with no header; the
  *   caller passes the size back when freeing.
+ *   "mapped" page runs (odf_heap_map: the anonymous mmaps the preload serves):
+ *   pages with no header, KIND_MAP each, handed out zeroed, freed and resized
+ *   any whole pages at a time (munmap of a head, a tail or a middle).  Pages
+ *   at or above `clean` were never handed out since their chunk was fresh, so
+ *   they read as zeros and are not written to zero them.
  *   aligned blocks (odf_heap_alloc_aligned; alignments up to ODF_CHUNK_SIZE,
  *   beyond which the caller must look elsewhere): up to a page, a size class
  *   that is a multiple of the alignment (its slab starts on a page, so all
@@ -32,7 +37,8 @@
  * Per page, one byte in `kind` (private memory) says what it is: 0 free or
  * unused, 1..ODF_HEAP_NCLASS slab of that class, KIND_BIG first page of a
  * large block, KIND_CONT a later page of a large block or a raw run,
- * KIND_ALIGNED / KIND_ACONT first / later page of an aligned run.
+ * KIND_ALIGNED / KIND_ACONT first / later page of an aligned run, KIND_MAP a
+ * page of a mapped run.
  *
  * Concurrency: none inside; the caller serialises (the Python allocator
  * hooks run with the GIL held), except odf_heap_usable, odf_heap_block_class
@@ -73,6 +79,7 @@ extern void __libc_free(void *);
 #define KIND_CONT 0xFE
 #define KIND_ALIGNED 0xFD
 #define KIND_ACONT 0xFC
+#define KIND_MAP 0xFB
 #define BIG_MAGIC 0x6f6462696762ULL /* "odbigb" */
 #define HDR 16
 
@@ -85,6 +92,7 @@ struct odf_heap_s {
     uintptr_t start;
     size_t npages;          /* capacity of the range */
     size_t top;             /* pages [0, top) have been handed out at least once */
+    size_t clean;           /* pages >= clean were never handed out (read as zeros); >= top */
     uint8_t *kind;          /* [npages], private, lazily touched */
     extent_t *ext;          /* free extents below top, sorted by page, coalesced */
     size_t next, ext_cap;
@@ -238,6 +246,8 @@ static size_t pages_alloc_aligned(odf_heap_t *h, size_t n, size_t ap)
         size_t head = q - e->page, tail = end - (q + n);
         if ((head && tail && ext_reserve(h, 1)) || map_pages(h, q, n))
             return SIZE_MAX;
+        if (q + n > h->clean)
+            h->clean = q + n;
         e = &h->ext[i]; /* (ext_reserve may have moved the list) */
         if (!head && !tail) {
             ext_remove(h, i);
@@ -259,6 +269,8 @@ static size_t pages_alloc_aligned(odf_heap_t *h, size_t n, size_t ap)
     if (q > p)
         ext_insert(h, h->next, (uint32_t)p, (uint32_t)(q - p));
     h->top = q + n;
+    if (h->top > h->clean)
+        h->clean = h->top;
     return q;
 }
 
@@ -296,6 +308,8 @@ static int grow_in_place(odf_heap_t *h, size_t p, size_t n, size_t m, uint8_t co
         if (end + need > h->npages || map_pages(h, end, need))
             return 0;
         h->top = end + need;
+        if (h->top > h->clean)
+            h->clean = h->top;
         memset(h->kind + end, cont, need);
         return 1;
     }
@@ -527,6 +541,93 @@ void odf_heap_free_raw(odf_heap_t *h, void *ptr, size_t n)
     size_t np = (n + PAGE - 1) >> PAGE_SHIFT;
     h->raw_bytes -= np << PAGE_SHIFT;
     pages_free(h, page_of(h, ptr), np);
+}
+
+/* ---- mapped runs ---- */
+
+/* Zero pages [p, p+n) that may hold old bytes (those below `clean`), as of
+ * `clean` before they were handed out. */
+static void zero_pages(odf_heap_t *h, size_t p, size_t n, size_t clean)
+{
+    size_t end = p + n < clean ? p + n : clean;
+    if (end > p)
+        memset((void *)(h->start + (p << PAGE_SHIFT)), 0, (end - p) << PAGE_SHIFT);
+}
+
+void *odf_heap_map(odf_heap_t *h, size_t n)
+{
+    if (!n || n > ((size_t)UINT32_MAX << PAGE_SHIFT))
+        return NULL;
+    size_t np = (n + PAGE - 1) >> PAGE_SHIFT, clean = h->clean;
+    size_t p = pages_alloc(h, np);
+    if (p == SIZE_MAX)
+        return NULL;
+    memset(h->kind + p, KIND_MAP, np);
+    zero_pages(h, p, np, clean);
+    h->raw_bytes += np << PAGE_SHIFT;
+    return (void *)(h->start + (p << PAGE_SHIFT));
+}
+
+/* Clip [*p, *p + *n pages) of addr/len to the heap's pages; 0 when nothing is left. */
+static int clip(odf_heap_t *h, const void *addr, size_t len, size_t *p, size_t *n)
+{
+    uintptr_t a = (uintptr_t)addr, e = a + len, end = h->start + (h->top << PAGE_SHIFT);
+    if (e < a)
+        e = UINTPTR_MAX;
+    if (a < h->start)
+        a = h->start;
+    if (e > end)
+        e = end;
+    if (e <= a)
+        return 0;
+    *p = (a - h->start) >> PAGE_SHIFT;
+    *n = ((e - h->start + PAGE - 1) >> PAGE_SHIFT) - *p;
+    return 1;
+}
+
+size_t odf_heap_mapped(odf_heap_t *h, const void *addr, size_t len)
+{
+    size_t p, n, k = 0;
+    if (clip(h, addr, len, &p, &n))
+        for (size_t i = p; i < p + n; i++)
+            k += h->kind[i] == KIND_MAP;
+    return k << PAGE_SHIFT;
+}
+
+size_t odf_heap_unmap(odf_heap_t *h, void *addr, size_t len)
+{
+    size_t p, n, freed = 0;
+    if (!clip(h, addr, len, &p, &n))
+        return 0;
+    for (size_t i = p; i < p + n;) {
+        if (h->kind[i] != KIND_MAP) {
+            i++;
+            continue;
+        }
+        size_t j = i;
+        while (j < p + n && h->kind[j] == KIND_MAP)
+            j++;
+        pages_free(h, i, j - i);
+        freed += (j - i) << PAGE_SHIFT;
+        i = j;
+    }
+    h->raw_bytes -= freed;
+    return freed;
+}
+
+int odf_heap_map_grow(odf_heap_t *h, void *addr, size_t len, size_t new_len)
+{
+    size_t p = page_of(h, addr), np = (len + PAGE - 1) >> PAGE_SHIFT, want = (new_len + PAGE - 1) >> PAGE_SHIFT;
+    if (want <= np)
+        return 0;
+    if (want > ((size_t)UINT32_MAX) || h->kind[p + np - 1] != KIND_MAP)
+        return ENOMEM;
+    size_t clean = h->clean;
+    if (!grow_in_place(h, p, np, want, KIND_MAP))
+        return ENOMEM;
+    zero_pages(h, p + np, want - np, clean);
+    h->raw_bytes += (want - np) << PAGE_SHIFT;
+    return 0;
 }
 
 void odf_heap_stats(odf_heap_t *h, odf_heap_stats_t *out)

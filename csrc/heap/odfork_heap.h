@@ -36,6 +36,17 @@ int odf_heap_block_class(odf_heap_t *h, const void *p);  /* class of a block, -1
 int odf_heap_alloc_aligned(odf_heap_t *h, size_t align, size_t n, void **out);
 void *odf_heap_alloc_raw(odf_heap_t *h, size_t n);       /* page aligned, no header */
 void odf_heap_free_raw(odf_heap_t *h, void *p, size_t n);
+/* Mapped runs (the anonymous mmaps the preload library serves): n bytes of
+ * whole pages, zeroed, page aligned, no header; NULL when full. */
+void *odf_heap_map(odf_heap_t *h, size_t n);
+/* Bytes of mapped-run pages in [p, p+len) (any range; pages outside the heap count 0). */
+size_t odf_heap_mapped(odf_heap_t *h, const void *p, size_t len);
+/* Free the mapped-run pages in [p, p+len) (page aligned; any range: a head,
+ * a tail, a middle, several runs; other pages are left alone); the bytes freed. */
+size_t odf_heap_unmap(odf_heap_t *h, void *p, size_t len);
+/* Grow the mapped run whose pages [p, p+len) are, in place, to new_len
+ * (the new pages zeroed): 0, or ENOMEM when it cannot. */
+int odf_heap_map_grow(odf_heap_t *h, void *p, size_t len, size_t new_len);
 int odf_heap_owns(odf_heap_t *h, const void *p);         /* p is a block of alloc/realloc */
 int odf_heap_in_range(odf_heap_t *h, const void *p);
 void odf_heap_stats(odf_heap_t *h, odf_heap_stats_t *out);

@@ -47,6 +47,8 @@
 #include <malloc.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdarg.h>
+#include <sys/mman.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -54,6 +56,15 @@
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
+
+/* sys_mman.h (included first into every file, setup.py) renames mmap &c. to
+ * their kernel calls for the core and the heap; this file defines the names
+ * the program calls, and calls the kernel by the odf_sys_* names. */
+#undef mmap
+#undef munmap
+#undef mremap
+#undef mprotect
+#undef madvise
 
 #define EXPORT __attribute__((visibility("default")))
 #define FOLD_PERIOD_NS (20ULL * 1000000ULL)
@@ -76,6 +87,8 @@ static TLS int in_init;
 static pthread_t folder;
 static int folder_started;
 static int can_fold;          /* a full userfaultfd: folds can hold every writer off (uffd.c) */
+static pthread_mutex_t prot_lock = PTHREAD_MUTEX_INITIALIZER; /* the program's protections (after heap_lock) */
+static void prot_reapply(void);
 
 /* ---- thread caches ----
  * Each thread keeps, per size class up to TC_MAX_SIZE bytes, a stack of free
@@ -137,10 +150,16 @@ static void *fold_loop(void *unused)
     return NULL;
 }
 
-static void prepare(void) { pthread_mutex_lock(&heap_lock); }
+static void prepare(void)
+{
+    pthread_mutex_lock(&heap_lock);
+    pthread_mutex_lock(&prot_lock);
+}
 
 static void parent(void)
 {
+    prot_reapply(); /* the core's fork remapped writable chunks, and their protections with them */
+    pthread_mutex_unlock(&prot_lock);
     pthread_mutex_unlock(&heap_lock); /* first: pthread_create allocates */
     /* views exist from the first fork on: fold them when nobody shares them
      * (ODFORK_FOLD=0: never) */
@@ -153,6 +172,8 @@ static void parent(void)
 static void child(void)
 {
     folder_started = 0; /* threads do not survive a fork; the child starts its own after its first fork */
+    prot_reapply();
+    pthread_mutex_unlock(&prot_lock);
     pthread_mutex_unlock(&heap_lock);
 }
 
@@ -584,4 +605,339 @@ EXPORT int dup3(int oldfd, int newfd, int flags)
     if (oldfd != newfd && free_fd_for(newfd))
         return -1;
     return (int)syscall(SYS_dup3, oldfd, newfd, flags);
+}
+
+/* ---- anonymous mappings (ODFORK_MMAP=1, `exec --mmap`) ----
+ * A language runtime that takes its object pages from mmap (Ruby: 32 KiB,
+ * trimmed to 16 KiB alignment by munmap) keeps them outside the arena, and
+ * each fork copies their page tables.  With ODFORK_MMAP=1, mmap(NULL, len,
+ * PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0) with len up to
+ * ODFORK_MMAP_MAX (default 1M) is a mapped run of the heap (odf_heap_map):
+ * zeroed, page aligned, in the arena.  Any other mmap (an address hint, other
+ * flags or protections, a file, larger) is the kernel's, as is every call
+ * before the arena exists or after the heap is full.  On arena addresses:
+ *   munmap   frees the served pages of the range (any whole pages: a head, a
+ *            tail, a middle); other arena pages in it are left alone (they
+ *            are malloc's: the program has no mapping of its own there);
+ *   mremap   of served pages only: shrinks in place, grows in place when the
+ *            pages after are free, else moves (MREMAP_MAYMOVE: new run or
+ *            kernel mapping, copy, free) or fails with ENOMEM; EFAULT for a
+ *            range that is not all served or has protections of the
+ *            program's, EINVAL for MREMAP_FIXED/MREMAP_DONTUNMAP;
+ *   madvise  MADV_DONTNEED/MADV_FREE/MADV_REMOVE zero served pages (as for
+ *            private anonymous memory), other advice on them is ignored;
+ *            pages not served go to the kernel as before;
+ *   mprotect applied by the core under its lock (odf_arena_protect) and
+ *            remembered per page (`uprot`): faults on such pages go to the
+ *            program's handler (Ruby's GC.compact read barrier), no fold
+ *            remaps their chunks, and after each fork they are put back in
+ *            parent and child (the fork remapped the chunks); freed pages
+ *            get PROT_READ|PROT_WRITE back;
+ *   mmap MAP_FIXED over served pages: anonymous private read-write is
+ *            served in place (zeroed); anything else there is refused with
+ *            ENOMEM (it would replace the arena's mappings).
+ * Parts of a range outside the arena always go to the kernel. */
+#define PG 4096UL
+static int mmap_on;
+static size_t mmap_max = 1UL << 20;
+static uint8_t *uprot;     /* [arena pages]: 0, or the program's protection + 1 (under prot_lock) */
+static uint32_t *uprot_n;  /* [chunks]: pages with one */
+static size_t uprot_total;
+
+__attribute__((constructor)) static void mmap_env(void)
+{
+    const char *env = getenv("ODFORK_MMAP");
+    mmap_on = env && env[0] == '1';
+    mmap_max = parse_size(getenv("ODFORK_MMAP_MAX"), mmap_max);
+}
+
+static inline int arena_overlaps(uintptr_t a, size_t len) { return state == 2 && a < hi && a + len > lo; }
+
+/* The parts of [a, a+len) below and above the arena go to `kernel`; *ma, *ml: the part inside. */
+static int split(uintptr_t a, size_t len, uintptr_t *ma, size_t *ml, int (*kernel)(uintptr_t, size_t, int), int arg)
+{
+    uintptr_t e = a + len;
+    if (a < lo && kernel(a, lo - a, arg) < 0)
+        return -1;
+    if (e > hi && kernel(hi, e - hi, arg) < 0)
+        return -1;
+    *ma = a < lo ? lo : a;
+    *ml = (e > hi ? hi : e) - *ma;
+    return 0;
+}
+
+static int k_munmap(uintptr_t a, size_t l, int unused) { return odf_sys_munmap((void *)a, l); }
+static int k_mprotect(uintptr_t a, size_t l, int prot) { return odf_sys_mprotect((void *)a, l, prot); }
+static int k_madvise(uintptr_t a, size_t l, int adv) { return odf_sys_madvise((void *)a, l, adv); }
+
+/* Record prot for the arena pages [a, a+len) and apply it, chunk by chunk;
+ * pre: prot_lock held.  0 or errno. */
+static int protect_locked(uintptr_t a, size_t len, int prot)
+{
+    size_t npages = (hi - lo) / PG;
+    if (!uprot && prot != (PROT_READ | PROT_WRITE)) {
+        uprot = odf_sys_mmap(NULL, npages, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        uprot_n = odf_sys_mmap(NULL, (npages / 512) * 4, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (uprot == MAP_FAILED || uprot_n == MAP_FAILED) {
+            uprot = NULL;
+            return ENOMEM;
+        }
+    }
+    uint8_t v = prot == (PROT_READ | PROT_WRITE) ? 0 : (uint8_t)(prot + 1);
+    for (uintptr_t c = a & ~(ODF_CHUNK_SIZE - 1); c < a + len; c += ODF_CHUNK_SIZE) {
+        uintptr_t s = c > a ? c : a, e = c + ODF_CHUNK_SIZE < a + len ? c + ODF_CHUNK_SIZE : a + len;
+        size_t ci = (c - lo) / ODF_CHUNK_SIZE;
+        uint32_t n = uprot ? uprot_n[ci] : 0;
+        if (uprot)
+            for (uintptr_t p = s; p < e; p += PG) {
+                uint8_t *u = &uprot[(p - lo) / PG];
+                n += (v != 0) - (*u != 0);
+                *u = v;
+            }
+        int rc = odf_arena_protect(arena, s, e - s, prot, n > 0);
+        if (rc)
+            return rc; /* (the map may then say more than the kernel: a later mprotect fixes both) */
+        if (uprot) {
+            uprot_total += (size_t)n - uprot_n[ci];
+            uprot_n[ci] = n;
+        }
+    }
+    return 0;
+}
+
+/* After a fork (both sides): put the program's protections back.  pre: prot_lock held. */
+static void prot_reapply(void)
+{
+    if (!uprot_total)
+        return;
+    size_t nchunks = (hi - lo) / ODF_CHUNK_SIZE;
+    for (size_t ci = 0; ci < nchunks; ci++) {
+        if (!uprot_n[ci])
+            continue;
+        size_t p0 = ci * 512;
+        for (size_t p = p0; p < p0 + 512;) {
+            uint8_t v = uprot[p];
+            size_t q = p + 1;
+            while (q < p0 + 512 && uprot[q] == v)
+                q++;
+            if (v)
+                odf_sys_mprotect((void *)(lo + p * PG), (q - p) * PG, v - 1);
+            p = q;
+        }
+    }
+}
+
+/* Does any page of [a, a+len) in the arena hold a protection of the program's?  pre: prot_lock held. */
+static int protected_locked(uintptr_t a, size_t len)
+{
+    if (!uprot_total)
+        return 0;
+    for (uintptr_t p = a; p < a + len; p += PG)
+        if (uprot[(p - lo) / PG])
+            return 1;
+    return 0;
+}
+
+/* Served pages of [a, a+len) that the program protected get PROT_READ|PROT_WRITE
+ * back (they are about to be freed or zeroed).  pre: heap_lock held. */
+static void unprotect_served(uintptr_t a, size_t len)
+{
+    pthread_mutex_lock(&prot_lock);
+    if (protected_locked(a, len))
+        for (uintptr_t p = a; p < a + len; p += PG)
+            if (uprot[(p - lo) / PG] && odf_heap_mapped(heap, (void *)p, PG))
+                protect_locked(p, PG, PROT_READ | PROT_WRITE);
+    pthread_mutex_unlock(&prot_lock);
+}
+
+static int fail(int e)
+{
+    errno = e;
+    return -1;
+}
+
+static void *serve(size_t len)
+{
+    void *p = NULL;
+    pthread_mutex_lock(&heap_lock);
+    if (state == 2 || init_locked() == 0)
+        p = odf_heap_map(heap, len);
+    pthread_mutex_unlock(&heap_lock);
+    return p;
+}
+
+EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
+{
+    if (mmap_on && !in_init && state != 3) {
+        if (!addr && prot == (PROT_READ | PROT_WRITE) && flags == (MAP_PRIVATE | MAP_ANONYMOUS) && fd == -1 &&
+            !off && len && len <= mmap_max) {
+            void *p = serve(len);
+            if (p)
+                return p;
+        } else if ((flags & MAP_FIXED) && arena_overlaps((uintptr_t)addr, len)) {
+            /* over arena pages: only a fresh anonymous mapping of served pages can be had there */
+            uintptr_t a = (uintptr_t)addr;
+            size_t l = (len + PG - 1) & ~(PG - 1);
+            if (prot != (PROT_READ | PROT_WRITE) || (flags & ~MAP_FIXED) != (MAP_PRIVATE | MAP_ANONYMOUS) ||
+                (a & (PG - 1)) || a < lo || a + l > hi) {
+                errno = ENOMEM;
+                return MAP_FAILED;
+            }
+            pthread_mutex_lock(&heap_lock);
+            int all = odf_heap_mapped(heap, addr, l) == l;
+            if (all) {
+                unprotect_served(a, l);
+                memset(addr, 0, l);
+            }
+            pthread_mutex_unlock(&heap_lock);
+            if (all)
+                return addr;
+            errno = ENOMEM;
+            return MAP_FAILED;
+        }
+    }
+    return odf_sys_mmap(addr, len, prot, flags, fd, off);
+}
+
+EXPORT void *mmap64(void *addr, size_t len, int prot, int flags, int fd, off_t off)
+{
+    return mmap(addr, len, prot, flags, fd, off);
+}
+
+EXPORT int munmap(void *addr, size_t len)
+{
+    uintptr_t a = (uintptr_t)addr, ma;
+    size_t ml;
+    if (!mmap_on || !arena_overlaps(a, len))
+        return odf_sys_munmap(addr, len);
+    if ((a & (PG - 1)) || !len)
+        return fail(EINVAL);
+    len = (len + PG - 1) & ~(PG - 1);
+    if (split(a, len, &ma, &ml, k_munmap, 0) < 0)
+        return -1;
+    pthread_mutex_lock(&heap_lock);
+    unprotect_served(ma, ml);
+    odf_heap_unmap(heap, (void *)ma, ml);
+    pthread_mutex_unlock(&heap_lock);
+    return 0;
+}
+
+EXPORT int mprotect(void *addr, size_t len, int prot)
+{
+    uintptr_t a = (uintptr_t)addr, ma;
+    size_t ml;
+    if (!mmap_on || !arena_overlaps(a, len))
+        return odf_sys_mprotect(addr, len, prot);
+    if (a & (PG - 1))
+        return fail(EINVAL);
+    len = (len + PG - 1) & ~(PG - 1);
+    if (split(a, len, &ma, &ml, k_mprotect, prot) < 0)
+        return -1;
+    pthread_mutex_lock(&prot_lock);
+    int rc = protect_locked(ma, ml, prot);
+    pthread_mutex_unlock(&prot_lock);
+    return rc ? fail(rc) : 0;
+}
+
+/* Zero served pages [a, a+len) (all served; pre: heap_lock held). */
+static void zero_served(uintptr_t a, size_t len)
+{
+    pthread_mutex_lock(&prot_lock);
+    int prot = protected_locked(a, len);
+    pthread_mutex_unlock(&prot_lock);
+    if (!prot) {
+        memset((void *)a, 0, len);
+        return;
+    }
+    for (uintptr_t p = a; p < a + len; p += PG) { /* a protected page: opened, zeroed, closed again */
+        pthread_mutex_lock(&prot_lock);
+        uint8_t v = uprot[(p - lo) / PG];
+        if (v)
+            protect_locked(p, PG, PROT_READ | PROT_WRITE);
+        memset((void *)p, 0, PG);
+        if (v)
+            protect_locked(p, PG, v - 1);
+        pthread_mutex_unlock(&prot_lock);
+    }
+}
+
+EXPORT int madvise(void *addr, size_t len, int advice)
+{
+    uintptr_t a = (uintptr_t)addr, ma;
+    size_t ml;
+    if (!mmap_on || !arena_overlaps(a, len))
+        return odf_sys_madvise(addr, len, advice);
+    if (a & (PG - 1))
+        return fail(EINVAL);
+    len = (len + PG - 1) & ~(PG - 1);
+    if (split(a, len, &ma, &ml, k_madvise, advice) < 0)
+        return -1;
+    int zero = advice == MADV_DONTNEED || advice == MADV_FREE || advice == MADV_REMOVE;
+    pthread_mutex_lock(&heap_lock);
+    for (uintptr_t p = ma; p < ma + ml;) { /* runs of served / other pages */
+        int served = odf_heap_mapped(heap, (void *)p, PG) != 0;
+        uintptr_t q = p + PG;
+        while (q < ma + ml && (odf_heap_mapped(heap, (void *)q, PG) != 0) == served)
+            q += PG;
+        if (served && zero)
+            zero_served(p, q - p);
+        else if (!served && odf_sys_madvise((void *)p, q - p, advice) < 0) {
+            int e = errno;
+            pthread_mutex_unlock(&heap_lock);
+            return fail(e);
+        }
+        p = q;
+    }
+    pthread_mutex_unlock(&heap_lock);
+    return 0;
+}
+
+EXPORT void *mremap(void *old, size_t old_len, size_t new_len, int flags, ...)
+{
+    void *fixed = NULL;
+    if (flags & MREMAP_FIXED) {
+        va_list ap;
+        va_start(ap, flags);
+        fixed = va_arg(ap, void *);
+        va_end(ap);
+    }
+    uintptr_t a = (uintptr_t)old;
+    if (!mmap_on || !arena_overlaps(a, old_len ? old_len : 1))
+        return odf_sys_mremap(old, old_len, new_len, flags, fixed);
+    size_t ol = (old_len + PG - 1) & ~(PG - 1), nl = (new_len + PG - 1) & ~(PG - 1);
+    if ((a & (PG - 1)) || !new_len || !old_len || (flags & ~(MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP))) {
+        errno = EINVAL;
+        return MAP_FAILED;
+    }
+    pthread_mutex_lock(&heap_lock);
+    pthread_mutex_lock(&prot_lock);
+    int prot = protected_locked(a, ol);
+    pthread_mutex_unlock(&prot_lock);
+    int rc = 0;
+    void *res = old;
+    if (a < lo || a + ol > hi || odf_heap_mapped(heap, old, ol) != ol || prot)
+        rc = EFAULT; /* not one mapping of the program's, as the kernel would say */
+    else if (flags & (MREMAP_FIXED | MREMAP_DONTUNMAP))
+        rc = EINVAL;
+    else if (nl < ol)
+        odf_heap_unmap(heap, (void *)(a + nl), ol - nl);
+    else if (nl > ol && odf_heap_map_grow(heap, old, ol, nl)) {
+        if (!(flags & MREMAP_MAYMOVE))
+            rc = ENOMEM;
+        else if (!(res = nl <= mmap_max ? odf_heap_map(heap, nl) : NULL)) {
+            res = odf_sys_mmap(NULL, nl, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            if (res == MAP_FAILED)
+                rc = errno;
+        }
+        if (!rc) {
+            memcpy(res, old, ol);
+            odf_heap_unmap(heap, old, ol);
+        }
+    }
+    pthread_mutex_unlock(&heap_lock);
+    if (rc) {
+        errno = rc;
+        return MAP_FAILED;
+    }
+    return res;
 }

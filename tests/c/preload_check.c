@@ -14,11 +14,18 @@
  *   preload_check fds        prints its open descriptors (the exec'd child)
  *   preload_check daemon F   daemonizes, closes every descriptor, forks a writer;
  *                            writes "daemon ok in-arena N" to F when its heap stayed its own
+ *   preload_check mmap       anonymous mappings (ODFORK_MMAP=1 serves them from the arena):
+ *                            fresh ones read as zeros, munmap of a head, a tail, a middle,
+ *                            madvise(MADV_DONTNEED), mremap, mprotect with a handler that
+ *                            lifts it (a read barrier, across a fork), fork isolation, MAP_FIXED;
+ *                            prints "mmap in-arena N of M", "mmap other in-arena K", "mmap ok"
  */
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <fcntl.h>
 #include <sys/syscall.h>
+#include <sys/mman.h>
+#include <errno.h>
 #include <malloc.h>
 #include <pthread.h>
 #include <signal.h>
@@ -373,8 +380,173 @@ static int daemon_check(const char *path)
     _exit(fclose(out) ? 25 : 0);
 }
 
+/* ---- anonymous mappings ---- */
+#define PG 4096
+static volatile int nfaults;
+static char *barrier_lo;
+static size_t barrier_len;
+
+/* A read barrier as Ruby's GC.compact has: a fault in the protected range lifts the protection. */
+static void on_barrier(int sig, siginfo_t *si, void *uc)
+{
+    (void)uc;
+    char *a = si->si_addr;
+    if (a < barrier_lo || a >= barrier_lo + barrier_len) {
+        signal(sig, SIG_DFL);
+        return;
+    }
+    nfaults++;
+    if (mprotect((void *)((uintptr_t)a & ~(uintptr_t)(PG - 1)), PG, PROT_READ | PROT_WRITE))
+        _exit(40);
+}
+
+static char *anon(size_t n)
+{
+    char *p = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    CHECK(p != MAP_FAILED && ((uintptr_t)p & (PG - 1)) == 0);
+    return p;
+}
+
+static int all(const char *p, size_t n, char v)
+{
+    for (size_t i = 0; i < n; i++)
+        if (p[i] != v)
+            return 0;
+    return 1;
+}
+
+static int mmap_check(void)
+{
+    int served = 0, total = 0, other = 0;
+    /* fresh mappings read as zeros, also where freed ones were */
+    for (int i = 0; i < 300; i++) {
+        size_t n = (size_t)(1 + i % 37) * PG - (i % 3) * 100;
+        char *p = anon(n);
+        read_maps();
+        served += in_arena(p);
+        total++;
+        CHECK(all(p, n, 0));
+        memset(p, 0xAA, n);
+        CHECK(munmap(p, n) == 0);
+    }
+    /* munmap of a head, a tail, a middle: the rest keeps its bytes; then fresh ones are zeros */
+    char *p = anon(12 * PG);
+    memset(p, 'h', 12 * PG);
+    CHECK(munmap(p, PG) == 0 && munmap(p + 11 * PG, PG) == 0 && munmap(p + 5 * PG, 2 * PG) == 0);
+    CHECK(all(p + PG, 4 * PG, 'h') && all(p + 7 * PG, 4 * PG, 'h'));
+    for (int i = 0; i < 8; i++) {
+        char *q = anon(PG);
+        CHECK(all(q, PG, 0));
+        memset(q, 'q', PG);
+    }
+    CHECK(all(p + PG, 4 * PG, 'h') && all(p + 7 * PG, 4 * PG, 'h'));
+    CHECK(munmap(p + PG, 4 * PG) == 0 && munmap(p + 7 * PG, 4 * PG) == 0);
+    CHECK(munmap(anon(PG) + 1, PG) == -1 && errno == EINVAL);
+    /* madvise(MADV_DONTNEED): those pages read as zeros, the others keep their bytes */
+    p = anon(8 * PG);
+    memset(p, 'd', 8 * PG);
+    CHECK(madvise(p + 2 * PG, 3 * PG, MADV_DONTNEED) == 0);
+    CHECK(all(p, 2 * PG, 'd') && all(p + 2 * PG, 3 * PG, 0) && all(p + 5 * PG, 3 * PG, 'd'));
+    CHECK(madvise(p, 8 * PG, MADV_WILLNEED) == 0 && all(p, 2 * PG, 'd'));
+    CHECK(munmap(p, 8 * PG) == 0);
+    /* mremap: grow (in place or moved), shrink, grow without MREMAP_MAYMOVE (in place or ENOMEM), move out */
+    p = anon(4 * PG);
+    memset(p, 'r', 4 * PG);
+    char *blocker = anon(PG); /* likely right after p: growing in place is not possible */
+    p = mremap(p, 4 * PG, 8 * PG, MREMAP_MAYMOVE);
+    CHECK(p != MAP_FAILED && all(p, 4 * PG, 'r') && all(p + 4 * PG, 4 * PG, 0));
+    memset(p + 4 * PG, 's', 4 * PG);
+    CHECK(mremap(p, 8 * PG, 3 * PG, 0) == p && all(p, 3 * PG, 'r'));
+    char *g = mremap(p, 3 * PG, 6 * PG, 0);
+    CHECK(g == p || (g == MAP_FAILED && errno == ENOMEM));
+    size_t have = g == p ? 6 * PG : 3 * PG;
+    if (g == p)
+        CHECK(all(p + 3 * PG, 3 * PG, 0));
+    p = mremap(p, have, 4 << 20, MREMAP_MAYMOVE); /* above the size served: a kernel mapping */
+    CHECK(p != MAP_FAILED && all(p, 3 * PG, 'r') && all(p + have, (4 << 20) - have, 0));
+    CHECK(munmap(p, 4 << 20) == 0 && munmap(blocker, PG) == 0);
+    /* mprotect: a read barrier (PROT_NONE, lifted by the program's handler), before and after a fork */
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_sigaction = on_barrier;
+    sa.sa_flags = SA_SIGINFO;
+    sigemptyset(&sa.sa_mask);
+    CHECK(sigaction(SIGSEGV, &sa, NULL) == 0);
+    p = anon(8 * PG);
+    memset(p, 'b', 8 * PG);
+    barrier_lo = p;
+    barrier_len = 8 * PG;
+    CHECK(mprotect(p + PG, 2 * PG, PROT_NONE) == 0 && mprotect(p + 4 * PG, PG, PROT_READ) == 0);
+    CHECK(p[0] == 'b' && p[PG] == 'b' && nfaults == 1); /* read of a PROT_NONE page */
+    p[4 * PG] = 'w'; /* write of a PROT_READ page */
+    CHECK(nfaults == 2 && p[4 * PG] == 'w');
+    CHECK(mprotect(p + 2 * PG, PG, PROT_NONE) == 0 && mprotect(p + 6 * PG, PG, PROT_NONE) == 0);
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) { /* the protections hold in the child as in the parent */
+        int before = nfaults;
+        if (p[2 * PG] != 'b' || nfaults != before + 1)
+            _exit(41);
+        if (p[6 * PG] != 'b' || nfaults != before + 2)
+            _exit(44);
+        memset(p, 'c', 8 * PG);
+        _exit(0);
+    }
+    int st;
+    CHECK(waitpid(pid, &st, 0) == pid);
+    if (!WIFEXITED(st) || WEXITSTATUS(st))
+        FAIL("protected child: status %d", st);
+    int before = nfaults;
+    CHECK(p[2 * PG] == 'b' && nfaults == before + 1 && p[6 * PG] == 'b' && nfaults == before + 2);
+    CHECK(p[0] == 'b' && p[4 * PG] == 'w' && all(p + 5 * PG, PG, 'b'));
+    CHECK(mprotect(p + 3 * PG, PG, PROT_NONE) == 0 && munmap(p, 8 * PG) == 0); /* freed while protected */
+    for (int i = 0; i < 16; i++) {
+        char *q = anon(PG);
+        CHECK(all(q, PG, 0));
+        memset(q, 'f', PG);
+    }
+    barrier_len = 0;
+    signal(SIGSEGV, SIG_DFL);
+    /* fork isolation: the child sees the parent's bytes and writes its own */
+    p = anon(64 * PG);
+    memset(p, 'p', 64 * PG);
+    pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        if (!all(p, 64 * PG, 'p'))
+            _exit(42);
+        memset(p, 'c', 64 * PG);
+        _exit(all(p, 64 * PG, 'c') ? 0 : 43);
+    }
+    CHECK(waitpid(pid, &st, 0) == pid && WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    CHECK(all(p, 64 * PG, 'p'));
+    /* MAP_FIXED of a fresh anonymous mapping over one: zeros there */
+    CHECK(mmap(p + 8 * PG, 2 * PG, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) ==
+          p + 8 * PG);
+    CHECK(all(p + 7 * PG, PG, 'p') && all(p + 8 * PG, 2 * PG, 0) && all(p + 10 * PG, PG, 'p'));
+    CHECK(mmap(p, PG, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0) == MAP_FAILED &&
+          errno == EEXIST);
+    CHECK(munmap(p, 64 * PG) == 0);
+    /* other mappings stay the kernel's: larger, other flags or protections, an address hint */
+    char *o[4];
+    o[0] = anon(4 << 20);
+    o[1] = mmap(NULL, PG, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    o[2] = mmap(NULL, PG, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    o[3] = mmap(NULL, PG, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    read_maps();
+    for (int i = 0; i < 4; i++) {
+        CHECK(o[i] != MAP_FAILED);
+        other += in_arena(o[i]);
+    }
+    CHECK(all(o[0], 4 << 20, 0) && munmap(o[0], 4 << 20) == 0);
+    printf("mmap in-arena %d of %d\nmmap other in-arena %d\nmmap ok\n", served, total, other);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
+    if (argc > 1 && !strcmp(argv[1], "mmap"))
+        return mmap_check();
     if (argc > 2 && !strcmp(argv[1], "daemon"))
         return daemon_check(argv[2]);
     if (argc > 1 && !strcmp(argv[1], "fds")) {

@@ -7,8 +7,10 @@ demand.
     odfork-user exec -- CMD ARGS...                 (the console script)
     LD_PRELOAD=$(python -m odfork_user exec --print-library) CMD ARGS...
 
-The library reads ODFORK_HEAP_SIZE (default 64G, virtual until used) and
-ODFORK_FOLD (0: no background folding).  Children and exec'd programs inherit
+The library reads ODFORK_HEAP_SIZE (default 64G, virtual until used),
+ODFORK_FOLD (0: no background folding), ODFORK_MMAP (1, or --mmap: small
+anonymous private read-write mmaps come from the arena heap too) and
+ODFORK_MMAP_MAX (the largest such mmap served, default 1M).  Children and exec'd programs inherit
 LD_PRELOAD as they inherit any environment variable.
 """
 import argparse
@@ -38,6 +40,9 @@ def add_parser(sub):
                                    "fork CMD makes is on demand.")
     e.add_argument("--heap-size", type=parse_size, default=None,
                    help="size of the arena heap (default: ODFORK_HEAP_SIZE or 64G; virtual until used)")
+    e.add_argument("--mmap", action="store_true",
+                   help="serve small anonymous private mmaps (up to ODFORK_MMAP_MAX, default 1M) from the arena "
+                        "heap too (ODFORK_MMAP=1): for runtimes that take their object pages from mmap (Ruby)")
     e.add_argument("--print-library", action="store_true", help="print the library's path and exit")
     e.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...: the command and its arguments")
     return e
@@ -55,6 +60,8 @@ def run(args, parser):
     env["LD_PRELOAD"] = " ".join(p for p in [lib, env.get("LD_PRELOAD", "")] if p)
     if args.heap_size:
         env["ODFORK_HEAP_SIZE"] = str(args.heap_size)
+    if args.mmap:
+        env["ODFORK_MMAP"] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
     try:
