@@ -25,8 +25,9 @@
  *                            populated writable mapping of segment pt[c] that
  *                            a fork moved out of the arena (mremap moves the
  *                            page tables, O(1) per run).  Nothing writes
- *                            through the shadow; a reuse or an in-place fold
- *                            moves it back.
+ *                            through the shadow but a fold in place (cow.c,
+ *                            while the count is 1); a reuse or an in-place
+ *                            fold moves it back.
  *
  * Family-wide, in the control memfd (odf_ctl_t): the family lock, each
  * segment's count, the free-segment stack, and the slots.  A slot is a
