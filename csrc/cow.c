@@ -196,10 +196,10 @@ static int scan_private(odf_arena_t *a, int pm_fd, uint32_t c0, uint32_t n, uint
 }
 
 /* Chunks per fold batch (one lock hold, one hold of writers), and the pages
- * a batch copies at most (it stops taking chunks beyond, ~2-4 ms of copying):
- * a fault or a fork waits for one batch at most. */
+ * a batch copies at most (it stops taking chunks beyond; one chunk's worth,
+ * 0.3-0.9 ms of copying here): a fault or a fork waits for one batch at most. */
 #define FOLD_BATCH 64u
-#define FOLD_BATCH_PAGES 2048u
+#define FOLD_BATCH_PAGES 512u
 
 /* Copy the private pages (bits) of chunk c into its segment seg: through the
  * parked mapping in the shadow (MAP_SHARED of seg, populated, writable) when
@@ -311,6 +311,8 @@ static int fold_run(odf_arena_t *a, uint32_t c0, uint32_t n, uint32_t min_dirty,
     for (i = 0; i < n; i++) {
         uint32_t d = known ? chunk_bits(bits + i * BITW) : NPAGES;
         pick[i] = d >= min_dirty && d <= max_dirty && (d > 0 || (a->flags[c0 + i] & ODF_F_PARKED));
+        if (d > max_dirty)
+            a->flags[c0 + i] |= ODF_F_HOT;
         if (pick[i] && pages > 0 && pages + d > FOLD_BATCH_PAGES)
             break; /* the next batch's */
         if (pick[i]) {
@@ -496,16 +498,19 @@ int _odf_fold_locked(odf_arena_t *a, uint32_t c, uint32_t max_dirty, int shared,
 /* Fold the views of count 1 from chunk *c on, one batch under one lock hold
  * (fold_run); *c is advanced past what was considered, to a->hi when nothing
  * is left.  pre: none (takes the locks).  EAGAIN: writers cannot be held off. */
-static int fold_next_batch(odf_arena_t *a, uint32_t *c, uint32_t max_dirty)
+#define FOLDABLE(a, c, skip_hot)                                                                   \
+    (((a)->flags[c] & (ODF_F_PRIVATE | ((skip_hot) ? ODF_F_HOT : 0))) == ODF_F_PRIVATE && (a)->mypt[c] &&     \
+     (a)->refcnt[(a)->mypt[c] - 1] == 1)
+
+static int fold_next_batch(odf_arena_t *a, uint32_t *c, uint32_t max_dirty, int skip_hot)
 {
     int rc;
     ODF_LOCKED(a, rc, {
         uint32_t s = *c;
-        while (s < a->hi && !((a->flags[s] & ODF_F_PRIVATE) && a->mypt[s] && a->refcnt[a->mypt[s] - 1] == 1))
+        while (s < a->hi && !FOLDABLE(a, s, skip_hot))
             s++;
         uint32_t e = s;
-        while (e < a->hi && e - s < FOLD_BATCH && (a->flags[e] & ODF_F_PRIVATE) && a->mypt[e] &&
-               a->refcnt[a->mypt[e] - 1] == 1)
+        while (e < a->hi && e - s < FOLD_BATCH && FOLDABLE(a, e, skip_hot))
             e++;
         uint32_t done = 0, nf;
         if (e > s)
@@ -527,6 +532,22 @@ static int any_shared_view(odf_arena_t *a)
     return 0;
 }
 
+/* The background step leaves a view with more than FOLD_HOT_PAGES private
+ * pages to the kernel's copy-on-write while this process forked less than
+ * FOLD_QUIET_NS ago.  Measured here (fork_after_writes.py, fold_bench.py):
+ * folding costs ~5-10 us a view plus a memcpy (0.5-1.7 us) a page, and after
+ * the next fork every page of a folded view faults again when written (2.5-4
+ * us), while leaving a view to the kernel costs its page-table copy at each
+ * fork (~2.6 us a view plus ~0.07 us a page) and no fault once the child is
+ * gone.  A writer that rewrites a chunk every cycle therefore loses by folds
+ * (fork after rewriting 64 MiB: 2.6-4 ms with them, 1.25 ms without, os.fork
+ * 1.2 ms), and a process that forks often is such a writer or close to it.
+ * Once it has not forked for FOLD_QUIET_NS, dense views are folded too (their
+ * private pages double the chunk's memory).  arena.fold() and snapshots fold
+ * every view. */
+#define FOLD_HOT_PAGES 64u
+#define FOLD_QUIET_NS (2ULL * 1000000000ULL)
+
 int odf_arena_fold_step(odf_arena_t *a, uint64_t budget_ns, uint32_t *left)
 {
     /* Reap once, then fold views whose count is 1, one batch per lock hold,
@@ -534,12 +555,13 @@ int odf_arena_fold_step(odf_arena_t *a, uint64_t budget_ns, uint32_t *left)
      * without any lock (relaxed loads: a hint, checked again under the
      * locks), so that while a child shares every view (a save in progress)
      * a step costs a scan of memory, not syscalls. */
-    uint64_t end = _odf_now_ns() + budget_ns;
+    uint64_t now = _odf_now_ns(), end = now + budget_ns;
     uint32_t pending = 0;
-    int rc;
+    int rc, hot = now - __atomic_load_n(&a->last_fork_ns, __ATOMIC_RELAXED) < FOLD_QUIET_NS;
+    uint8_t skip = hot ? ODF_F_HOT : 0;
     ODF_LOCKED(a, rc, _odf_reap_locked(a));
     for (uint32_t c = 0; c < a->hi && !rc;) {
-        if (!(__atomic_load_n(&a->flags[c], __ATOMIC_RELAXED) & ODF_F_PRIVATE)) {
+        if ((__atomic_load_n(&a->flags[c], __ATOMIC_RELAXED) & (ODF_F_PRIVATE | skip)) != ODF_F_PRIVATE) {
             c++;
             continue;
         }
@@ -553,7 +575,7 @@ int odf_arena_fold_step(odf_arena_t *a, uint64_t budget_ns, uint32_t *left)
             c++;
             continue;
         }
-        rc = fold_next_batch(a, &c, ODF_FOLD_ANY);
+        rc = fold_next_batch(a, &c, hot ? FOLD_HOT_PAGES : ODF_FOLD_ANY, hot);
         if (rc == EAGAIN)
             return 0; /* writers cannot be held off now: no fold this step, none pending */
     }
@@ -568,7 +590,7 @@ int odf_arena_fold(odf_arena_t *a, uint32_t max_dirty)
     if (any_shared_view(a))
         ODF_LOCKED(a, rc, _odf_reap_locked(a)); /* a sharer may have died: then they are ours alone */
     for (uint32_t c = 0; c < a->hi && !rc;)
-        rc = fold_next_batch(a, &c, max_dirty);
+        rc = fold_next_batch(a, &c, max_dirty, 0);
     return rc == EAGAIN ? 0 : rc; /* writers cannot be held off now: the views stay views */
 }
 

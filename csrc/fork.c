@@ -174,6 +174,7 @@ static void parent(void)
                 }
             }
             a->n_forks++;
+            a->last_fork_ns = _odf_now_ns();
             if (a->fork_locked)
                 _odf_family_unlock(a);
             a->fork_locked = 0;

@@ -136,6 +136,8 @@ enum {
                              shared, so the unwritten pages stay the chunk's bytes. */
 #define ODF_F_FOLDING 8u  /* a VIEW whose writers are held off while it is folded */
 #define ODF_F_UNFOLDED 16u /* snapshot.c, within one take: a view its fold could not hold writers off */
+#define ODF_F_HOT 32u      /* a VIEW a fold left alone for its many private pages: the background
+                              step skips it while this process forks often (cow.c FOLD_HOT_PAGES) */
 
 typedef struct odf_slot_s {
     _Atomic uint64_t sg;       /* gen << 32 | state; CAS by the child (PENDING->CLAIMED->LIVE),
@@ -197,6 +199,7 @@ struct odf_arena_s {
     uint32_t last_child_slot, last_child_gen;
     /* stats, under a->local */
     uint64_t n_faults, n_cow, n_reuse, n_bytes, n_forks, n_folds;
+    uint64_t last_fork_ns;     /* CLOCK_MONOTONIC of this process's last fork (parent handler), under a->local */
     int broken_cow;            /* test hook (_odf_debug_break): resolve shared faults without a copy */
     int page_cow;              /* copy mode: !odf_arena_opts_t.chunk_cow */
     int crash_in_handler;      /* test hook: fault inside the SIGSEGV handler */
