@@ -13,7 +13,8 @@ Variants (KIND/PATTERN):
   odfork/dense        odfork, 1 B per 4 KiB page (every page) written before each fork
 Every variant runs --repeat times, interleaved (one process of each in turn),
 so that the machine's drift hits all alike; the median of each process's
-median is reported.  --python adds the same odfork variants run by another
+median is reported, with the CPU the process's other threads (the
+background folder) used, in percent of one CPU over the process's life.  --python adds the same odfork variants run by another
 interpreter (another installed version: "before"), tagged with its path;
 --env "NAME=VALUE ...",... runs the odfork variants once per setting.  JSON on
 stdout, a table on stderr.
@@ -28,8 +29,9 @@ import subprocess
 import sys
 
 CHILD = r"""
-import json, os, sys, time
+import json, os, sys, threading, time
 from odfork_user._measure import Holder
+t_start = time.perf_counter()
 kind, size, rounds, pattern = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 h = Holder(kind, size)
 lat = []
@@ -42,8 +44,18 @@ for r in range(rounds + 2):
     lat.append((time.perf_counter() - t0) * 1e3)
     os.waitpid(pid, 0)
 stats = h.arena.stats() if h.arena is not None else {}
+def other_threads_cpu_ms():  # the folder's CPU (every thread but this one), from /proc
+    me, tot = str(threading.get_native_id()), 0
+    for tid in os.listdir("/proc/self/task"):
+        if tid != me:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                st = f.read().rsplit(")", 1)[1].split()
+            tot += int(st[11]) + int(st[12])  # utime, stime
+    return tot * 1e3 / os.sysconf("SC_CLK_TCK")
+wall = time.perf_counter() - t_start
+cpu = other_threads_cpu_ms()
 h.close()
-print(json.dumps({"fork_ms": lat[2:], "folds": stats.get("folds", 0)}))
+print(json.dumps({"fork_ms": lat[2:], "folds": stats.get("folds", 0), "folder_cpu_ms": cpu, "wall_s": wall}))
 """
 
 BASE = [("bytearray", "dense"), ("numpy-thp", "sparse"), ("numpy-thp", "dense"), ("odfork-empty", "sparse")]
@@ -74,7 +86,7 @@ def main():
            "kernel": os.uname().release, "rounds": args.rounds, "repeat": args.repeat, "rows": []}
     for size in (parse_size(s) for s in args.sizes.split(",")):
         meds = {v: [] for v in variants}
-        folds = {}
+        folds, cpu = {}, {}
         for _ in range(args.repeat):
             for v in variants:
                 py, e, kind, pattern = v
@@ -90,16 +102,19 @@ def main():
                 r = json.loads(p.stdout)
                 meds[v].append(statistics.median(r["fork_ms"]))
                 folds[v] = r["folds"]
+                cpu.setdefault(v, []).append(r["folder_cpu_ms"] / r["wall_s"] / 10)
         for v, m in meds.items():
             if not m:
                 continue
             py, e, kind, pattern = v
             row = {"size": size, "kind": kind, "pattern": pattern, "python": py, "env": e,
                    "fork_ms": round(statistics.median(m), 3), "per_process": [round(x, 3) for x in m],
-                   "folds": folds.get(v, 0)}
+                   "folds": folds.get(v, 0),
+                   "folder_cpu_pct": round(statistics.median(cpu.get(v, [0])), 1)}
             out["rows"].append(row)
             print(f"{size >> 20:>6}M {kind:>13}/{pattern:<6} {e:<20} {os.path.basename(os.path.dirname(os.path.dirname(py))):<16}"
-                  f" {row['fork_ms']:>9.3f} ms  {row['per_process']}", file=sys.stderr, flush=True)
+                  f" {row['fork_ms']:>9.3f} ms  folder {row['folder_cpu_pct']:>5.1f}% CPU  {row['per_process']}",
+                  file=sys.stderr, flush=True)
     json.dump(out, sys.stdout, indent=1)
     print()
 
