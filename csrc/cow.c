@@ -42,6 +42,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/utsname.h>
+#include <time.h>
 #include <unistd.h>
 
 #define PAGE 4096UL
@@ -330,6 +331,11 @@ static int fold_run(odf_arena_t *a, uint32_t c0, uint32_t n, uint32_t min_dirty,
     }
     if (!known)
         memset(bits, 0xff, (size_t)n * BITW * sizeof(uint64_t));
+    if (a->fold_delay_ms) { /* test hook (_odf_debug_break): widen the window before the hold */
+        struct timespec ts = {a->fold_delay_ms / 1000, (long)(a->fold_delay_ms % 1000) * 1000000L};
+        while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+            ;
+    }
     uintptr_t h0 = a->base + ((uintptr_t)(c0 + first) << ODF_CHUNK_SHIFT);
     size_t hlen = (size_t)(last - first + 1) << ODF_CHUNK_SHIFT;
     int token = -1, rc = 0;

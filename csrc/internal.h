@@ -203,6 +203,7 @@ struct odf_arena_s {
     int broken_cow;            /* test hook (_odf_debug_break): resolve shared faults without a copy */
     int page_cow;              /* copy mode: !odf_arena_opts_t.chunk_cow */
     int crash_in_handler;      /* test hook: fault inside the SIGSEGV handler */
+    uint32_t fold_delay_ms;    /* test hook: a fold's wait between its first look and the hold */
 };
 
 /* ---- The files, in layers: each uses only the files listed before it. ----
