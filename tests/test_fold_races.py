@@ -136,3 +136,56 @@ def test_a_signal_stack_in_a_chunk_that_a_thread_folds(protection):
     """, env=_env(protection), timeout=120)
     assert p.returncode == 0, (p.returncode, p.stderr)
     assert p.stdout.split() == ["forks", "True", "folds", "True", "protect", protection], p.stdout
+
+
+@pytest.mark.skipif(not HAVE_UFFD, reason="needs a full userfaultfd: without one a fold is refused while a thread runs")
+def test_pages_written_between_a_folds_first_look_and_its_hold_are_kept():
+    # A fold finds a batch's private pages, then holds writers off, then
+    # looks again: a page first written between the two looks must be copied
+    # too, or the remap would drop it.  The test hook widens that window to
+    # 150 ms while a thread writes fresh pages of every view, one every 0.2 ms.
+    p = run_py("""
+        import os, threading, time
+        import odfork_user as ou
+        from odfork_user._core import lib
+        CH, PG, N = ou.CHUNK_SIZE, 4096, 8
+        a = ou.Arena((N + 1) * CH, background_fold=False)
+        buf = a.alloc(N * CH)
+        buf[:] = b"\\x01" * (N * CH)
+        pid = ou.odfork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)                      # every chunk a view of count 1
+        assert lib._odf_debug_break(a._h, lib.ODF_DEBUG_FOLD_DELAY, 150) == 0
+        written, stop = [], threading.Event()
+
+        def writer():
+            k = 0
+            while not stop.is_set() and k < (N * CH) // PG:
+                off = (k * 37 % ((N * CH) // PG)) * PG + 11   # spread over the chunks, each page once
+                buf[off] = 0x5A
+                written.append(off)
+                k += 1
+                time.sleep(0.0002)
+
+        t = threading.Thread(target=writer)
+        t.start()
+        folds = 0
+        for _ in range(4):
+            a.fold()
+            folds += a.stats()["folds"]
+            pid = ou.odfork()               # views again, for the next fold
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
+        stop.set()
+        t.join()
+        lost = [off for off in written if buf[off] != 0x5A]
+        a.check()
+        print("written", len(written), "lost", len(lost), "folds", folds)
+    """, env=dict(ODFORK_USERFAULTFD="1"), timeout=120)
+    assert p.returncode == 0, p.stderr
+    words = p.stdout.split()
+    got = dict(zip(words[::2], words[1::2]))
+    assert int(got["written"]) > 100 and int(got["folds"]) > 0, p.stdout
+    assert got["lost"] == "0", p.stdout

@@ -198,6 +198,10 @@ int odf_arena_check(odf_arena_t *a, char *msg, size_t msglen)
 
 int _odf_debug_break(odf_arena_t *a, int what, uint32_t chunk)
 {
+    if (what == ODF_DEBUG_FOLD_DELAY) {
+        a->fold_delay_ms = chunk;
+        return 0;
+    }
     if (chunk >= a->nchunks)
         return EINVAL;
     int rc;

@@ -25,8 +25,9 @@
  *                            populated writable mapping of segment pt[c] that
  *                            a fork moved out of the arena (mremap moves the
  *                            page tables, O(1) per run).  Nothing writes
- *                            through the shadow; a reuse or an in-place fold
- *                            moves it back.
+ *                            through the shadow but a fold in place (cow.c,
+ *                            while the count is 1); a reuse or an in-place
+ *                            fold moves it back.
  *
  * Family-wide, in the control memfd (odf_ctl_t): the family lock, each
  * segment's count, the free-segment stack, and the slots.  A slot is a
@@ -142,6 +143,8 @@ enum {
                               drops the protections themselves, which their owner puts back. */
 #define ODF_SET_STATE(a, c, f) ((a)->flags[c] = (uint8_t)(((a)->flags[c] & ODF_F_USERPROT) | (f)))
 #define ODF_FAULT_PROGRAM (-1) /* _odf_fault: not the core's fault; chain it without a report */
+#define ODF_F_HOT 64u      /* a VIEW a fold left alone for its many private pages: the background
+                              step skips it while this process forks often (cow.c FOLD_HOT_PAGES) */
 
 typedef struct odf_slot_s {
     _Atomic uint64_t sg;       /* gen << 32 | state; CAS by the child (PENDING->CLAIMED->LIVE),
@@ -203,9 +206,11 @@ struct odf_arena_s {
     uint32_t last_child_slot, last_child_gen;
     /* stats, under a->local */
     uint64_t n_faults, n_cow, n_reuse, n_bytes, n_forks, n_folds;
+    uint64_t last_fork_ns;     /* CLOCK_MONOTONIC of this process's last fork (parent handler), under a->local */
     int broken_cow;            /* test hook (_odf_debug_break): resolve shared faults without a copy */
     int page_cow;              /* copy mode: !odf_arena_opts_t.chunk_cow */
     int crash_in_handler;      /* test hook: fault inside the SIGSEGV handler */
+    uint32_t fold_delay_ms;    /* test hook: a fold's wait between its first look and the hold */
 };
 
 /* ---- The files, in layers: each uses only the files listed before it. ----

@@ -102,9 +102,11 @@ int odf_uffd_enable(int on);
  * Without a full userfaultfd, folds happen only while the calling thread is
  * the process's only one (else the views stay views; 0 is returned). */
 int odf_arena_fold(odf_arena_t *a, uint32_t max_dirty);
-/* One step of background folding: fold views whose count is 1 (any number
- * of private pages) for about budget_ns; *left: such views the budget left
- * for the next step (shared views are not counted). */
+/* One step of background folding: fold views whose count is 1 for about
+ * budget_ns (plus one batch); while this process forked in the last 2 s,
+ * views with more than 64 private pages are left to the kernel's
+ * copy-on-write (cow.c FOLD_HOT_PAGES).  *left: foldable views the budget
+ * left for the next step (shared views are not counted). */
 int odf_arena_fold_step(odf_arena_t *a, uint64_t budget_ns, uint32_t *left);
 
 /* Make every chunk of [addr, addr+len) resident (fresh chunks get a zero

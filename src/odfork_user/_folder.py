@@ -20,10 +20,15 @@ after-fork hook leaves a pending call (Py_AddPendingCall) that the main
 thread runs at its next check, once it is out of the fork.  3.11 does not
 warn: there it runs on across forks.
 
-What: every FOLD_PERIOD it spends at most FOLD_BUDGET folding views whose count is back to 1 (and only FOLD_BUDGET apart while the
-budget leaves such views behind), one chunk per lock hold: a writer of
-a chunk being folded waits for that chunk only (userfaultfd write-protect or
-PROT_READ, see csrc/core/uffd.c).  Shared views are never folded here.
+What: every FOLD_PERIOD it spends at most FOLD_BUDGET folding views whose
+count is back to 1 (and only FOLD_BUDGET apart while the budget leaves such
+views behind), in slices of FOLD_SLICE_NS with the arena's lock released
+between them, one batch of views per lock hold in the core (csrc/core/cow.c
+fold_run): a writer of a view being folded waits for that batch only
+(userfaultfd write-protect or PROT_READ, see csrc/core/uffd.c).  While the process
+forks often, views with many private pages are left to the kernel (cow.c
+FOLD_HOT_PAGES: folding a chunk rewritten every cycle costs more than the
+page-table copy it saves).  Shared views are never folded here.
 ODFORK_FOLD=0 turns it off (folds then happen only in arena.fold() and
 snapshots).  Without a full userfaultfd (FOLD_PROTECT "mprotect") the core
 refuses a fold while another thread runs, this one included, so the thread
@@ -42,6 +47,7 @@ from odfork_user._core import ffi, lib
 
 FOLD_PERIOD = 0.02      # seconds between steps
 FOLD_BUDGET_NS = 2_000_000  # per step and arena: 10% of a CPU (50% while catching up)
+FOLD_SLICE_NS = 500_000     # per call into the core, the arena's lock held
 ENABLED = os.environ.get("ODFORK_FOLD", "1").strip() != "0"
 # Python 3.12+ warns when it forks a process with more than one OS thread
 # (3.11 does not: there the folder runs on across forks, which costs nothing);
@@ -65,19 +71,30 @@ def watch(arena):
 
 
 def _step():
-    """One step over every arena; True when the budget left foldable views."""
+    """One step over every arena; True when the budget left foldable views.
+    The budget is spent in slices of FOLD_SLICE_NS, the arena's lock released
+    between them: a fork (which takes every arena's lock first) waits for one
+    slice at most, not for the whole step."""
     left, behind = ffi.new("uint32_t *"), False
     for arena in list(_arenas):
         lock = arena._lock
-        if not lock.acquire(blocking=False):
-            continue  # busy in an arena method (or a fork): next time
-        try:
-            if arena._closed:
-                continue
-            lib.odf_arena_fold_step(arena._h, FOLD_BUDGET_NS, left)
-            behind = behind or left[0] > 0
-        finally:
-            lock.release()
+        end = time.monotonic_ns() + FOLD_BUDGET_NS
+        while True:
+            if not lock.acquire(blocking=False):
+                break  # busy in an arena method (or a fork): next time
+            try:
+                if arena._closed:
+                    break
+                left[0] = 0
+                lib.odf_arena_fold_step(arena._h, FOLD_SLICE_NS, left)
+            finally:
+                lock.release()
+            if left[0] == 0:
+                break
+            if time.monotonic_ns() >= end:
+                behind = True
+                break
+            time.sleep(0)  # a thread waiting for the lock (a fork) gets it now
     return behind
 
 
