@@ -202,7 +202,7 @@ def test_anonymous_mappings_are_the_arena_heaps_with_odfork_mmap(check_program):
     # fresh ones zeroed, munmap of a head/tail/middle, MADV_DONTNEED, mremap, a read
     # barrier by mprotect across a fork, fork isolation, MAP_FIXED: the same with and without
     plain = subprocess.run([check_program, "mmap"], capture_output=True, text=True, timeout=120)
-    off = _exec(check_program, "mmap")
+    off = _exec(check_program, "mmap", env={"ODFORK_MMAP": "0"})
     on = _exec(check_program, "mmap", env={"ODFORK_MMAP": "1"})
     for p in (plain, off, on):
         assert p.returncode == 0 and "mmap ok" in p.stdout.splitlines(), p.stdout + p.stderr
