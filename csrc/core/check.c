@@ -50,7 +50,7 @@ int odf_arena_stats(odf_arena_t *a, odf_stats_t *out)
                 if (a->refcnt[a->mypt[c] - 1] > 1)
                     out->chunks_shared++;
             }
-            if (a->flags[c] & ODF_F_PRIVATE) {
+            if (a->flags[c] & ODF_F_VIEW) {
                 /* the kernel's page copies: counted where they live now */
                 out->views++;
                 if (pm_fd < 0)
@@ -145,22 +145,24 @@ static int check_counts(odf_arena_t *a, uint32_t nseg, const uint32_t *cnt, cons
     return 0;
 }
 
-/* This process's chunks: mapped only what its page table says, writable
- * only where the segment is its alone, and no fold left half done. */
+/* This process's chunks: mapped only what its page table says, OWNED only
+ * where the segment is its alone, and no fold left half done. */
 static int check_chunks(odf_arena_t *a, char *msg, size_t len)
 {
+    static const char *const names[] = {"NONE", "OWNED", "VIEW", "LOCKED", "FOLDING"};
     for (uint32_t c = 0; c < a->nchunks; c++) {
         uint8_t f = a->flags[c];
         uint32_t e = a->mypt[c];
-        if ((f & (ODF_F_WRITABLE | ODF_F_PARKED | ODF_F_PRIVATE | ODF_F_FOLDING)) && !e)
+        odf_chunk_state_t st = _odf_chunk_state(a, c);
+        if (!e && (f & (ODF_F_OWNED | ODF_F_PARKED | ODF_F_VIEW | ODF_F_FOLDING)))
             return broken(msg, len, "chunk %u: mapped (flags %u) but not in the page table", c, f);
-        if ((f & ODF_F_WRITABLE) && a->refcnt[e - 1] != 1)
-            return broken(msg, len, "chunk %u: writable while segment %u is shared (count %u)", c, e - 1,
+        if (st == ODF_CHUNK_FOLDING)
+            return broken(msg, len, "chunk %u: left %s", c, names[st]);
+        if (st == ODF_CHUNK_OWNED && a->refcnt[e - 1] != 1)
+            return broken(msg, len, "chunk %u: %s while segment %u is shared (count %u)", c, names[st], e - 1,
                           a->refcnt[e - 1]);
-        if ((f & ODF_F_WRITABLE) && (f & (ODF_F_PARKED | ODF_F_PRIVATE)))
-            return broken(msg, len, "chunk %u: writable and parked or private (flags %u)", c, f);
-        if (f & ODF_F_FOLDING)
-            return broken(msg, len, "chunk %u: left folding", c);
+        if (st == ODF_CHUNK_OWNED && (f & (ODF_F_PARKED | ODF_F_VIEW)))
+            return broken(msg, len, "chunk %u: OWNED and parked or a VIEW (flags %u)", c, f);
     }
     return 0;
 }

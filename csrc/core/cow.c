@@ -274,7 +274,7 @@ static int unpark_run(odf_arena_t *a, uint32_t c, uint32_t n)
 
 static void folded_one(odf_arena_t *a, uint32_t c, uint32_t d, uint32_t *nfolded)
 {
-    ODF_SET_STATE(a, c, ODF_F_WRITABLE);
+    ODF_SET_STATE(a, c, ODF_F_OWNED);
     a->n_cow += d > 0;
     a->n_bytes += (uint64_t)d * PAGE * 2; /* the kernel's copies, then ours */
     a->n_reuse++;
@@ -403,7 +403,7 @@ static int fold_run(odf_arena_t *a, uint32_t c0, uint32_t n, uint32_t min_dirty,
      * them and nobody else maps the segment); writable again under an
      * mprotect hold. */
     for (i = first; i <= last; i++) {
-        if (!(a->flags[c0 + i] & ODF_F_PRIVATE))
+        if (!(a->flags[c0 + i] & ODF_F_VIEW))
             continue;
         a->flags[c0 + i] &= (uint8_t)~ODF_F_FOLDING;
         if (hold && token < 0)
@@ -448,7 +448,7 @@ static int fold_shared(odf_arena_t *a, uint32_t c, uint32_t seg, const uint64_t 
         _odf_reserve(a->shadow + ((uintptr_t)c << ODF_CHUNK_SHIFT), ODF_CHUNK_SIZE);
     a->mypt[c] = nseg + 1;
     _odf_seg_decref(a, seg);
-    ODF_SET_STATE(a, c, ODF_F_WRITABLE);
+    ODF_SET_STATE(a, c, ODF_F_OWNED);
     _odf_writers_resume(token);
     a->n_cow++;
     a->n_bytes += (uint64_t)copied * PAGE + ODF_CHUNK_SIZE;
@@ -474,7 +474,7 @@ int _odf_copy_view_locked(odf_arena_t *a, uint32_t c, uint32_t *nseg)
 int _odf_fold_locked(odf_arena_t *a, uint32_t c, uint32_t max_dirty, int shared, int *folded)
 {
     *folded = 0;
-    if (!(a->flags[c] & ODF_F_PRIVATE) || !a->mypt[c] || (a->flags[c] & ODF_F_USERPROT))
+    if (!(a->flags[c] & ODF_F_VIEW) || !a->mypt[c] || (a->flags[c] & ODF_F_USERPROT))
         return 0; /* (a fold would remap the program's protections away, and may not read them) */
     uint32_t seg = a->mypt[c] - 1;
     if (a->refcnt[seg] > 1)
@@ -505,7 +505,7 @@ int _odf_fold_locked(odf_arena_t *a, uint32_t c, uint32_t max_dirty, int shared,
  * (fold_run); *c is advanced past what was considered, to a->hi when nothing
  * is left.  pre: none (takes the locks).  EAGAIN: writers cannot be held off. */
 #define FOLDABLE(a, c, skip_hot)                                                                   \
-    (((a)->flags[c] & (ODF_F_PRIVATE | ODF_F_USERPROT | ((skip_hot) ? ODF_F_HOT : 0))) == ODF_F_PRIVATE &&     \
+    (((a)->flags[c] & (ODF_F_VIEW | ODF_F_USERPROT | ((skip_hot) ? ODF_F_HOT : 0))) == ODF_F_VIEW &&     \
      (a)->mypt[c] &&                                                                                           \
      (a)->refcnt[(a)->mypt[c] - 1] == 1)
 
@@ -530,7 +530,7 @@ static int fold_next_batch(odf_arena_t *a, uint32_t *c, uint32_t max_dirty, int 
 static int any_shared_view(odf_arena_t *a)
 {
     for (uint32_t c = 0; c < a->hi; c++) {
-        if (!(__atomic_load_n(&a->flags[c], __ATOMIC_RELAXED) & ODF_F_PRIVATE))
+        if (!(__atomic_load_n(&a->flags[c], __ATOMIC_RELAXED) & ODF_F_VIEW))
             continue;
         uint32_t e = __atomic_load_n(&a->mypt[c], __ATOMIC_RELAXED);
         if (e && __atomic_load_n(&a->refcnt[e - 1], __ATOMIC_RELAXED) > 1)
@@ -568,7 +568,7 @@ int odf_arena_fold_step(odf_arena_t *a, uint64_t budget_ns, uint32_t *left)
     uint8_t skip = ODF_F_USERPROT | (hot ? ODF_F_HOT : 0); /* (a fold would remap the program's protections) */
     ODF_LOCKED(a, rc, _odf_reap_locked(a));
     for (uint32_t c = 0; c < a->hi && !rc;) {
-        if ((__atomic_load_n(&a->flags[c], __ATOMIC_RELAXED) & (ODF_F_PRIVATE | skip)) != ODF_F_PRIVATE) {
+        if ((__atomic_load_n(&a->flags[c], __ATOMIC_RELAXED) & (ODF_F_VIEW | skip)) != ODF_F_VIEW) {
             c++;
             continue;
         }
@@ -632,7 +632,7 @@ static int fault_fresh(odf_arena_t *a, uint32_t c, uintptr_t addr)
         _odf_family_unlock(a);
         return rc;
     }
-    ODF_SET_STATE(a, c, ODF_F_WRITABLE);
+    ODF_SET_STATE(a, c, ODF_F_OWNED);
     return 0;
 }
 
@@ -650,7 +650,7 @@ static int fault_reuse(odf_arena_t *a, uint32_t c, uintptr_t addr)
     } else if (mprotect((void *)addr, ODF_CHUNK_SIZE, PROT_READ | PROT_WRITE) < 0) {
         return errno;
     }
-    ODF_SET_STATE(a, c, ODF_F_WRITABLE);
+    ODF_SET_STATE(a, c, ODF_F_OWNED);
     a->n_reuse++;
     return 0;
 }
@@ -688,7 +688,7 @@ static int fault_copy(odf_arena_t *a, uint32_t c, uint32_t seg, uintptr_t addr)
     _odf_family_unlock(a);
     if (a->flags[c] & ODF_F_PARKED)
         _odf_reserve(sh, ODF_CHUNK_SIZE); /* the parked mapping showed seg: drop it */
-    ODF_SET_STATE(a, c, ODF_F_WRITABLE);
+    ODF_SET_STATE(a, c, ODF_F_OWNED);
     a->n_cow++;
     a->n_bytes += ODF_CHUNK_SIZE;
     return 0;
@@ -705,7 +705,7 @@ static int fault_copy(odf_arena_t *a, uint32_t c, uint32_t seg, uintptr_t addr)
 int _odf_fault(odf_arena_t *a, uint32_t c)
 {
     uintptr_t addr = a->base + ((uintptr_t)c << ODF_CHUNK_SHIFT);
-    if (a->flags[c] & (ODF_F_WRITABLE | ODF_F_PRIVATE)) {
+    if (a->flags[c] & (ODF_F_OWNED | ODF_F_VIEW)) {
         if (a->flags[c] & ODF_F_USERPROT)
             return ODF_FAULT_PROGRAM; /* a protection of the program's own: its handler's business */
         return mprotect((void *)addr, ODF_CHUNK_SIZE, PROT_READ | PROT_WRITE) < 0 ? errno : 0;
@@ -742,7 +742,7 @@ static int fault_range(odf_arena_t *a, uintptr_t addr, size_t len, int only_fres
     if (a->orphaned)
         rc = EOWNERDEAD;
     for (uint32_t c = c0; c <= c1 && !rc; c++)
-        if (only_fresh ? !a->mypt[c] : !(a->flags[c] & (ODF_F_WRITABLE | ODF_F_PRIVATE)))
+        if (only_fresh ? !a->mypt[c] : !(a->flags[c] & (ODF_F_OWNED | ODF_F_VIEW)))
             rc = _odf_fault(a, c);
     pthread_mutex_unlock(&a->local);
     _odf_restore_signals(&old);
@@ -770,7 +770,7 @@ int odf_arena_protect(odf_arena_t *a, uintptr_t addr, size_t len, int prot, int 
     _odf_block_signals(&old);
     pthread_mutex_lock(&a->local);
     for (uint32_t c = c0; c <= c1 && !rc; c++)
-        if (!a->mypt[c] || !(a->flags[c] & (ODF_F_WRITABLE | ODF_F_PRIVATE)))
+        if (!a->mypt[c] || !(a->flags[c] & (ODF_F_OWNED | ODF_F_VIEW)))
             rc = ENOMEM; /* not mapped for the program (as the kernel says of a hole) */
     if (!rc && mprotect((void *)addr, len, prot) < 0)
         rc = errno;

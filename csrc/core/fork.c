@@ -57,7 +57,7 @@ static int park_run(odf_arena_t *a, uint32_t start, uint32_t n)
         return errno;
     uint8_t f = ODF_F_PARKED;
     if (a->page_cow && _odf_map_view(a, a->base + off, a->mypt[start] - 1, len) == 0) {
-        f |= ODF_F_PRIVATE;
+        f |= ODF_F_VIEW;
     } else if (mprotect((void *)(a->base + off), len, PROT_READ) < 0) {
         int rc = errno;
         /* Never leave a writable mapping of a shared segment behind. */
@@ -78,12 +78,12 @@ int _odf_write_protect(odf_arena_t *a)
         return 0; /* test hook: shared chunks stay writable (a broken COW) */
     uint32_t c = 0;
     while (c < a->hi) {
-        if (!(a->flags[c] & ODF_F_WRITABLE)) {
+        if (!(a->flags[c] & ODF_F_OWNED)) {
             c++;
             continue;
         }
         uint32_t start = c, e0 = a->mypt[c];
-        while (c < a->hi && (a->flags[c] & ODF_F_WRITABLE) && a->mypt[c] == e0 + (c - start))
+        while (c < a->hi && (a->flags[c] & ODF_F_OWNED) && a->mypt[c] == e0 + (c - start))
             c++;
         if (park_run(a, start, c - start) == 0)
             continue;
@@ -222,7 +222,7 @@ void _odf_child_setup(odf_arena_t *a)
     a->self = a->child_slot;
     a->mypt = ODF_PT(a, a->self);
     for (uint32_t c = 0; c < a->nchunks; c++) /* private mappings are inherited as they are */
-        a->flags[c] &= ODF_F_PRIVATE | ODF_F_USERPROT;
+        a->flags[c] &= ODF_F_VIEW | ODF_F_USERPROT;
     _odf_reserve(a->shadow, a->size); /* inherited parked mappings: no PTEs here */
     a->n_faults = a->n_cow = a->n_reuse = a->n_bytes = a->n_forks = a->n_folds = 0;
     _odf_ctl_writable(a, 0);

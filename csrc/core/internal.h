@@ -7,9 +7,9 @@
  *   [base, base+size)        the arena.  Chunk c is one of (a->flags[c]):
  *     NONE      pt[c] == 0: PROT_NONE anonymous reservation; the first
  *               touch (SIGSEGV) maps a fresh zero segment writable.
- *     OWNED     ODF_F_WRITABLE: MAP_SHARED of segment pt[c], PROT_READ|
+ *     OWNED     ODF_F_OWNED: MAP_SHARED of segment pt[c], PROT_READ|
  *               PROT_WRITE, only while the segment's count is 1.
- *     VIEW      ODF_F_PRIVATE (page mode): MAP_PRIVATE of segment pt[c],
+ *     VIEW      ODF_F_VIEW (page mode): MAP_PRIVATE of segment pt[c],
  *               PROT_READ|PROT_WRITE.  The chunk's bytes are the segment's
  *               plus the anonymous pages the kernel copied on write.  No one
  *               writes a segment while its count is above 1, so every write
@@ -128,23 +128,37 @@ enum {
     ODF_SLOT_DYING = 5,   /* being released; never claimed or trylocked */
 };
 
-/* Per-chunk process-private flags (a->flags). */
-#define ODF_F_WRITABLE 1u /* arena chunk mapped PROT_READ|PROT_WRITE */
+/* Per-chunk process-private flags (a->flags).  The state bits name the
+ * chunk states above (OWNED, VIEW, FOLDING); LOCKED has no bit of its own
+ * (in the page table, neither OWNED nor VIEW) and NONE is pt[c] == 0:
+ * _odf_chunk_state() tells a chunk's state by those names.  The other bits
+ * are orthogonal to the state. */
+#define ODF_F_OWNED 1u    /* OWNED: arena chunk MAP_SHARED of pt[c], PROT_READ|PROT_WRITE */
 #define ODF_F_PARKED 2u   /* shadow chunk holds the populated mapping of pt[c] */
-#define ODF_F_PRIVATE 4u  /* VIEW: arena chunk is a MAP_PRIVATE mapping of pt[c]; the kernel
+#define ODF_F_VIEW 4u     /* VIEW: arena chunk is a MAP_PRIVATE mapping of pt[c]; the kernel
                              copies the pages written.  pt[c] is never written by anyone while
                              shared, so the unwritten pages stay the chunk's bytes. */
-#define ODF_F_FOLDING 8u  /* a VIEW whose writers are held off while it is folded */
+#define ODF_F_FOLDING 8u  /* FOLDING: a VIEW whose writers are held off while it is folded */
 #define ODF_F_UNFOLDED 16u /* snapshot.c, within one take: a view its fold could not hold writers off */
 #define ODF_F_USERPROT 32u /* the program set its own protection on pages of this OWNED or VIEW chunk
                               (odf_arena_protect): a fault there is the program's (_odf_fault returns
                               ODF_FAULT_PROGRAM: passed to its handler, no report), and no fold remaps
                               the chunk.  Kept across state changes (ODF_SET_STATE); a fork's remap
                               drops the protections themselves, which their owner puts back. */
-#define ODF_SET_STATE(a, c, f) ((a)->flags[c] = (uint8_t)(((a)->flags[c] & ODF_F_USERPROT) | (f)))
-#define ODF_FAULT_PROGRAM (-1) /* _odf_fault: not the core's fault; chain it without a report */
 #define ODF_F_HOT 64u      /* a VIEW a fold left alone for its many private pages: the background
                               step skips it while this process forks often (cow.c FOLD_HOT_PAGES) */
+/* Set chunk c's state bits to f (0, ODF_F_OWNED, ODF_F_VIEW, with or without
+ * ODF_F_PARKED), keeping ODF_F_USERPROT. */
+#define ODF_SET_STATE(a, c, f) ((a)->flags[c] = (uint8_t)(((a)->flags[c] & ODF_F_USERPROT) | (f)))
+#define ODF_FAULT_PROGRAM (-1) /* _odf_fault: not the core's fault; chain it without a report */
+
+typedef enum {
+    ODF_CHUNK_NONE,    /* pt[c] == 0 */
+    ODF_CHUNK_OWNED,   /* ODF_F_OWNED */
+    ODF_CHUNK_VIEW,    /* ODF_F_VIEW */
+    ODF_CHUNK_LOCKED,  /* in the page table, neither: MAP_SHARED read-only */
+    ODF_CHUNK_FOLDING, /* ODF_F_FOLDING (a VIEW being folded) */
+} odf_chunk_state_t;
 
 typedef struct odf_slot_s {
     _Atomic uint64_t sg;       /* gen << 32 | state; CAS by the child (PENDING->CLAIMED->LIVE),
@@ -212,6 +226,19 @@ struct odf_arena_s {
     int crash_in_handler;      /* test hook: fault inside the SIGSEGV handler */
     uint32_t fold_delay_ms;    /* test hook: a fold's wait between its first look and the hold */
 };
+
+/* Chunk c's state in this process, by the names of the comment at the top. */
+static inline odf_chunk_state_t _odf_chunk_state(const odf_arena_t *a, uint32_t c)
+{
+    uint8_t f = a->flags[c];
+    if (f & ODF_F_FOLDING)
+        return ODF_CHUNK_FOLDING;
+    if (f & ODF_F_OWNED)
+        return ODF_CHUNK_OWNED;
+    if (f & ODF_F_VIEW)
+        return ODF_CHUNK_VIEW;
+    return a->mypt[c] ? ODF_CHUNK_LOCKED : ODF_CHUNK_NONE;
+}
 
 /* ---- The files, in layers: each uses only the files listed before it. ----
  *

@@ -62,7 +62,7 @@ int odf_snapshot_take(odf_arena_t *a, uint64_t *id)
          * (where writers cannot be held off, the snapshot copies the chunk) */
         for (uint32_t c = 0; c < a->hi && !rc; c++) {
             int folded;
-            if (a->flags[c] & ODF_F_PRIVATE) {
+            if (a->flags[c] & ODF_F_VIEW) {
                 rc = _odf_fold_locked(a, c, ODF_FOLD_ANY, 1, &folded);
                 if (rc == EAGAIN) {
                     rc = 0;
@@ -169,9 +169,9 @@ int odf_snapshot_restore(odf_arena_t *a, uint64_t id)
                 uint32_t want = c < s->hi ? spt[c] : 0, have = a->mypt[c];
                 uintptr_t addr = a->base + ((uintptr_t)c << ODF_CHUNK_SHIFT);
                 if (want == have) {
-                    if (a->flags[c] & ODF_F_PRIVATE) {
+                    if (a->flags[c] & ODF_F_VIEW) {
                         uint32_t n = 1; /* a run of such views: one call */
-                        while (c + n < hi && (a->flags[c + n] & ODF_F_PRIVATE) &&
+                        while (c + n < hi && (a->flags[c + n] & ODF_F_VIEW) &&
                                a->mypt[c + n] == (c + n < s->hi ? spt[c + n] : 0))
                             n++;
                         if (madvise((void *)addr, (size_t)n << ODF_CHUNK_SHIFT, MADV_DONTNEED))
@@ -190,7 +190,7 @@ int odf_snapshot_restore(odf_arena_t *a, uint64_t id)
                     break;
                 if (a->flags[c] & ODF_F_PARKED)
                     _odf_reserve(a->shadow + ((uintptr_t)c << ODF_CHUNK_SHIFT), ODF_CHUNK_SIZE);
-                ODF_SET_STATE(a, c, want && a->page_cow ? ODF_F_PRIVATE : 0);
+                ODF_SET_STATE(a, c, want && a->page_cow ? ODF_F_VIEW : 0);
                 if (want)
                     a->refcnt[want - 1]++;
                 a->mypt[c] = want;
