@@ -108,6 +108,14 @@ int odf_arena_fold(odf_arena_t *a, uint32_t max_dirty);
  * copy-on-write (cow.c FOLD_HOT_PAGES).  *left: foldable views the budget
  * left for the next step (shared views are not counted). */
 int odf_arena_fold_step(odf_arena_t *a, uint64_t budget_ns, uint32_t *left);
+/* The pace of a background folder (src/odfork_user/_folder.py, the preload's
+ * fold_loop): a step every ODF_FOLD_PERIOD_NS spending at most
+ * ODF_FOLD_BUDGET_NS (10% of a CPU), the next step ODF_FOLD_BUDGET_NS later
+ * while the budget left foldable views behind (50%); a caller that releases
+ * the arena between calls spends the budget in slices of ODF_FOLD_SLICE_NS. */
+#define ODF_FOLD_PERIOD_NS 20000000ULL
+#define ODF_FOLD_BUDGET_NS 2000000ULL
+#define ODF_FOLD_SLICE_NS 500000ULL
 
 /* Make every chunk of [addr, addr+len) resident (fresh chunks get a zero
  * segment, mapped but not populated), so that a kernel write into newly

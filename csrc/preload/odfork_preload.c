@@ -67,8 +67,6 @@
 #undef madvise
 
 #define EXPORT __attribute__((visibility("default")))
-#define FOLD_PERIOD_NS (20ULL * 1000000ULL)
-#define FOLD_BUDGET_NS (2ULL * 1000000ULL)
 
 extern void *__libc_malloc(size_t);
 extern void *__libc_calloc(size_t, size_t);
@@ -143,9 +141,9 @@ static void *fold_loop(void *unused)
     uint32_t left = 0;
     for (;;) {
         /* views left by the budget: catch up at half a CPU, else a tenth */
-        struct timespec ts = {0, (long)(left ? FOLD_BUDGET_NS : FOLD_PERIOD_NS)};
+        struct timespec ts = {0, (long)(left ? ODF_FOLD_BUDGET_NS : ODF_FOLD_PERIOD_NS)};
         nanosleep(&ts, NULL);
-        odf_arena_fold_step(arena, FOLD_BUDGET_NS, &left);
+        odf_arena_fold_step(arena, ODF_FOLD_BUDGET_NS, &left);
     }
     return NULL;
 }

@@ -45,9 +45,10 @@ from typing import Any
 from odfork_user import _core
 from odfork_user._core import ffi, lib
 
-FOLD_PERIOD = 0.02      # seconds between steps
-FOLD_BUDGET_NS = 2_000_000  # per step and arena: 10% of a CPU (50% while catching up)
-FOLD_SLICE_NS = 500_000     # per call into the core, the arena's lock held
+# the pace, the same for every folder: csrc/core/odfork.h, ODF_FOLD_*
+FOLD_PERIOD = lib.ODF_FOLD_PERIOD_NS / 1e9   # seconds between steps
+FOLD_BUDGET_NS = lib.ODF_FOLD_BUDGET_NS      # per step and arena: 10% of a CPU (50% while catching up)
+FOLD_SLICE_NS = lib.ODF_FOLD_SLICE_NS        # per call into the core, the arena's lock held
 ENABLED = os.environ.get("ODFORK_FOLD", "1").strip() != "0"
 # Python 3.12+ warns when it forks a process with more than one OS thread
 # (3.11 does not: there the folder runs on across forks, which costs nothing);

@@ -49,7 +49,7 @@ class Arena:
             writes into a shared chunk then need prepare_write() first.
         background_fold: page mode: once this process has forked, a daemon
             thread folds views nobody else shares back into their segments
-            (at most ~10% of a CPU, one chunk per lock hold), so that the next
+            (at most ~10% of a CPU, one batch of views per lock hold), so that the next
             fork or snapshot is O(chunks) again (default True; ODFORK_FOLD=0
             turns it off for every arena).  Only with a full userfaultfd
             (FOLD_PROTECT "userfaultfd"): without one a fold is refused while
