@@ -37,8 +37,16 @@ preload = Extension(
     include_dirs=["csrc/core", "csrc/heap"],
     define_macros=[("ODF_HEAP_SYS_LIBC", "1")],  # heap.c's own bookkeeping from glibc, not from itself
     # every file's own mmap &c. go to the kernel, never to the library's exported ones (sys_mman.h)
-    extra_compile_args=["-std=gnu11", "-O2", "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-unused-parameter",
-                        "-include", os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc/preload/sys_mman.h")],
+    extra_compile_args=[
+        "-std=gnu11",
+        "-O2",
+        "-fvisibility=hidden",
+        "-Wall",
+        "-Wextra",
+        "-Wno-unused-parameter",
+        "-include",
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc/preload/sys_mman.h"),
+    ],
     libraries=["pthread", "dl"],
 )
 

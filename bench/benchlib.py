@@ -1,10 +1,11 @@
 """Helpers shared by the benchmarks: the sizes to run (ODFORK_BENCH_SIZES) and memory checks."""
+
 import os
 
 import pytest
 
-from odfork_user.cli.measure import Holder, free_bytes
 from odfork_user.arena import parse_size
+from odfork_user.cli.measure import Holder, free_bytes
 
 
 def sizes(cap=None):

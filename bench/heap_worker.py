@@ -23,6 +23,7 @@ chunks the core copied into pool segments, shared memory that Private_Dirty
 does not count).  Every fork here is os.fork(): with install() it is an on-demand
 fork through the at-fork hooks.
 """
+
 import gc
 import json
 import os
@@ -48,12 +49,14 @@ def rss():
 
 if MODE in ("odfork", "odfork-chunk"):
     import odfork_user as ou
+
     arena = ou.Arena(64 << 30, cow="chunk" if MODE == "odfork-chunk" else None)
     ou.install(arena)
 elif MODE == "run":
     # started by `python -m odfork_user run`, which installed the heap before this
     # program ran; odfork_user is imported only to report stats
     import odfork_user as ou
+
     assert ou.installed(), "MODE run needs python -m odfork_user run"
     arena = ou.default_arena()
 t0 = time.perf_counter()
@@ -113,6 +116,7 @@ for line in sys.stdin:
         os.waitpid(pid, 0)
         answer({"fork_s": t})
     elif cmd == "pickle":
+
         def body(w):
             before, before_a = private_dirty(), arena_copied()
             t0 = time.perf_counter()
@@ -120,9 +124,13 @@ for line in sys.stdin:
             t = time.perf_counter() - t0
             n = len(data)
             del data  # the pickle's own buffer is not memory the fork made private
-            os.write(w, json.dumps({"child_s": t, "bytes": n,
-                                    "child_copied": private_dirty() - before + arena_copied() - before_a}
-                                   ).encode())
+            os.write(
+                w,
+                json.dumps(
+                    {"child_s": t, "bytes": n, "child_copied": private_dirty() - before + arena_copied() - before_a}
+                ).encode(),
+            )
+
         pid, r = fork_child(body)
         res = json.loads(read_all(r))
         os.waitpid(pid, 0)
@@ -136,6 +144,7 @@ for line in sys.stdin:
             gc.collect()
             t = time.perf_counter() - t0
             os.write(w, json.dumps({"child_s": t, "child_copied": private_dirty() - before}).encode())
+
         pid, r = fork_child(body)
         res = json.loads(read_all(r))
         os.waitpid(pid, 0)

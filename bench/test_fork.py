@@ -17,6 +17,7 @@ Kinds of memory (src/odfork_user/cli/measure.py):
 Before every round the parent writes one byte per 2 MiB (untimed): the state of a
 process that keeps working between forks.  Timings are never asserted; results are.
 """
+
 import os
 
 import pytest
@@ -31,8 +32,9 @@ MECH_KINDS = WRITE_KINDS
 
 
 def _extra(benchmark, h, **kw):
-    benchmark.extra_info.update(kind=h.kind, size=h.size, thp=thp_state(), kernel=os.uname().release,
-                                chunk_size=CH, mode=h.mechanism, **kw)
+    benchmark.extra_info.update(
+        kind=h.kind, size=h.size, thp=thp_state(), kernel=os.uname().release, chunk_size=CH, mode=h.mechanism, **kw
+    )
 
 
 @pytest.fixture(params=sizes(), ids=lambda s: f"{s >> 20}M")
@@ -157,8 +159,7 @@ def test_child_writes(benchmark, writer, pattern):
         t, c = child_pattern(writer, pattern)
         copied.append(c)
 
-    benchmark.pedantic(target, setup=writer.touch, rounds=3 if writer.size > (256 << 20) else 5,
-                       warmup_rounds=0)
+    benchmark.pedantic(target, setup=writer.touch, rounds=3 if writer.size > (256 << 20) else 5, warmup_rounds=0)
     benchmark.extra_info["copied"] = sorted(copied)[len(copied) // 2]
     if pattern == "dense":  # every page was written: all of it is private now
         assert benchmark.extra_info["copied"] >= writer.size * 0.9
@@ -179,8 +180,7 @@ def test_read_after_fork(benchmark, mech_writer, who):
             live.child.ask(b"r")
 
     try:
-        benchmark.pedantic(target, setup=live.renew, rounds=3 if w.size > (256 << 20) else 5,
-                           warmup_rounds=0)
+        benchmark.pedantic(target, setup=live.renew, rounds=3 if w.size > (256 << 20) else 5, warmup_rounds=0)
     finally:
         live.close()
 

@@ -21,6 +21,7 @@ The timed call is one command to the worker and its answer (a pipe round trip,
 ~50 us, the same for every kind); the worker's own timing of the operation is
 in extra_info["inner_s"], and bench/report.py reports that.
 """
+
 import json
 import os
 import subprocess
@@ -32,8 +33,17 @@ from benchlib import require_memory
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 N = int(os.environ.get("ODFORK_HEAP_OBJECTS", "8000000"))
-KINDS = [("empty", 0), ("os", 0), ("os", 1), ("run", 0), ("run", 1), ("odfork", 0), ("odfork", 1),
-         ("odfork-chunk", 0), ("odfork-chunk", 1)]
+KINDS = [
+    ("empty", 0),
+    ("os", 0),
+    ("os", 1),
+    ("run", 0),
+    ("run", 1),
+    ("odfork", 0),
+    ("odfork", 1),
+    ("odfork-chunk", 0),
+    ("odfork-chunk", 1),
+]
 
 
 class Worker:
@@ -44,9 +54,13 @@ class Worker:
         env["PYTHONPATH"] = os.pathsep.join(p for p in [pkg_parent, env.get("PYTHONPATH", "")] if p)
         # run: the unmodified worker under the launcher, which installs the heap before it
         launcher = ["-m", "odfork_user", "run"] if mode == "run" else []
-        self.p = subprocess.Popen([sys.executable, "-P", *launcher, os.path.join(HERE, "heap_worker.py"), mode,
-                                   str(freeze), str(n)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  text=True, env=env)
+        self.p = subprocess.Popen(
+            [sys.executable, "-P", *launcher, os.path.join(HERE, "heap_worker.py"), mode, str(freeze), str(n)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         ready = self.read()
         assert ready["ready"] and ready["n"] == (n if mode != "empty" else 0)
 
@@ -94,9 +108,15 @@ def _run(benchmark, worker, group, cmd, key, rounds):
     res = benchmark.pedantic(target, rounds=rounds, warmup_rounds=0)
     stats = worker.ask("stats")
     inner.sort()
-    benchmark.extra_info.update(kind=worker.kind, objects=N, inner_s=inner[len(inner) // 2],
-                                rss=stats["rss"], build_s=stats["build_s"], heap=stats["heap"],
-                                **{k: sorted(v)[len(v) // 2] for k, v in extra.items() if k != key})
+    benchmark.extra_info.update(
+        kind=worker.kind,
+        objects=N,
+        inner_s=inner[len(inner) // 2],
+        rss=stats["rss"],
+        build_s=stats["build_s"],
+        heap=stats["heap"],
+        **{k: sorted(v)[len(v) // 2] for k, v in extra.items() if k != key},
+    )
     return res
 
 
@@ -104,8 +124,9 @@ def test_build(benchmark, worker):
     # the build ran when the worker started; this records it (the timed call is a stats query)
     benchmark.group = f"heap-0-build-{N // 1000}k"
     stats = benchmark.pedantic(lambda: worker.ask("stats"), rounds=1)
-    benchmark.extra_info.update(kind=worker.kind, objects=N, inner_s=stats["build_s"], rss=stats["rss"],
-                                heap=stats["heap"])
+    benchmark.extra_info.update(
+        kind=worker.kind, objects=N, inner_s=stats["build_s"], rss=stats["rss"], heap=stats["heap"]
+    )
     assert stats["build_s"] >= 0
 
 

@@ -11,6 +11,7 @@ each as one fresh pytest process per round, side by side in one run.  extra_info
 the cost per test beyond plain, in ms.  Results are asserted (every test passed), times
 never are.
 """
+
 import importlib.util
 import os
 import subprocess
@@ -38,8 +39,12 @@ def suite(tmp_path_factory):
 
 def _run(suite, args):
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:cov",
-                        *args, str(suite)], capture_output=True, text=True, cwd=suite)
+    p = subprocess.run(
+        [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:cov", *args, str(suite)],
+        capture_output=True,
+        text=True,
+        cwd=suite,
+    )
     return time.perf_counter() - t0, p
 
 
@@ -61,6 +66,9 @@ def test_per_test_overhead(benchmark, suite, kind):
     assert p.returncode == 0 and f"{N} passed" in p.stdout, p.stdout + p.stderr
     if kind == "plain":
         _plain_s["s"] = seconds
-    benchmark.extra_info.update(kind=kind, tests=N, seconds=seconds,
-                                per_test_beyond_plain_ms=(seconds - _plain_s["s"]) * 1e3 / N
-                                if "s" in _plain_s else None)
+    benchmark.extra_info.update(
+        kind=kind,
+        tests=N,
+        seconds=seconds,
+        per_test_beyond_plain_ms=(seconds - _plain_s["s"]) * 1e3 / N if "s" in _plain_s else None,
+    )

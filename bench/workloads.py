@@ -15,19 +15,19 @@
 
 --quick (CI): small sizes, a few seconds each.  bench/report.py puts the JSON into RESULTS.md.
 """
+
 import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-CONFTEST = '''
+CONFTEST = """
 import os, pytest
 SIZE = int(os.environ["WL_SIZE"])
 
@@ -43,9 +43,9 @@ def data():
     for off in range(0, SIZE, len(block)):          # the expensive set-up: fill all of it
         buf[off:off + len(block)] = block[:SIZE - off]
     return buf
-'''
+"""
 
-TESTS = '''
+TESTS = """
 import pytest
 
 @pytest.mark.parametrize("i", range({n}))
@@ -55,11 +55,12 @@ def test_case(data, i):
     assert data[off] == off % 256          # every test starts from the fixture's bytes
     data[off] = (data[off] + 1) % 256      # and changes some of them
     data[(off + 12345) % len(data)] ^= 0xFF
-'''
+"""
 
 
 def _plugin_args():
     import importlib.metadata
+
     names = {ep.name for ep in importlib.metadata.entry_points(group="pytest11")}
     return [] if "odfork" in names else ["-p", "odfork_user.pytest_plugin"]
 
@@ -70,13 +71,32 @@ def _pytest_forked_works():
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "test_probe.py"), "w") as f:
             f.write("def test_probe():\n    pass\n")
-        p = subprocess.run([sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "pytest_forked",
-                            "--forked", d], capture_output=True, text=True, cwd=d)
+        p = subprocess.run(
+            [
+                sys.executable,
+                "-P",
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-p",
+                "pytest_forked",
+                "--forked",
+                d,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=d,
+        )
         if p.returncode == 0:
             return None
         import pytest
-        return (f"pytest-forked does not run here under pytest {pytest.__version__}: "
-                + (p.stdout + p.stderr).strip().splitlines()[-1][:200])
+
+        return (
+            f"pytest-forked does not run here under pytest {pytest.__version__}: "
+            + (p.stdout + p.stderr).strip().splitlines()[-1][:200]
+        )
 
 
 def run_plugin(n, size):
@@ -89,8 +109,10 @@ def run_plugin(n, size):
             f.write(TESTS.format(n=n))
         configs = {
             "pytest --odfork (arena fixture)": ([*_plugin_args(), "--odfork"], "arena"),
-            "pytest --odfork --odfork-with=os (bytearray fixture)": ([*_plugin_args(), "--odfork",
-                                                                      "--odfork-with=os"], "bytearray"),
+            "pytest --odfork --odfork-with=os (bytearray fixture)": (
+                [*_plugin_args(), "--odfork", "--odfork-with=os"],
+                "bytearray",
+            ),
             "pytest --forked (pytest-forked, bytearray fixture)": (["-p", "pytest_forked", "--forked"], "bytearray"),
         }
         for name, (args, memory) in configs.items():
@@ -99,9 +121,27 @@ def run_plugin(n, size):
                 continue
             env = dict(os.environ, WL_SIZE=str(size), WL_MEMORY=memory)
             t0 = time.perf_counter()
-            p = subprocess.run([sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                "-p", "no:hypothesispytest", "-p", "no:benchmark", *args, d],
-                               capture_output=True, text=True, env=env, cwd=d)
+            p = subprocess.run(
+                [
+                    sys.executable,
+                    "-P",
+                    "-m",
+                    "pytest",
+                    "-q",
+                    "-p",
+                    "no:cacheprovider",
+                    "-p",
+                    "no:hypothesispytest",
+                    "-p",
+                    "no:benchmark",
+                    *args,
+                    d,
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=d,
+            )
             wall = time.perf_counter() - t0
             ok = p.returncode == 0 and f"{n} passed" in p.stdout
             results[name] = {"tests": n, "seconds": wall, "tests_per_s": n / wall, "ok": ok}
@@ -112,20 +152,29 @@ def run_plugin(n, size):
 
 def run_example(script, args):
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        subprocess.run([sys.executable, "-P", os.path.join(ROOT, "examples", script), *args, "--json", f.name],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-P", os.path.join(ROOT, "examples", script), *args, "--json", f.name],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         return json.load(open(f.name))
 
 
 def run_mp(dict_bytes, array_bytes, tasks):
     prog = os.path.join(HERE, "programs", "mp_pool.py")
-    kinds = {"python (empty)": ([], "1M", "1M"),
-             "python": ([], dict_bytes, array_bytes),
-             "python -m odfork_user run": (["-m", "odfork_user", "run"], dict_bytes, array_bytes)}
+    kinds = {
+        "python (empty)": ([], "1M", "1M"),
+        "python": ([], dict_bytes, array_bytes),
+        "python -m odfork_user run": (["-m", "odfork_user", "run"], dict_bytes, array_bytes),
+    }
     out = {}
     for name, (launcher, db, ab) in kinds.items():
-        p = subprocess.run([sys.executable, "-P", *launcher, prog, "--dict-bytes", db, "--array-bytes", ab,
-                            "--tasks", str(tasks)], capture_output=True, text=True, check=True)
+        p = subprocess.run(
+            [sys.executable, "-P", *launcher, prog, "--dict-bytes", db, "--array-bytes", ab, "--tasks", str(tasks)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         out[name] = json.loads(p.stdout.strip().splitlines()[-1])
     return out
 
@@ -146,20 +195,26 @@ def main(argv=None):
             if "unavailable" in r:
                 print(f"  {name:<55} unavailable: {r['unavailable']}")
                 continue
-            print(f"  {name:<55} {r['tests_per_s']:8.1f} tests/s  ({r['seconds']:.1f} s){'' if r['ok'] else '  FAILED'}")
+            print(
+                f"  {name:<55} {r['tests_per_s']:8.1f} tests/s  ({r['seconds']:.1f} s){'' if r['ok'] else '  FAILED'}"
+            )
     if "fuzz" in which:
-        out["fuzz"] = run_example("fuzz_server.py", ["--size", "32M", "--execs", "30"] if a.quick
-                                  else ["--size", "1G", "--execs", "300"])
+        out["fuzz"] = run_example(
+            "fuzz_server.py", ["--size", "32M", "--execs", "30"] if a.quick else ["--size", "1G", "--execs", "300"]
+        )
         print(f"fuzz: state {out['fuzz']['size'] >> 20} MiB")
         for name, r in out["fuzz"]["results"].items():
             print(f"  {name:<10} {r['execs_per_s']:10.1f} execs/s")
     if "kv" in which and os.path.exists(os.path.join(ROOT, "examples", "kvserver.py")):
-        out["kv"] = run_example("kvserver.py", ["--size", "32M", "--seconds", "2"] if a.quick
-                                else ["--size", "2G", "--seconds", "12"])
+        out["kv"] = run_example(
+            "kvserver.py", ["--size", "32M", "--seconds", "2"] if a.quick else ["--size", "2G", "--seconds", "12"]
+        )
         print(f"kv: {out['kv']['size'] >> 20} MiB of data")
         for name, r in out["kv"]["results"].items():
-            print(f"  {name:<10} p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  max {r['max_ms']:.2f} ms"
-                  f"  (during snapshots: max {r['max_during_ms']:.2f} ms)")
+            print(
+                f"  {name:<10} p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  max {r['max_ms']:.2f} ms"
+                f"  (during snapshots: max {r['max_during_ms']:.2f} ms)"
+            )
     if "mp" in which:
         db, ab, n = ("32M", "32M", 20) if a.quick else ("1G", "1G", 200)
         out["mp"] = {"dict_bytes": db, "array_bytes": ab, "results": run_mp(db, ab, n)}

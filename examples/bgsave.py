@@ -7,6 +7,7 @@ three ways, and report how long the updating loop stalled in each:
 
 Run:  python examples/bgsave.py [--size 256M] [--seconds 1]
 """
+
 import argparse
 import os
 import tempfile
@@ -32,7 +33,7 @@ def update_loop(table, seconds, start_save):
         worst = max(worst, now - last)
         last = now
         off = (i * 7919 % n) * RECORD
-        table[off:off + 8] = i.to_bytes(8, "little")
+        table[off : off + 8] = i.to_bytes(8, "little")
         i += 1
         if not saved and now > t_end - seconds / 2:
             saved = True
@@ -79,6 +80,7 @@ def run(size, seconds):
             def save():
                 with snap:
                     snap.save(f"{tmp}/c")
+
             t = threading.Thread(target=save)
             t.start()
             threads.append(t)

@@ -8,6 +8,7 @@ three ways:
 
 Prints executions per second.  Run:  python examples/fuzz_server.py [--size 1G] [--execs 200]
 """
+
 import argparse
 import json
 import os
@@ -24,7 +25,7 @@ def init_state(buf):
     """The expensive initialisation: fill the whole state (a table of 8-byte slots)."""
     for off in range(0, len(buf), CH):
         n = min(CH, len(buf) - off)
-        buf[off:off + n] = bytes(range(256)) * (n // 256) + bytes(n % 256)
+        buf[off : off + n] = bytes(range(256)) * (n // 256) + bytes(n % 256)
 
 
 def target(buf, data):
@@ -33,9 +34,9 @@ def target(buf, data):
     slots = len(buf) // 8
     h = 1469598103934665603
     for b in data:
-        h = ((h ^ b) * 1099511628211) & (2 ** 64 - 1)
+        h = ((h ^ b) * 1099511628211) & (2**64 - 1)
         i = (h % slots) * 8
-        buf[i:i + 8] = h.to_bytes(8, "little")
+        buf[i : i + 8] = h.to_bytes(8, "little")
     return data[:4] == b"BUG!"
 
 

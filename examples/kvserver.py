@@ -11,6 +11,7 @@ and the max during snapshots.
 
 Run:  python examples/kvserver.py [--size 2G] [--seconds 12] [--interval 3]
 """
+
 import argparse
 import json
 import os
@@ -29,7 +30,7 @@ VAL = 56
 REC = 8 + VAL  # key (8) + value
 REQ = 1 + 8 + VAL
 
-CLIENT = r'''
+CLIENT = r"""
 import gc, os, random, socket, struct, sys, time, json
 gc.disable()  # a collector pause here would be measured as server latency
 port, seconds, nkeys = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
@@ -57,7 +58,7 @@ while True:
     out.append((t0, time.monotonic() - t0))
 s.sendall(b"Q" + bytes(64))
 with open(sys.argv[4], "w") as f: json.dump(out, f)
-'''
+"""
 
 
 def fill(table, nkeys):
@@ -65,8 +66,8 @@ def fill(table, nkeys):
     for base in range(0, nkeys, 32768):
         n = min(32768, nkeys - base)
         for i in range(n):
-            rec[i * REC:i * REC + 8] = (base + i).to_bytes(8, "little")
-        table[base * REC:(base + n) * REC] = rec[:n * REC]
+            rec[i * REC : i * REC + 8] = (base + i).to_bytes(8, "little")
+        table[base * REC : (base + n) * REC] = rec[: n * REC]
 
 
 def serve(mode, table, arena, nkeys, seconds, interval, path):
@@ -80,12 +81,13 @@ def serve(mode, table, arena, nkeys, seconds, interval, path):
     conn, _ = lsock.accept()
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     fork = os.fork if mode == "os.fork" else ou.odfork
-    windows, current = [], None   # snapshot windows (start, end), monotonic
+    windows, current = [], None  # snapshot windows (start, end), monotonic
     saver = None
     next_snap = time.monotonic() + interval
     buf = bytearray(REQ)
     view = memoryview(buf)
     import gc
+
     gc.disable()  # the loop allocates little; a collection pause is not what is measured here
     try:
         while True:
@@ -98,6 +100,7 @@ def serve(mode, table, arena, nkeys, seconds, interval, path):
                     def save(snap=snap):
                         with snap:
                             snap.save(path)
+
                     saver = threading.Thread(target=save)
                     saver.start()
                 else:
@@ -125,10 +128,10 @@ def serve(mode, table, arena, nkeys, seconds, interval, path):
             op, key = buf[0], int.from_bytes(buf[1:9], "little")
             off = key * REC + 8
             if op == ord("S"):
-                table[off:off + VAL] = buf[9:9 + VAL]
+                table[off : off + VAL] = buf[9 : 9 + VAL]
                 conn.sendall(b"k")
             elif op == ord("G"):
-                conn.sendall(table[off:off + VAL])
+                conn.sendall(table[off : off + VAL])
             else:
                 break
     except EOFError:
@@ -154,9 +157,15 @@ def summarize(samples, windows):
     lat = sorted(x[1] for x in samples)
     during = [x[1] for x in samples if any(a <= x[0] <= b or a <= x[0] + x[1] <= b for a, b in windows)]
     q = statistics.quantiles(lat, n=100)
-    return {"requests": len(lat), "p50_ms": q[49] * 1e3, "p99_ms": q[98] * 1e3, "max_ms": lat[-1] * 1e3,
-            "max_during_ms": max(during) * 1e3 if during else 0.0, "snapshots": len(windows),
-            "snapshot_s": statistics.median([b - a for a, b in windows]) if windows else 0.0}
+    return {
+        "requests": len(lat),
+        "p50_ms": q[49] * 1e3,
+        "p99_ms": q[98] * 1e3,
+        "max_ms": lat[-1] * 1e3,
+        "max_during_ms": max(during) * 1e3 if during else 0.0,
+        "snapshots": len(windows),
+        "snapshot_s": statistics.median([b - a for a, b in windows]) if windows else 0.0,
+    }
 
 
 def run(size, seconds, interval, cow="page"):
@@ -183,16 +192,23 @@ def main(argv=None):
     p.add_argument("--size", default="2G")
     p.add_argument("--seconds", type=float, default=12)
     p.add_argument("--interval", type=float, default=None, help="seconds between snapshots (default seconds/4)")
-    p.add_argument("--cow", choices=("chunk", "page"), default="page", help="the arena copy mode (default: page, the library default)")
+    p.add_argument(
+        "--cow",
+        choices=("chunk", "page"),
+        default="page",
+        help="the arena copy mode (default: page, the library default)",
+    )
     p.add_argument("--json")
     a = p.parse_args(argv)
     size = parse_size(a.size)
     res = run(size, a.seconds, a.interval or a.seconds / 4, a.cow)
     print(f"kv server, {size >> 20} MiB of data, {a.seconds:g} s of load per mode")
     for name, r in res.items():
-        print(f"  {name:<9} {r['requests']:7d} requests  p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  "
-              f"max {r['max_ms']:.2f} ms  max during snapshots {r['max_during_ms']:.2f} ms  "
-              f"({r['snapshots']} snapshots, {r['snapshot_s']:.2f} s each)")
+        print(
+            f"  {name:<9} {r['requests']:7d} requests  p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  "
+            f"max {r['max_ms']:.2f} ms  max during snapshots {r['max_during_ms']:.2f} ms  "
+            f"({r['snapshots']} snapshots, {r['snapshot_s']:.2f} s each)"
+        )
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"size": size, "seconds": a.seconds, "results": res}, f)

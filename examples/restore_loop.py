@@ -6,6 +6,7 @@
 
 Prints trials per second.  Run:  python examples/restore_loop.py [--size 256M] [--trials 200]
 """
+
 import argparse
 import os
 import random
@@ -20,7 +21,7 @@ def trial(buf, rng):
     n = len(buf)
     for _ in range(8):
         off = rng.randrange(n - 8)
-        buf[off:off + 8] = rng.randbytes(8)
+        buf[off : off + 8] = rng.randbytes(8)
 
 
 def per_second(fn, trials):
@@ -34,13 +35,14 @@ def run(size, trials):
     rng = random.Random(1)
     with ou.Arena(size) as arena:
         buf = arena.alloc(size)
-        buf[:] = b"\x05" * size          # the expensive initialisation
+        buf[:] = b"\x05" * size  # the expensive initialisation
         snap = arena.snapshot()
 
         def by_restore(k):
             for _ in range(k):
                 trial(buf, rng)
                 arena.restore(snap)
+
         out["restore"] = per_second(by_restore, trials)
         assert bytes(buf[:16]) == b"\x05" * 16 and buf.tobytes().count(5) == size
 
@@ -51,6 +53,7 @@ def run(size, trials):
                     trial(buf, rng)
                     os._exit(0)
                 os.waitpid(pid, 0)
+
         out["odfork"] = per_second(by_odfork, trials)
         snap.close()
         del buf
@@ -63,6 +66,7 @@ def run(size, trials):
                 trial(state, rng)
                 os._exit(0)
             os.waitpid(pid, 0)
+
     out["os.fork"] = per_second(by_fork, trials)
     return out
 

@@ -1,4 +1,5 @@
 """Fixtures shared by the tests; the helpers they use are in testlib.py."""
+
 import os
 
 import pytest

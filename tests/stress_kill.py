@@ -12,6 +12,7 @@ segments_live and slots_used are back to their baseline.
 
 Usage: python stress_kill.py TRIALS [SEED]   (prints one JSON line)
 """
+
 import hashlib
 import json
 import os
@@ -32,7 +33,7 @@ def child_work(arena, buf, rng):
         op = rng.randrange(7)
         if op <= 1:  # first or repeated write anywhere
             off = rng.randrange(len(buf) - 8)
-            buf[off:off + 8] = rng.randbytes(8)
+            buf[off : off + 8] = rng.randbytes(8)
         elif op == 2:  # nested fork: a grandchild writes and exits
             pid = ou.odfork()
             if pid == 0:
@@ -103,17 +104,32 @@ def main(trials, seed):
         if time.time() - t_clean > 15:
             break
         time.sleep(0.1)
-    ok = (hashlib.sha256(buf).hexdigest() == want and end["segments_live"] == base["segments_live"]
-          and end["slots_used"] == base["slots_used"])
-    print(json.dumps({"trials": trials, "killed": killed, "died_early": died_early,
-                      "bytes_checked": len(buf), "segments_base": base["segments_live"],
-                      "segments_end": end["segments_live"], "slots_end": end["slots_used"],
-                      "seconds_to_clean": round(time.time() - t_clean, 2), "ok": ok}))
+    ok = (
+        hashlib.sha256(buf).hexdigest() == want
+        and end["segments_live"] == base["segments_live"]
+        and end["slots_used"] == base["slots_used"]
+    )
+    print(
+        json.dumps(
+            {
+                "trials": trials,
+                "killed": killed,
+                "died_early": died_early,
+                "bytes_checked": len(buf),
+                "segments_base": base["segments_live"],
+                "segments_end": end["segments_live"],
+                "slots_end": end["slots_used"],
+                "seconds_to_clean": round(time.time() - t_clean, 2),
+                "ok": ok,
+            }
+        )
+    )
     return 0 if ok else 1
 
 
 if __name__ == "__main__":
     import ctypes
+
     PR_SET_CHILD_SUBREAPER = 36
     ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     sys.exit(main(int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 1))

@@ -3,6 +3,7 @@
 Daemon-style children that close or replace every descriptor, freed views,
 threads inside Arena methods at fork time, snapshots at the slot limit, Python
 SIGSEGV handlers, the arena limit, numpy integer shapes."""
+
 import errno
 import os
 import pickle
@@ -14,7 +15,7 @@ import pytest
 
 import odfork_user as ou
 from odfork_user import odfork
-from testlib import forks_with_own_threads, CH, _children, finish_child, in_child, run_py
+from testlib import CH, _children, forks_with_own_threads, in_child, run_py
 
 
 def _daemon_child(arena, buf, how, go_r):
@@ -39,13 +40,13 @@ def _daemon_child(arena, buf, how, go_r):
                         except OSError:
                             continue
                         os.dup2(null, fd)
-            buf[0:4] = b"kid!"                        # user write
+            buf[0:4] = b"kid!"  # user write
             pr, pw = os.pipe()
             os.write(pw, b"KERN")
-            os.readv(pr, [buf[CH + 8:CH + 12]])       # kernel write
-            os.read(go_r, 1)                          # the parent has written and folded
-            buf[2 * CH] = ord("Z")                    # a fresh chunk: needs the pool
-            msg = ("ok", (bytes(buf[0:4]), bytes(buf[CH + 8:CH + 12]), bytes(buf[2 * CH:2 * CH + 1])))
+            os.readv(pr, [buf[CH + 8 : CH + 12]])  # kernel write
+            os.read(go_r, 1)  # the parent has written and folded
+            buf[2 * CH] = ord("Z")  # a fresh chunk: needs the pool
+            msg = ("ok", (bytes(buf[0:4]), bytes(buf[CH + 8 : CH + 12]), bytes(buf[2 * CH : 2 * CH + 1])))
         except BaseException as e:
             msg = ("err", repr(e))
         os.write(w, pickle.dumps(msg))
@@ -58,23 +59,23 @@ def _daemon_child(arena, buf, how, go_r):
 @pytest.mark.parametrize("how", ["close", "dup2"])
 def test_child_that_drops_its_descriptors_stays_isolated_and_alive(arena, how):
     buf = arena.alloc(3 * CH)
-    buf[0:2 * CH] = b"p" * (2 * CH)
+    buf[0 : 2 * CH] = b"p" * (2 * CH)
     go_r, go_w = os.pipe()
     pid, r = _daemon_child(arena, buf, how, go_r)
-    time.sleep(0.3)                                   # the child has dropped everything and written
+    time.sleep(0.3)  # the child has dropped everything and written
     st = arena.stats()
-    assert st["slots_used"] == 2, st                  # not reaped: it is alive
-    assert bytes(buf[0:4]) == b"pppp" and bytes(buf[CH + 8:CH + 12]) == b"pppp"
+    assert st["slots_used"] == 2, st  # not reaped: it is alive
+    assert bytes(buf[0:4]) == b"pppp" and bytes(buf[CH + 8 : CH + 12]) == b"pppp"
     buf[0:4] = b"mom!"
-    buf[CH + 8:CH + 12] = b"MOM!"
-    arena.fold()                                      # shared: must not write the segments
+    buf[CH + 8 : CH + 12] = b"MOM!"
+    arena.fold()  # shared: must not write the segments
     os.write(go_w, b"x")
     kind, value = pickle.loads(os.fdopen(r, "rb").read())
     os.waitpid(pid, 0)
     _children.discard(pid)
     assert kind == "ok", value
     assert value == (b"kid!", b"KERN", b"Z")
-    assert bytes(buf[0:4]) == b"mom!" and bytes(buf[CH + 8:CH + 12]) == b"MOM!"
+    assert bytes(buf[0:4]) == b"mom!" and bytes(buf[CH + 8 : CH + 12]) == b"MOM!"
     assert buf[2 * CH] == 0
     arena.check()
 
@@ -88,9 +89,9 @@ def test_freed_view_is_released_and_close_waits_for_slices(arena):
     with pytest.raises(ValueError):
         bytes(v)
     w = arena.alloc(4096)
-    part = w[100:200]                                 # a slice outlives the block
+    part = w[100:200]  # a slice outlives the block
     arena.free(w)
-    x = arena.alloc(4096)                             # must not be the freed, still-viewed space
+    x = arena.alloc(4096)  # must not be the freed, still-viewed space
     x[:] = b"\x00" * 4096
     part[:] = b"s" * 100
     assert bytes(x) == b"\x00" * 4096
@@ -98,7 +99,7 @@ def test_freed_view_is_released_and_close_waits_for_slices(arena):
         arena.close()
     del part
     arena.free(x)
-    y = arena.alloc(4096)                             # now the space comes back
+    y = arena.alloc(4096)  # now the space comes back
     del y
     arena.check()
 
@@ -119,14 +120,15 @@ def test_fork_while_other_threads_are_inside_arena_methods(arena):
     ts = [threading.Thread(target=busy) for _ in range(2)]
     for t in ts:
         t.start()
-    hung = 0
     try:
         for _ in range(30):
+
             def child():
-                signal.alarm(10)                       # a hang fails the test instead of blocking it
+                signal.alarm(10)  # a hang fails the test instead of blocking it
                 v = arena.alloc(64)
                 arena.free(v)
                 return arena.stats()["slots_used"] >= 2
+
             assert in_child(child) is True
     finally:
         stop.set()
@@ -136,21 +138,22 @@ def test_fork_while_other_threads_are_inside_arena_methods(arena):
 
 
 def test_fork_check_counts_the_slots_of_inherited_snapshots():
-    a = ou.Arena(4 * CH, max_procs=4)                 # this process's slot + 3
+    a = ou.Arena(4 * CH, max_procs=4)  # this process's slot + 3
     try:
         buf = a.alloc(CH)
         buf[0] = 1
-        s1, s2 = a.snapshot(), a.snapshot()           # 3 slots used; a child needs 1 + 2
+        s1, s2 = a.snapshot(), a.snapshot()  # 3 slots used; a child needs 1 + 2
         with pytest.raises(OSError) as ei:
             ou.spawn(int)
         assert ei.value.errno == errno.EAGAIN
-        s2.close()                                    # 2 used; a child needs 1 + 1: fits
+        s2.close()  # 2 used; a child needs 1 + 1: fits
         assert ou.spawn(lambda: bytes(buf[:1])).result(timeout=30) == b"\x01"
         s1.close()
         del buf
         a.check()
     finally:
         import gc
+
         gc.collect()
         a.close()
 
@@ -203,7 +206,8 @@ def test_out_of_vmas_every_path_ends():
     # either works or fails with an exception; nothing spins.
     if os.geteuid() != 0 or not os.access("/proc/sys/vm/max_map_count", os.W_OK):
         pytest.skip("needs root to lower vm.max_map_count")
-    p = run_py("""
+    p = run_py(
+        """
         import os, signal, odfork_user as ou
         CH = ou.CHUNK_SIZE
         pa = ou.Arena(400 * CH); pb = pa.alloc(400 * CH); pb[:] = b"p" * len(pb)
@@ -239,11 +243,14 @@ def test_out_of_vmas_every_path_ends():
                 f.write(old)
         print("chunk", st_chunk & 0x7f, "page", st_page, "fold", fold, bytes(cb[:1]), bytes(pb[1:2]))
         pa.check(); ca.check(); print("check ok")
-    """, timeout=120)
+    """,
+        timeout=120,
+    )
     # a fold either finds the mappings it needs (folded neighbours merge back into one VMA) or
     # raises MemoryError and leaves the views as they were; it never spins
-    assert ("chunk 11 page 0 fold ok b'c' b'p'" in p.stdout or "chunk 11 page 0 fold MemoryError b'c' b'p'" in p.stdout) \
-        and "check ok" in p.stdout, p
+    assert (
+        "chunk 11 page 0 fold ok b'c' b'p'" in p.stdout or "chunk 11 page 0 fold MemoryError b'c' b'p'" in p.stdout
+    ) and "check ok" in p.stdout, p
     assert "cannot resolve a write fault" in p.stderr and "errno 12" in p.stderr, p.stderr
 
 
@@ -280,7 +287,7 @@ def test_a_child_writing_to_the_pool_descriptor_cannot_change_its_parent(arena):
 
     nfds, done, failed = in_child(child)
     assert nfds >= 1 and done == 0 and failed == nfds * (64 << 20) // 4096, (nfds, done, failed)
-    changed = sum(buf[i:i + 16] != b"P" * 16 for i in range(0, len(buf), 4096))
+    changed = sum(buf[i : i + 16] != b"P" * 16 for i in range(0, len(buf), 4096))
     assert changed == 0, f"{changed} of {len(buf) // 4096} pages of the parent changed"
     in_child(lambda: None)  # forks go on
     arena.check()
@@ -314,8 +321,9 @@ def test_a_childs_stray_write_into_the_control_block_cannot_hurt_its_parent(aren
         if what == "memset":
             import ctypes
             import faulthandler
+
             faulthandler.disable()  # the crash is expected: no traceback
-            ctypes.memset(lo, 0xff, n)
+            ctypes.memset(lo, 0xFF, n)
             return "survived"
         fds = _memfd_fds("odfork-ctl")
         failed = 0

@@ -1,4 +1,5 @@
 """Stats, threads, errors, lifetime and signals of the core."""
+
 import errno
 import gc
 import os
@@ -8,9 +9,9 @@ import threading
 import pytest
 
 import odfork_user as ou
-from testlib import forks_with_own_threads, CH, MiB, finish_child, in_child, raises_odfork, run_py, start_child
 from odfork_user import odfork
 from odfork_user._core import lib
+from testlib import CH, MiB, finish_child, forks_with_own_threads, in_child, raises_odfork, run_py, start_child
 
 
 def delta(before, after, *keys):
@@ -18,6 +19,7 @@ def delta(before, after, *keys):
 
 
 # ---- stats move as specified ------------------------------------------------
+
 
 def test_one_copy_per_first_write_to_a_shared_chunk(chunk_arena):
     arena = chunk_arena
@@ -29,8 +31,8 @@ def test_one_copy_per_first_write_to_a_shared_chunk(chunk_arena):
         s0 = arena.stats()
         assert s0["chunks_shared"] == 6, s0
         for c in (0, 2, 5):
-            buf[c * CH + 10] = 1   # first write: one copy
-            buf[c * CH + 99] = 2   # second write to the same chunk: nothing
+            buf[c * CH + 10] = 1  # first write: one copy
+            buf[c * CH + 99] = 2  # second write to the same chunk: nothing
         s1 = arena.stats()
         return delta(s0, s1, "cow_copies", "bytes_copied", "faults", "reuses"), s1["chunks_shared"]
 
@@ -53,7 +55,7 @@ def test_reuse_when_count_is_back_to_one(chunk_arena):
     arena = chunk_arena
     buf = arena.alloc(3 * CH)
     buf[:] = b"u" * len(buf)
-    in_child(lambda: None)                    # child exits: counts drop back to 1
+    in_child(lambda: None)  # child exits: counts drop back to 1
     s0 = arena.stats()
     assert s0["chunks_shared"] == 0
     for c in range(3):
@@ -81,6 +83,7 @@ def test_parent_copies_while_child_alive(chunk_arena):
 
 # ---- threads ----------------------------------------------------------------
 
+
 def test_threads_faulting_on_one_chunk_make_one_copy(arena):
     buf = arena.alloc(2 * CH)
     buf[:] = b"\x00" * len(buf)
@@ -104,7 +107,7 @@ def test_threads_faulting_on_one_chunk_make_one_copy(arena):
         return arena.stats()["cow_copies"] - s0["cow_copies"], lost
 
     assert in_child(child) == (1, 0)
-    assert bytes(buf[:8 * 4096]) == b"\x00" * 8 * 4096
+    assert bytes(buf[: 8 * 4096]) == b"\x00" * 8 * 4096
 
 
 @forks_with_own_threads
@@ -126,6 +129,7 @@ def test_odfork_while_other_threads_write(arena):
         t.start()
     try:
         for _ in range(20):
+
             def child():
                 first = bytes(buf)
                 # the parent's threads keep writing: nothing of it may show up here
@@ -145,8 +149,11 @@ def test_odfork_while_other_threads_write(arena):
 
 # ---- errors: bad input raises and leaves the arena intact -------------------
 
-@pytest.mark.parametrize("bad, exc", [("1G", TypeError), (1.5, TypeError), (None, TypeError),
-                                      (True, TypeError), (0, ValueError), (-5, ValueError)])
+
+@pytest.mark.parametrize(
+    "bad, exc",
+    [("1G", TypeError), (1.5, TypeError), (None, TypeError), (True, TypeError), (0, ValueError), (-5, ValueError)],
+)
 def test_arena_size_errors(bad, exc):
     with raises_odfork(exc):
         ou.Arena(bad)
@@ -182,16 +189,16 @@ def test_free_errors(arena):
     with raises_odfork(ValueError):
         arena.free(bytearray(10))
     with raises_odfork(ValueError):
-        arena.free(a[10:20])            # not a block start
+        arena.free(a[10:20])  # not a block start
     with raises_odfork(ValueError):
         arena.free(12345)
     arena.free(a)
     with raises_odfork(ValueError):
-        arena.free(a)                   # double free
+        arena.free(a)  # double free
     with ou.Arena(CH) as other:
         b = other.alloc(10)
         with raises_odfork(ValueError):
-            arena.free(b)               # another arena's block
+            arena.free(b)  # another arena's block
         del b
 
 
@@ -222,7 +229,7 @@ def test_close_with_live_views_is_buffer_error():
 
 
 def test_close_with_live_numpy_array_is_buffer_error():
-    np = pytest.importorskip("numpy")
+    pytest.importorskip("numpy")
     a = ou.Arena(2 * CH)
     arr = a.ndarray(10, "int32")
     with raises_odfork(BufferError):
@@ -248,6 +255,7 @@ def test_reserving_is_virtual():
 
 def test_default_arena(monkeypatch):
     import odfork_user.arena as am
+
     monkeypatch.setenv("ODFORK_ARENA_SIZE", "16M")
     monkeypatch.setattr(am, "_default", None)
     d = ou.default_arena()
@@ -257,6 +265,7 @@ def test_default_arena(monkeypatch):
 
 
 # ---- check() can fail -------------------------------------------------------
+
 
 def test_check_detects_a_wrong_count(arena):
     buf = arena.alloc(CH)
@@ -275,21 +284,22 @@ def test_lock_holder_killed_mid_update_is_recovered(arena):
     base = arena.stats()["segments_live"]
 
     def child():
-        buf[CH] = 1                              # a private copy, then die inside the lock
+        buf[CH] = 1  # a private copy, then die inside the lock
         lib._odf_debug_break(arena._h, lib.ODF_DEBUG_DIE_LOCKED, 1)
 
     pid, r = start_child(child)
     _, st = os.waitpid(pid, 0)
     os.close(r)
     assert os.WIFSIGNALED(st) and os.WTERMSIG(st) == signal.SIGKILL
-    arena.check()                                # takes the lock: EOWNERDEAD, recount, go on
+    arena.check()  # takes the lock: EOWNERDEAD, recount, go on
     assert arena.stats()["segments_live"] == base
-    assert bytes(buf[CH:CH + 2]) == b"hh"
-    buf[CH] = 2                                  # and the family keeps working
+    assert bytes(buf[CH : CH + 2]) == b"hh"
+    buf[CH] = 2  # and the family keeps working
     assert in_child(lambda: buf[CH]) == 2
 
 
 # ---- lifetime: dead processes give references back, nothing leaks ----------
+
 
 def test_killed_child_gives_references_back(chunk_arena):
     arena = chunk_arena
@@ -299,7 +309,7 @@ def test_killed_child_gives_references_back(chunk_arena):
     ready_r, ready_w = os.pipe()
 
     def child():
-        buf[:] = b"c" * len(buf)     # 4 private copies
+        buf[:] = b"c" * len(buf)  # 4 private copies
         os.write(ready_w, b"x")
         signal.pause()
 
@@ -324,7 +334,7 @@ def test_no_leak_across_1000_fork_exit_cycles(arena):
     for i in range(1000):
         pid = odfork()
         if pid == 0:
-            buf[(i % 4) * CH] = 1     # one copy per child
+            buf[(i % 4) * CH] = 1  # one copy per child
             os._exit(0 if buf[0] in (1, ord("L")) else 1)
         _, st = os.waitpid(pid, 0)
         assert st == 0
@@ -348,7 +358,7 @@ def test_child_pending_slot_of_failed_fork_is_given_back(arena, monkeypatch):
 
     # odfork's abort path: a fork that fails leaves every count as it was
     real = os.fork
-    monkeypatch.setattr(os, "fork", lambda: (real() if False else failing_fork()))
+    monkeypatch.setattr(os, "fork", lambda: real() if False else failing_fork())
     with pytest.raises(OSError):
         odfork()
     after = arena.stats()
@@ -357,6 +367,7 @@ def test_child_pending_slot_of_failed_fork_is_given_back(arena, monkeypatch):
 
 def test_fds_are_close_on_exec(arena):
     import fcntl
+
     n = 0
     for fd in os.listdir("/proc/self/fd"):
         try:
@@ -370,6 +381,7 @@ def test_fds_are_close_on_exec(arena):
 
 
 # ---- signals ----------------------------------------------------------------
+
 
 def test_real_crash_outside_arena_still_crashes_with_faulthandler_traceback():
     p = run_py("""
@@ -455,8 +467,9 @@ def test_arena_created_by_a_thread_that_exits_stays_alive_for_the_family():
     t.join()
     a, b = holder["a"], holder["b"]
     try:
+
         def child():
-            a.stats()          # reaps: the parent's slot must survive it
+            a.stats()  # reaps: the parent's slot must survive it
             a.check()
             b[0] = ord("c")
             return bytes(b[:2])
@@ -465,7 +478,7 @@ def test_arena_created_by_a_thread_that_exits_stays_alive_for_the_family():
         assert bytes(b[:2]) == b"tt"
         assert a.stats()["slots_used"] == 1
         a.check()
-        b[1] = ord("p")                       # the parent still owns its chunks: reuse, no copy
+        b[1] = ord("p")  # the parent still owns its chunks: reuse, no copy
         assert bytes(b[:2]) == b"tp"
     finally:
         del b, holder["b"]

@@ -1,4 +1,5 @@
 """The examples run, with small sizes, and report what they promise."""
+
 import importlib.util
 import pathlib
 

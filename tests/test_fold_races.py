@@ -7,10 +7,11 @@ kernel, forced with ODFORK_USERFAULTFD=0).
 Without a full userfaultfd a fold is refused while another thread runs
 (csrc/core/uffd.c), so no kernel write can ever meet a read-only view.
 """
+
 import pytest
+from test_kernel_writes import HAVE_UFFD
 
 from testlib import run_py
-from test_kernel_writes import HAVE_UFFD
 
 PROTECTIONS = ["mprotect"] + (["userfaultfd"] if HAVE_UFFD else [])
 
@@ -24,7 +25,8 @@ def test_readv_from_a_thread_while_the_main_thread_folds_and_forks(protection):
     # The reader fills 16 buffers of 64 KiB (one per chunk) from a pipe, over
     # and over, checking every byte; the main thread dirties the chunks, forks
     # and reaps a child, folds, and takes a snapshot, for 3 s.
-    p = run_py("""
+    p = run_py(
+        """
         import os, threading, time, errno
         import odfork_user as ou
         CH = ou.CHUNK_SIZE
@@ -79,7 +81,10 @@ def test_readv_from_a_thread_while_the_main_thread_folds_and_forks(protection):
         a.check()
         print("reads", stats["reads"], "efault", stats["efault"], "wrong", stats["wrong"],
               "forks", forks, "protect", ou.FOLD_PROTECT)
-    """, env=_env(protection), timeout=120)
+    """,
+        env=_env(protection),
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     words = p.stdout.split()
     got = dict(zip(words[::2], words[1::2]))
@@ -96,7 +101,8 @@ def test_a_signal_stack_in_a_chunk_that_a_thread_folds(protection):
     # main thread writes that chunk and forks while a thread folds: a write
     # that met a read-only fold would take a signal whose frame the kernel
     # cannot push, and the process would die of SIGSEGV.
-    p = run_py("""
+    p = run_py(
+        """
         import ctypes, os, threading, time
         import odfork_user as ou
         CH = ou.CHUNK_SIZE
@@ -133,7 +139,10 @@ def test_a_signal_stack_in_a_chunk_that_a_thread_folds(protection):
         t.join()
         a.check()
         print("forks", n > 20, "folds", folds[0] > 20, "protect", ou.FOLD_PROTECT)
-    """, env=_env(protection), timeout=120)
+    """,
+        env=_env(protection),
+        timeout=120,
+    )
     assert p.returncode == 0, (p.returncode, p.stderr)
     assert p.stdout.split() == ["forks", "True", "folds", "True", "protect", protection], p.stdout
 
@@ -144,7 +153,8 @@ def test_pages_written_between_a_folds_first_look_and_its_hold_are_kept():
     # looks again: a page first written between the two looks must be copied
     # too, or the remap would drop it.  The test hook widens that window to
     # 150 ms while a thread writes fresh pages of every view, one every 0.2 ms.
-    p = run_py("""
+    p = run_py(
+        """
         import os, threading, time
         import odfork_user as ou
         from odfork_user._core import lib
@@ -183,7 +193,10 @@ def test_pages_written_between_a_folds_first_look_and_its_hold_are_kept():
         lost = [off for off in written if buf[off] != 0x5A]
         a.check()
         print("written", len(written), "lost", len(lost), "folds", folds)
-    """, env=dict(ODFORK_USERFAULTFD="1"), timeout=120)
+    """,
+        env=dict(ODFORK_USERFAULTFD="1"),
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     words = p.stdout.split()
     got = dict(zip(words[::2], words[1::2]))

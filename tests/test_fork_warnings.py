@@ -2,6 +2,7 @@
 (Python 3.12+: DeprecationWarning from os.fork when more than one OS thread
 runs), while the background folder still folds between forks.  On 3.11 there is
 no such warning and these tests only check that forks and folds go on."""
+
 import os
 import textwrap
 
@@ -82,8 +83,9 @@ def test_forks_under_warnings_as_errors():
 def test_forks_in_this_process_do_not_warn(arena):
     """The same in the interpreter that runs the tests, recording every warning."""
     import warnings
+
     buf = arena.alloc(4 << 20)
-    ou.spawn(int).join()                      # the folder runs from here on
+    ou.spawn(int).join()  # the folder runs from here on
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         for i in range(3):

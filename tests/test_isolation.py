@@ -1,4 +1,5 @@
 """Fork semantics: after a fork, no byte written by one process is seen by another."""
+
 import hashlib
 import os
 import random
@@ -6,8 +7,7 @@ import random
 import pytest
 
 import odfork_user as ou
-from testlib import CH, MiB, finish_child, in_child, start_child
-from odfork_user import odfork
+from testlib import CH, finish_child, in_child, start_child
 
 
 def digest(buf):
@@ -40,7 +40,7 @@ def test_child_writes_are_invisible_to_parent(arena, pattern):
                 buf[off + 17] ^= 0xFF
         else:  # one write straddling every chunk boundary
             for off in range(CH, len(buf), CH):
-                buf[off - 3:off + 3] = b"XXXXXX"
+                buf[off - 3 : off + 3] = b"XXXXXX"
         # and a second (repeated) write to the same places
         buf[5] ^= 0x55
         return digest(buf)
@@ -72,7 +72,7 @@ def test_parent_writes_are_invisible_to_child(arena, pattern):
             buf[off] = (buf[off] + 1) & 0xFF
     else:
         for off in range(CH, len(buf), CH):
-            buf[off - 2:off + 2] = b"\x00\x01\x02\x03"
+            buf[off - 2 : off + 2] = b"\x00\x01\x02\x03"
     os.write(go_w, b"x")
     buf[100] ^= 0xFF  # repeated write, now to a private chunk
     os.write(go_w, b"x")
@@ -89,16 +89,16 @@ def test_both_write_same_bytes_each_keeps_its_own(arena):
     go_r, go_w = os.pipe()
 
     def child():
-        buf[CH:CH + 4] = b"kid!"
+        buf[CH : CH + 4] = b"kid!"
         os.read(go_r, 1)
-        return bytes(buf[CH:CH + 4]), buf.tobytes().count(b"p")
+        return bytes(buf[CH : CH + 4]), buf.tobytes().count(b"p")
 
     pid, r = start_child(child)
-    buf[CH:CH + 4] = b"dad!"
+    buf[CH : CH + 4] = b"dad!"
     os.write(go_w, b"x")
     got, count = finish_child(pid, r)
     assert got == b"kid!" and count == len(buf) - 4
-    assert bytes(buf[CH:CH + 4]) == b"dad!"
+    assert bytes(buf[CH : CH + 4]) == b"dad!"
 
 
 def test_unwritten_fresh_memory_is_isolated(arena):
@@ -215,6 +215,7 @@ _SHARED = {}
 
 def test_multiprocessing_fork_context_keeps_isolation(arena):
     import multiprocessing as mp
+
     buf = arena.alloc(3 * CH)
     buf[0] = 1
     _SHARED["buf"] = buf
@@ -224,12 +225,13 @@ def test_multiprocessing_fork_context_keeps_isolation(arena):
     finally:
         _SHARED.clear()
     assert all(seen == 1 or seen >= 100 for seen, _ in out)  # a worker sees its own earlier writes only
-    assert buf[0] == 1 and bytes(buf[CH:CH + 6]) == b"\x00" * 6
+    assert buf[0] == 1 and bytes(buf[CH : CH + 6]) == b"\x00" * 6
 
 
 def test_process_pool_executor_keeps_isolation(arena):
     import concurrent.futures as cf
     import multiprocessing as mp
+
     buf = arena.alloc(2 * CH)
     buf[:4] = b"keep"
     _SHARED["buf"] = buf

@@ -8,6 +8,7 @@ right after a fork, in each copy mode:
 
 Isolation is checked in every case, both ways.
 """
+
 import errno
 import os
 import socket
@@ -16,9 +17,7 @@ import threading
 import pytest
 
 import odfork_user as ou
-from odfork_user import odfork
 from odfork_user._core import lib
-
 from testlib import CH, checked_arena, finish_child, in_child, run_py, start_child
 
 HAVE_UFFD = lib.odf_uffd_probe() == 0
@@ -88,7 +87,7 @@ def deliver(arena, src, view):
 def fill(arena):
     buf = arena.alloc(2 * CH)
     buf[:] = b"p" * len(buf)
-    return buf, buf[CH - 5000:CH + 5000]  # straddles a chunk boundary
+    return buf, buf[CH - 5000 : CH + 5000]  # straddles a chunk boundary
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -103,9 +102,9 @@ def test_kernel_write_in_child_after_fork(kw_arena, kind, tmp_path):
 
     got, elsewhere, faults, copied = in_child(child)
     assert got == PAYLOAD and elsewhere == b"ppp"
-    if kw_arena.cow == "page":   # no trap; the kernel copied the 4 pages written
+    if kw_arena.cow == "page":  # no trap; the kernel copied the 4 pages written
         assert faults == 0 and copied == 4 * 4096, (faults, copied)
-    else:                        # one whole-chunk copy per chunk of the view
+    else:  # one whole-chunk copy per chunk of the view
         assert faults == 2 and copied == 2 * CH, (faults, copied)
     assert bytes(view) == b"p" * len(view)  # the parent never sees the child's write
     del view
@@ -134,8 +133,8 @@ def test_kernel_write_in_parent_after_fork(kw_arena, kind, tmp_path):
 def test_kernel_write_into_fresh_memory_without_fork(kw_arena, tmp_path):
     # alloc() maps a block's new chunks, so no fork or prepare_write is needed
     buf = kw_arena.alloc(3 * CH)
-    Source("readinto", tmp_path).write_into(buf[2 * CH - 10:2 * CH - 10 + len(PAYLOAD)])
-    assert bytes(buf[2 * CH - 10:2 * CH - 10 + len(PAYLOAD)]) == PAYLOAD
+    Source("readinto", tmp_path).write_into(buf[2 * CH - 10 : 2 * CH - 10 + len(PAYLOAD)])
+    assert bytes(buf[2 * CH - 10 : 2 * CH - 10 + len(PAYLOAD)]) == PAYLOAD
     del buf
 
 
@@ -145,33 +144,33 @@ def test_views_read_then_written_stay_isolated_nested(view_arena, tmp_path):
     a = view_arena
     buf = a.alloc(8 * CH)
     for c in range(8):
-        buf[c * CH:(c + 1) * CH] = bytes([c + 1]) * CH
+        buf[c * CH : (c + 1) * CH] = bytes([c + 1]) * CH
 
     def grandchild():
         sums = [buf[c * CH + 17] for c in range(8)]  # read faults first
         buf[3 * CH] = 99
-        Source("readv", tmp_path).write_into(buf[5 * CH:5 * CH + len(PAYLOAD)])
-        return sums, buf[3 * CH], bytes(buf[5 * CH:5 * CH + 4])
+        Source("readv", tmp_path).write_into(buf[5 * CH : 5 * CH + len(PAYLOAD)])
+        return sums, buf[3 * CH], bytes(buf[5 * CH : 5 * CH + 4])
 
     def child():
         before = [buf[c * CH + 1] for c in range(8)]
-        Source("recv_into", tmp_path).write_into(buf[6 * CH - 10:6 * CH - 10 + len(PAYLOAD)])
+        Source("recv_into", tmp_path).write_into(buf[6 * CH - 10 : 6 * CH - 10 + len(PAYLOAD)])
         mid = [buf[c * CH + 17] for c in range(8)]  # what the grandchild inherits
         g = in_child(grandchild)
-        return before, mid, g, bytes(buf[5 * CH:5 * CH + 4]), buf[3 * CH]
+        return before, mid, g, bytes(buf[5 * CH : 5 * CH + 4]), buf[3 * CH]
 
     pid, r = start_child(child)
     reads = [buf[c * CH + 2] for c in range(8)]
     buf[2 * CH + 5] = 77
-    Source("readinto", tmp_path).write_into(buf[4 * CH:4 * CH + len(PAYLOAD)])
+    Source("readinto", tmp_path).write_into(buf[4 * CH : 4 * CH + len(PAYLOAD)])
     before, mid, (gsums, g3, g5), c5, c3 = finish_child(pid, r)
     assert reads == before == [c + 1 for c in range(8)]
     assert gsums == mid == [c + 1 for c in range(6)] + [PAYLOAD[27], 8]
-    assert (g3, g5) == (99, PAYLOAD[:4])              # the grandchild's own writes
-    assert (c3, c5) == (4, bytes([6]) * 4)            # the child sees none of them
-    assert bytes(buf[6 * CH - 10:6 * CH]) == bytes([6]) * 10  # nor the parent the child's
-    assert buf[2 * CH + 5] == 77 and bytes(buf[4 * CH:4 * CH + len(PAYLOAD)]) == PAYLOAD
-    assert a.stats()["faults"] == 8   # the first touches of alloc(); no trap after the fork
+    assert (g3, g5) == (99, PAYLOAD[:4])  # the grandchild's own writes
+    assert (c3, c5) == (4, bytes([6]) * 4)  # the child sees none of them
+    assert bytes(buf[6 * CH - 10 : 6 * CH]) == bytes([6]) * 10  # nor the parent the child's
+    assert buf[2 * CH + 5] == 77 and bytes(buf[4 * CH : 4 * CH + len(PAYLOAD)]) == PAYLOAD
+    assert a.stats()["faults"] == 8  # the first touches of alloc(); no trap after the fork
     a.check()
     del buf
 
@@ -193,10 +192,10 @@ def test_threads_write_shared_chunks_at_once(kw_arena, tmp_path):
                 start.wait()
                 if i % 2:
                     if a.kernel_writes == "prepare_write":
-                        a.prepare_write(buf[off:off + len(PAYLOAD)])
-                    Source("readv", tmp_path).write_into(buf[off:off + len(PAYLOAD)])
+                        a.prepare_write(buf[off : off + len(PAYLOAD)])
+                    Source("readv", tmp_path).write_into(buf[off : off + len(PAYLOAD)])
                 else:
-                    buf[off:off + len(PAYLOAD)] = PAYLOAD
+                    buf[off : off + len(PAYLOAD)] = PAYLOAD
             except BaseException as e:  # reported below
                 errors.append(repr(e))
 
@@ -206,7 +205,7 @@ def test_threads_write_shared_chunks_at_once(kw_arena, tmp_path):
         for t in ts:
             t.join()
         offs = [(i % 4) * CH + (i // 4) * (CH // 2) + 100 for i in range(8)]
-        return errors, [bytes(buf[o:o + len(PAYLOAD)]) == PAYLOAD for o in offs]
+        return errors, [bytes(buf[o : o + len(PAYLOAD)]) == PAYLOAD for o in offs]
 
     errors, landed = in_child(child)
     assert errors == [] and all(landed)
@@ -222,16 +221,16 @@ def test_kernel_write_after_restore_and_in_os_fork_child(view_arena, tmp_path):
     snap = a.snapshot()
     buf[:] = b"b" * len(buf)
     a.restore(snap)  # chunks shared with the snapshot again
-    Source("readinto", tmp_path).write_into(buf[:len(PAYLOAD)])
-    assert bytes(buf[:len(PAYLOAD)]) == PAYLOAD
+    Source("readinto", tmp_path).write_into(buf[: len(PAYLOAD)])
+    assert bytes(buf[: len(PAYLOAD)]) == PAYLOAD
     assert bytes(snap.buffer()[:4]) == b"aaaa"
 
     def child():
-        Source("recv_into", tmp_path).write_into(buf[CH:CH + len(PAYLOAD)])
-        return bytes(buf[CH:CH + 4])
+        Source("recv_into", tmp_path).write_into(buf[CH : CH + len(PAYLOAD)])
+        return bytes(buf[CH : CH + 4])
 
     assert in_child(child, fork=os.fork) == PAYLOAD[:4]
-    assert bytes(buf[CH:CH + 4]) == b"aaaa"
+    assert bytes(buf[CH : CH + 4]) == b"aaaa"
     snap.close()
     a.check()
     del buf

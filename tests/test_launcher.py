@@ -1,5 +1,6 @@
 """`python -m odfork_user run` and ODFORK_RUN: an unmodified program, run as python runs it,
 with its heap (and numpy's data) in an arena, and every fork it makes isolated."""
+
 import os
 import signal
 import subprocess
@@ -8,7 +9,7 @@ import textwrap
 
 import pytest
 
-PROBE = textwrap.dedent('''
+PROBE = textwrap.dedent("""
     import os, sys
     print("argv", sys.argv)
     print("name", __name__)
@@ -23,12 +24,18 @@ PROBE = textwrap.dedent('''
         raise KeyboardInterrupt
     if what.isdigit():
         sys.exit(int(what))
-''')
+""")
 
 
 def _py(args, cwd, env=None):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, **(env or {})))
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, **(env or {})),
+    )
 
 
 @pytest.fixture
@@ -41,12 +48,29 @@ def probe(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("argv", [["prog.py", "a", "b"], ["prog.py", "3"], ["prog.py", "raise"],
-                                  ["prog.py", "--flag", "-q", "-m", "x"],
-                                  ["-m", "pkg", "x"], ["-m", "pkg", "4"], ["-m", "pkg", "raise"],
-                                  ["-m", "pkg", "--odfork", "-q", "-p", "no:x"]],
-                         ids=["script", "script-exit", "script-raise", "script-options", "module", "module-exit",
-                              "module-raise", "module-options"])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["prog.py", "a", "b"],
+        ["prog.py", "3"],
+        ["prog.py", "raise"],
+        ["prog.py", "--flag", "-q", "-m", "x"],
+        ["-m", "pkg", "x"],
+        ["-m", "pkg", "4"],
+        ["-m", "pkg", "raise"],
+        ["-m", "pkg", "--odfork", "-q", "-p", "no:x"],
+    ],
+    ids=[
+        "script",
+        "script-exit",
+        "script-raise",
+        "script-options",
+        "module",
+        "module-exit",
+        "module-raise",
+        "module-options",
+    ],
+)
 def test_run_behaves_as_python(probe, argv):
     plain = _py(argv, probe)
     ran = _py(["-P", "-m", "odfork_user", "run", *argv], probe)
@@ -62,7 +86,7 @@ def test_an_interrupted_program_ends_as_under_python(probe):
     assert ran.stderr == plain.stderr
 
 
-WORKLOAD = textwrap.dedent('''
+WORKLOAD = textwrap.dedent("""
     import os, sys, multiprocessing
     import odfork_user as ou
     data = {i: "v%d" % i for i in range(200000)}
@@ -96,7 +120,7 @@ WORKLOAD = textwrap.dedent('''
         os._exit(0 if bytes(blob[:4]) == b"FORK" else 1)
     _, status = os.waitpid(pid, 0)
     print("os.fork child:", status, bytes(blob[:4]))
-''')
+""")
 
 
 @pytest.mark.parametrize("how", ["run", "env"])
@@ -117,7 +141,7 @@ def test_forks_of_an_unmodified_program_are_isolated(tmp_path, how):
     assert out["children saw"].startswith("[(b'CHLD', 'child'")
     assert out["os.fork child"] == "0 b'pppp'"
     if "numpy handler" in out:
-        assert out["numpy handler"] == "odfork_user True"   # numpy's data went to the arena heap
+        assert out["numpy handler"] == "odfork_user True"  # numpy's data went to the arena heap
         assert out["parent sees"] == "b'pppp' v0 " + str(7 << 20)
         assert out["children saw"] == "[(b'CHLD', 'child', -1048576)]"
 
@@ -139,12 +163,13 @@ def test_heap_stats_names_where_memory_is(tmp_path):
     heap = [ln for ln in lines if ln.strip().startswith("arena heap:")]
     assert heap, p.stderr
     in_arenas = float(heap[0].split(" in blocks, ")[1].split()[0])
-    assert in_arenas >= 20, heap      # the strings are in the heap's pymalloc arenas (~ 40 MiB)
+    assert in_arenas >= 20, heap  # the strings are in the heap's pymalloc arenas (~ 40 MiB)
     assert any("[heap]" in ln for ln in lines)
 
 
 def test_gc_freeze_option_freezes_before_every_fork(tmp_path):
-    (tmp_path / "g.py").write_text(textwrap.dedent('''
+    (tmp_path / "g.py").write_text(
+        textwrap.dedent("""
         import gc, os
         objs = [[i] for i in range(1000)]
         r, w = os.pipe()
@@ -153,14 +178,15 @@ def test_gc_freeze_option_freezes_before_every_fork(tmp_path):
             os._exit(0)
         os.wait()
         print(int(os.read(r, 32)) >= 1000)
-    '''))
+    """)
+    )
     on = _py(["-P", "-m", "odfork_user", "run", "--gc-freeze", "g.py"], tmp_path)
     off = _py(["-P", "-m", "odfork_user", "run", "g.py"], tmp_path)
     env = _py(["g.py"], tmp_path, env={"ODFORK_RUN": "1", "ODFORK_GC_FREEZE": "1"})
     assert (on.stdout, off.stdout, env.stdout) == ("True\n", "False\n", "True\n"), (on.stderr, off.stderr)
 
 
-PASS_WARN_FAIL = textwrap.dedent('''
+PASS_WARN_FAIL = textwrap.dedent("""
     import warnings
     def test_a():
         pass
@@ -168,7 +194,7 @@ PASS_WARN_FAIL = textwrap.dedent('''
         warnings.warn("mine")
     def test_c():
         assert 1 == 2
-''')  # three tests: one passes, one warns, one fails
+""")  # three tests: one passes, one warns, one fails
 
 
 def test_pytest_under_run_reports_what_plain_pytest_reports(tmp_path):
@@ -191,8 +217,23 @@ def test_pytest_under_run_never_dies_in_a_loop(tmp_path):
     # on faulthandler's alternate stack (in the arena under run) killed about
     # one run in eight with SIGSEGV.  Run by CI with -m slow.
     (tmp_path / "test_x.py").write_text(PASS_WARN_FAIL)
-    args = ["-P", "-m", "odfork_user", "run", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:cov",
-            "-p", "no:hypothesispytest", "test_x.py", "--odfork"]
+    args = [
+        "-P",
+        "-m",
+        "odfork_user",
+        "run",
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "no:cov",
+        "-p",
+        "no:hypothesispytest",
+        "test_x.py",
+        "--odfork",
+    ]
     codes = {}
     for _ in range(int(os.environ.get("ODFORK_STRESS_LOOPS", "200"))):
         p = _py(args, tmp_path)

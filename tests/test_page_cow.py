@@ -2,6 +2,7 @@
 segment and the kernel copies only the pages written; views are folded back into
 segments by fold(), by cheap folds at the next fork, and by snapshots.  Same
 isolation promises as chunk mode."""
+
 import hashlib
 import os
 import random
@@ -12,8 +13,7 @@ import pytest
 
 import odfork_user as ou
 from odfork_user import odfork
-from odfork_user._core import lib
-from testlib import forks_with_own_threads, CH, checked_arena, finish_child, in_child, start_child
+from testlib import CH, checked_arena, finish_child, forks_with_own_threads, in_child, start_child
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def test_isolation_both_ways(parena, pattern):
             for off in range(0, len(buf), CH):
                 buf[off + 9] ^= 0xFF
         mine = hashlib.sha256(buf).hexdigest()
-        os.read(go_r, 1)                     # the parent writes meanwhile
+        os.read(go_r, 1)  # the parent writes meanwhile
         return mine == hashlib.sha256(buf).hexdigest(), parena.stats()
 
     pid, r = start_child(child)
@@ -63,11 +63,13 @@ def test_fork_of_a_process_with_private_chunks(parena):
     buf[:] = b"a" * len(buf)
 
     def child():
-        buf[10] = ord("b")                   # private chunk in the child
+        buf[10] = ord("b")  # private chunk in the child
+
         def grandchild():
             seen = bytes(buf[9:12])
             buf[10] = ord("g")
             return seen, bytes(buf[9:12])
+
         out = in_child(grandchild)
         parena.check()
         return out, bytes(buf[9:12])
@@ -82,14 +84,14 @@ def test_snapshot_folds_private_chunks_and_restore_drops_private_pages(parena):
     buf[:] = b"0" * len(buf)
 
     def child():
-        buf[5] = ord("1")                    # private chunk
-        with parena.snapshot() as snap:      # folds it: the snapshot must hold "1"
+        buf[5] = ord("1")  # private chunk
+        with parena.snapshot() as snap:  # folds it: the snapshot must hold "1"
             buf[5] = ord("2")
             buf[CH + 5] = ord("3")
             assert bytes(snap.buffer()[4:7]) == b"010"
             parena.restore(snap)
             parena.check()
-            return bytes(buf[4:7]), bytes(buf[CH + 4:CH + 7])
+            return bytes(buf[4:7]), bytes(buf[CH + 4 : CH + 7])
 
     # the chunks are shared with the child while it runs: its first writes go private
     assert in_child(child) == (b"010", b"000")
@@ -99,8 +101,8 @@ def test_snapshot_folds_private_chunks_and_restore_drops_private_pages(parena):
 def test_restore_remaps_a_chunk_made_private_after_the_snapshot(parena):
     buf = parena.alloc(CH)
     buf[:4] = b"base"
-    snap = parena.snapshot()                 # now shared with the snapshot
-    buf[:4] = b"priv"                        # first write: the chunk goes private (same segment)
+    snap = parena.snapshot()  # now shared with the snapshot
+    buf[:4] = b"priv"  # first write: the chunk goes private (same segment)
     parena.restore(snap)
     assert bytes(buf[:4]) == b"base"
     parena.check()
@@ -114,7 +116,7 @@ def test_kernel_writes_work_after_the_chunk_went_private(parena, tmp_path):
     buf[:] = b"p" * CH
 
     def child():
-        buf[0] = ord("x")                    # private now: the kernel can write it too
+        buf[0] = ord("x")  # private now: the kernel can write it too
         with open(src, "rb", buffering=0) as f:
             n = f.readinto(buf[200:300])
         return n, bytes(buf[199:202])
@@ -135,6 +137,7 @@ def test_threads_make_one_private_mapping(parena):
             barrier.wait()
             for k in range(100):
                 buf[i * 4096 + k] = i + 1
+
         ts = [threading.Thread(target=w, args=(i,)) for i in range(6)]
         for t in ts:
             t.start()
@@ -148,26 +151,27 @@ def test_threads_make_one_private_mapping(parena):
 
 # ---- folding ---------------------------------------------------------------
 
+
 def test_fold_after_the_child_exits_turns_views_back_into_segments(parena):
     buf = parena.alloc(4 * CH)
     buf[:] = b"a" * len(buf)
     go_r, go_w = os.pipe()
-    pid, r = start_child(lambda: (os.read(go_r, 1), bytes(buf[3:4]) + bytes(buf[CH + 4:CH + 5]))[1])
+    pid, r = start_child(lambda: (os.read(go_r, 1), bytes(buf[3:4]) + bytes(buf[CH + 4 : CH + 5]))[1])
     for c in range(4):
-        buf[c * CH + 3] = ord("p")           # one private page per view
-    parena.fold()                            # still shared: nothing to fold in place
+        buf[c * CH + 3] = ord("p")  # one private page per view
+    parena.fold()  # still shared: nothing to fold in place
     assert parena.stats()["folds"] == 0 and parena.stats()["views"] == 4
     os.write(go_w, b"x")
-    assert finish_child(pid, r) == b"aa"     # the child never saw the parent's pages
+    assert finish_child(pid, r) == b"aa"  # the child never saw the parent's pages
     s0 = parena.stats()
     assert s0["chunks_shared"] == 0 and s0["cow_copies"] == 4 and s0["bytes_copied"] == 4 * 4096
     parena.fold()
     s1 = parena.stats()
     assert (s1["folds"], s1["reuses"], s1["views"]) == (4, 4, 0), s1
     assert s1["bytes_copied"] == 2 * 4 * 4096  # the kernel's copies, then the fold's
-    assert bytes(buf[3:4]) == b"p" and bytes(buf[CH + 3:CH + 5]) == b"pa"
+    assert bytes(buf[3:4]) == b"p" and bytes(buf[CH + 3 : CH + 5]) == b"pa"
     # the segments hold the bytes now: a new child sees them
-    assert in_child(lambda: bytes(buf[2 * CH + 2:2 * CH + 5])) == b"apa"
+    assert in_child(lambda: bytes(buf[2 * CH + 2 : 2 * CH + 5])) == b"apa"
 
 
 def test_fold_max_dirty_skips_dense_views_and_forks_fold_nothing(parena):
@@ -175,16 +179,16 @@ def test_fold_max_dirty_skips_dense_views_and_forks_fold_nothing(parena):
     buf[:] = b"a" * len(buf)
     in_child(lambda: None)
     for c in range(4):
-        buf[c * CH + 5] = ord("q")           # views, count back to 1, one page each
-    buf[3 * CH:4 * CH] = b"d" * CH           # ... but this one is dense
+        buf[c * CH + 5] = ord("q")  # views, count back to 1, one page each
+    buf[3 * CH : 4 * CH] = b"d" * CH  # ... but this one is dense
     s0 = parena.stats()
     assert s0["views"] == 4
-    assert in_child(lambda: (bytes(buf[4:6]), bytes(buf[3 * CH + 4:3 * CH + 6]))) == (b"aq", b"dd")
-    assert parena.stats()["folds"] == s0["folds"]   # a fork leaves views as they are
+    assert in_child(lambda: (bytes(buf[4:6]), bytes(buf[3 * CH + 4 : 3 * CH + 6]))) == (b"aq", b"dd")
+    assert parena.stats()["folds"] == s0["folds"]  # a fork leaves views as they are
     parena.fold(max_dirty=64)
     s1 = parena.stats()
     assert s1["folds"] - s0["folds"] == 3 and s1["views"] == 1, s1
-    assert bytes(buf[4:6]) == b"aq" and bytes(buf[3 * CH + 4:3 * CH + 6]) == b"dd"
+    assert bytes(buf[4:6]) == b"aq" and bytes(buf[3 * CH + 4 : 3 * CH + 6]) == b"dd"
     parena.fold()
     assert parena.stats()["views"] == 0
 
@@ -196,12 +200,12 @@ def test_prepare_write_keeps_the_bytes_of_a_view(parena):
     buf[:] = b"0" * len(buf)
     go_r, go_w = os.pipe()
     pid, r = start_child(lambda: (os.read(go_r, 1), bytes(buf[:2]))[1])
-    buf[0] = ord("1")                        # private page, segment still shared
+    buf[0] = ord("1")  # private page, segment still shared
     parena.prepare_write(buf[:CH])
     assert bytes(buf[:2]) == b"10"
     os.write(go_w, b"x")
     assert finish_child(pid, r) == b"00"
-    buf[1] = ord("2")                        # count back to 1
+    buf[1] = ord("2")  # count back to 1
     parena.prepare_write(buf)
     assert bytes(buf[:3]) == b"120"
     assert in_child(lambda: bytes(buf[:3])) == b"120"
@@ -234,9 +238,9 @@ def test_writers_during_folds_lose_nothing(parena, kernel):
             while not stop.is_set() and counts[i] < SLOTS:
                 counts[i] += 1
                 n = counts[i]
-                buf[base + 8 * n:base + 8 * n + 8] = n.to_bytes(8, "little")
+                buf[base + 8 * n : base + 8 * n + 8] = n.to_bytes(8, "little")
                 if n % 64 == 0:
-                    time.sleep(0.0005)           # last the whole second
+                    time.sleep(0.0005)  # last the whole second
 
         def kern():
             r, w = os.pipe()
@@ -245,7 +249,7 @@ def test_writers_during_folds_lose_nothing(parena, kernel):
                 while not stop.is_set() and kdone[0] < CH // 512 - 1:
                     k = kdone[0] + 1
                     os.write(w, k.to_bytes(4, "little") * 128)
-                    if os.readv(r, [buf[base + 512 * k:base + 512 * (k + 1)]]) != 512:
+                    if os.readv(r, [buf[base + 512 * k : base + 512 * (k + 1)]]) != 512:
                         break
                     kdone[0] = k
                     time.sleep(0.0005)
@@ -262,18 +266,23 @@ def test_writers_during_folds_lose_nothing(parena, kernel):
             t.start()
         end = time.monotonic() + 1.0
         while time.monotonic() < end:
-            pid = odfork()                   # views again
+            pid = odfork()  # views again
             if pid == 0:
                 os._exit(0)
             os.waitpid(pid, 0)
-            parena.fold()                    # count back to 1: fold them under the writers
+            parena.fold()  # count back to 1: fold them under the writers
         stop.set()
         for t in ts:
             t.join()
-        lost_user = sum(int.from_bytes(buf[i * CH + 8 * n:i * CH + 8 * n + 8], "little") != n
-                        for i in range(3) for n in range(1, counts[i] + 1))
-        lost_kernel = sum(bytes(buf[3 * CH + 512 * k:3 * CH + 512 * (k + 1)]) != k.to_bytes(4, "little") * 128
-                          for k in range(1, kdone[0] + 1))
+        lost_user = sum(
+            int.from_bytes(buf[i * CH + 8 * n : i * CH + 8 * n + 8], "little") != n
+            for i in range(3)
+            for n in range(1, counts[i] + 1)
+        )
+        lost_kernel = sum(
+            bytes(buf[3 * CH + 512 * k : 3 * CH + 512 * (k + 1)]) != k.to_bytes(4, "little") * 128
+            for k in range(1, kdone[0] + 1)
+        )
         parena.check()
         return errors, lost_user, lost_kernel, min(counts), kdone[0], parena.stats()["folds"]
 
@@ -298,16 +307,17 @@ def _wait_views(arena, want, timeout=5.0):
 
 @pytest.mark.skipif(os.environ.get("ODFORK_FOLD", "1") == "0", reason="background folding turned off")
 def test_background_folder_folds_views_once_the_child_is_gone(arena):
-    parena = arena                              # the default configuration
+    parena = arena  # the default configuration
     buf = parena.alloc(4 * CH)
     buf[:] = b"a" * len(buf)
     go_r, go_w = os.pipe()
-    pid, r = start_child(lambda: (os.read(go_r, 1), bytes(buf[7:8]),
-                                  any(t.name == "odfork-folder" for t in threading.enumerate()))[1:])
+    pid, r = start_child(
+        lambda: (os.read(go_r, 1), bytes(buf[7:8]), any(t.name == "odfork-folder" for t in threading.enumerate()))[1:]
+    )
     for c in range(4):
         buf[c * CH + 7] = ord("b")
     time.sleep(0.2)
-    assert parena.stats()["views"] == 4          # shared with the child: never folded
+    assert parena.stats()["views"] == 4  # shared with the child: never folded
     os.write(go_w, b"x")
     assert finish_child(pid, r) == (b"a", False)  # a child that never forked runs no folder
     if ou.FOLD_PROTECT != "userfaultfd":
@@ -316,14 +326,14 @@ def test_background_folder_folds_views_once_the_child_is_gone(arena):
         time.sleep(0.2)
         assert not any(t.name == "odfork-folder" for t in threading.enumerate())
         assert parena.stats()["views"] == 4 and parena.stats()["folds"] == 0
-        assert bytes(buf[7:8]) == b"b" and in_child(lambda: bytes(buf[3 * CH + 6:3 * CH + 9])) == b"aba"
+        assert bytes(buf[7:8]) == b"b" and in_child(lambda: bytes(buf[3 * CH + 6 : 3 * CH + 9])) == b"aba"
         threads = _os_threads()
-        parena.fold()                            # folds when this is the only thread
+        parena.fold()  # folds when this is the only thread
         assert parena.stats()["views"] == (0 if threads == 1 else 4), threads
         del buf
         return
-    assert _wait_views(parena, 0) == 0           # in place, by the folder thread
+    assert _wait_views(parena, 0) == 0  # in place, by the folder thread
     st = parena.stats()
     assert st["folds"] >= 4 and st["chunks_shared"] == 0
-    assert bytes(buf[7:8]) == b"b" and in_child(lambda: bytes(buf[3 * CH + 6:3 * CH + 9])) == b"aba"
+    assert bytes(buf[7:8]) == b"b" and in_child(lambda: bytes(buf[3 * CH + 6 : 3 * CH + 9])) == b"aba"
     del buf

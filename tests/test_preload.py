@@ -2,6 +2,7 @@
 program's malloc family in an arena heap, every fork on demand.  The C program
 tests/c/preload_check.c runs with and without it and must behave the same,
 with its blocks in the arena under the preload."""
+
 import os
 import shutil
 import subprocess
@@ -15,8 +16,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _exec(*cmd, env=None, timeout=120):
-    return subprocess.run([sys.executable, "-P", "-m", "odfork_user", "exec", "--", *cmd], capture_output=True,
-                          text=True, timeout=timeout, env=dict(os.environ, **(env or {})))
+    return subprocess.run(
+        [sys.executable, "-P", "-m", "odfork_user", "exec", "--", *cmd],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, **(env or {})),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +30,16 @@ def check_program(tmp_path_factory):
     if not shutil.which("gcc"):
         pytest.skip("gcc is needed to build tests/c/preload_check.c")
     exe = tmp_path_factory.mktemp("preload") / "preload_check"
-    subprocess.run(["gcc", "-O1", "-Wall", "-o", str(exe), os.path.join(HERE, "c", "preload_check.c"),
-                    "-lpthread"], check=True)
+    subprocess.run(
+        ["gcc", "-O1", "-Wall", "-o", str(exe), os.path.join(HERE, "c", "preload_check.c"), "-lpthread"], check=True
+    )
     return str(exe)
 
 
 def test_library_is_installed():
-    p = subprocess.run([sys.executable, "-P", "-m", "odfork_user", "exec", "--print-library"],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-P", "-m", "odfork_user", "exec", "--print-library"], capture_output=True, text=True
+    )
     assert p.returncode == 0 and os.path.exists(p.stdout.strip()), p.stderr
 
 
@@ -77,7 +85,7 @@ def test_the_programs_own_sigsegv_handler_still_gets_real_crashes(check_program)
 
 
 def test_an_unmodified_python_forks_its_heap_isolated():
-    code = textwrap.dedent('''
+    code = textwrap.dedent("""
         import os
         data = bytearray(b"p" * (32 << 20))
         objs = {i: str(i) for i in range(100000)}
@@ -90,7 +98,7 @@ def test_an_unmodified_python_forks_its_heap_isolated():
         print(st, bytes(data[:4]), objs[5], data.count(b"c"))
         maps = open("/proc/self/maps").read()
         print("odfork-pool" in maps)
-    ''')
+    """)
     p = _exec(sys.executable, "-c", code)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split("\n")[:2] == ["0 b'pppp' 5 0", "True"], p.stdout
@@ -149,31 +157,56 @@ def test_an_unmodified_ruby_forks_its_objects_isolated(tmp_path):
     assert arena["plain"] == 0 and arena["pre"] > 16 << 10, arena  # > 16 MiB of ruby's heap in the arena
 
 
-needs_redis = pytest.mark.skipif(not all(shutil.which(x) for x in ("redis-server", "redis-cli", "redis-benchmark")),
-                                 reason="redis-server, redis-cli and redis-benchmark are not installed")
+needs_redis = pytest.mark.skipif(
+    not all(shutil.which(x) for x in ("redis-server", "redis-cli", "redis-benchmark")),
+    reason="redis-server, redis-cli and redis-benchmark are not installed",
+)
 
 
 def _redis_program(name, *args, tmp_path, timeout):
     """Run bench/programs/NAME with ARGS --json FILE: (the process, FILE's path)."""
     out = tmp_path / "out.json"
-    p = subprocess.run([sys.executable, "-P", os.path.join(os.path.dirname(HERE), "bench", "programs", name),
-                        *args, "--json", str(out)], capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-P",
+            os.path.join(os.path.dirname(HERE), "bench", "programs", name),
+            *args,
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return p, out
 
 
 @needs_redis
 def test_redis_bgsave_under_the_preload_writes_the_same_data(tmp_path):
-    p, out = _redis_program("redis_bgsave.py", "--keys", "20000", "--value", "100", "--saves", "2",
-                            "--rounds", "0", tmp_path=tmp_path, timeout=600)
+    p, out = _redis_program(
+        "redis_bgsave.py",
+        "--keys",
+        "20000",
+        "--value",
+        "100",
+        "--saves",
+        "2",
+        "--rounds",
+        "0",
+        tmp_path=tmp_path,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     import json
+
     res = json.loads(out.read_text())
     assert res["digests_equal"] is True
     assert all(r["latest_fork_usec_median"] > 0 for r in res["results"].values())
 
 
 def test_an_arena_that_cannot_be_made_is_said_and_the_program_runs_on_glibc(check_program):
-    p = _exec(check_program, env={"ODFORK_HEAP_SIZE": "100T"})   # above the core's 64 TiB limit
+    p = _exec(check_program, env={"ODFORK_HEAP_SIZE": "100T"})  # above the core's 64 TiB limit
     assert p.returncode == 0 and "ok" in p.stdout and "in-arena 0" in p.stdout, p.stderr
     assert "odfork_preload: cannot make an arena heap" in p.stderr and "glibc" in p.stderr
 
@@ -184,12 +217,14 @@ def test_redis_own_suite_passes_under_the_preload_as_stock(tmp_path):
     # stock server and one under the preload: the same outcome for every test.
     # Two units here (BGSAVE + DEBUG RELOAD round trips, every hash encoding);
     # bench/programs/redis_testsuite.py without --units runs all of it.
-    p, out = _redis_program("redis_testsuite.py", "--units", "unit/other,unit/type/hash", tmp_path=tmp_path,
-                            timeout=1200)
+    p, out = _redis_program(
+        "redis_testsuite.py", "--units", "unit/other,unit/type/hash", tmp_path=tmp_path, timeout=1200
+    )
     if p.returncode == 77:
         pytest.skip(p.stderr.strip())
     assert p.returncode == 0, p.stdout + p.stderr
     import json
+
     res = json.loads(out.read_text())
     assert not res["differences"]
     for mode, r in res["runs"].items():
@@ -213,7 +248,7 @@ def test_anonymous_mappings_are_the_arena_heaps_with_odfork_mmap(check_program):
     assert "mmap other in-arena 0" in on.stdout.splitlines(), on.stdout
 
 
-RUBY_MMAP = r'''
+RUBY_MMAP = r"""
 in_arena = lambda do
   File.read("/proc/self/maps").lines.grep(/odfork-pool/).map { |l| l.split(" ")[0].split("-").map { |x| x.to_i(16) } }
 end
@@ -240,7 +275,7 @@ raise "second child" unless $?.exitstatus == 0
 require "fiddle"
 addr = Fiddle::Pointer[data[123]].to_i
 puts "ruby ok in-arena #{in_arena.call.any? { |lo, hi| addr >= lo && addr < hi }}"
-'''
+"""
 
 
 def test_ruby_forks_its_mmap_object_pages_on_demand_with_gc_compact_around(tmp_path):

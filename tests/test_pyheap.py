@@ -5,8 +5,8 @@ its script in a fresh interpreter; the script asserts, and the test checks
 that it ran to the end.  The heap allocator itself is also driven directly
 (no install) against a model.
 """
+
 import errno
-import os
 import random
 import textwrap
 
@@ -14,7 +14,6 @@ import pytest
 
 import odfork_user as ou
 from odfork_user._core import ffi, lib
-
 from testlib import CH, run_py
 
 PRELUDE = """
@@ -225,6 +224,7 @@ def test_freed_space_is_reused_and_chunks_given_back():
 
 # ---- the block allocator alone, against a model ----------------------------
 
+
 @pytest.fixture
 def heap():
     a = ou.Arena(64 * CH)
@@ -301,7 +301,7 @@ def test_heap_large_block_grows_in_place_and_top_comes_down(heap):
     lib.odf_heap_free(h, q)
     lib.odf_heap_stats(h, st)
     assert st.top_bytes == 0 and st.free_extents == 0
-    big = lib.odf_heap_alloc(h, 8 * CH)      # crosses chunks: they are mapped
+    big = lib.odf_heap_alloc(h, 8 * CH)  # crosses chunks: they are mapped
     _fill(big, 8 * CH, 3)
     resident = a.stats()["chunks_resident"]
     lib.odf_heap_free(h, big)
@@ -397,8 +397,8 @@ def test_heap_aligned_runs_pack_grow_and_give_their_chunks_back(heap):
     lib.odf_heap_stats(h, st)
     assert st.live_blocks == 0 and st.top_bytes <= 3 * 65536  # (the small blocks' slab stays)
     # what the heap cannot serve: an error code, nothing changed
-    assert lib.odf_heap_alloc_aligned(h, 2 * CH, 100, out) == errno.EINVAL   # above a chunk: the caller's
+    assert lib.odf_heap_alloc_aligned(h, 2 * CH, 100, out) == errno.EINVAL  # above a chunk: the caller's
     assert lib.odf_heap_alloc_aligned(h, 3 * 4096, 100, out) == errno.EINVAL  # not a power of two
     assert lib.odf_heap_alloc_aligned(h, 0, 100, out) == errno.EINVAL
-    assert lib.odf_heap_alloc_aligned(h, CH, 40 * CH, out) == errno.ENOMEM   # bigger than the heap
+    assert lib.odf_heap_alloc_aligned(h, CH, 40 * CH, out) == errno.ENOMEM  # bigger than the heap
     assert lib.odf_heap_check(h) == 0

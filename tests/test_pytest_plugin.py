@@ -1,4 +1,5 @@
 """The pytest plugin (`pytest --odfork`): reports as pytest-forked gives them, and isolation."""
+
 import importlib.metadata
 import os
 
@@ -11,9 +12,11 @@ pytest_plugins = ["pytester"]
 def _same_package(monkeypatch):
     # the inner pytest imports the odfork_user this process imported
     import odfork_user
+
     monkeypatch.setenv("PYTHONPATH", os.path.dirname(os.path.dirname(odfork_user.__file__)))
 
-SUITE = '''
+
+SUITE = """
 import os, signal, sys
 import pytest
 import odfork_user as ou
@@ -64,7 +67,7 @@ def test_crash():
 
 def test_pid_differs():
     assert os.getpid() != int(os.environ["PYTEST_PARENT"])
-'''
+"""
 
 
 def _plugin_args():
@@ -83,6 +86,7 @@ def run_suite(pytester, tmp_path, monkeypatch):
         # of the tests, so give it the pid through a conftest instead
         pytester.makeconftest("import os\nos.environ['PYTEST_PARENT'] = str(os.getpid())\n")
         return pytester.runpytest_subprocess(*_plugin_args(), *args, "-rA"), log
+
     return run
 
 
@@ -90,10 +94,10 @@ def test_outcomes_match_pytest_forked_conventions(run_suite):
     result, log = run_suite("--odfork")
     result.assert_outcomes(passed=4, failed=3, skipped=1, xfailed=1)
     out = result.stdout.str()
-    assert "visible output" in out                       # captured output of a failing test
-    assert "killed by signal 9 (SIGKILL)" in out          # a crashing child is a failure, not a hang
+    assert "visible output" in out  # captured output of a failing test
+    assert "killed by signal 9 (SIGKILL)" in out  # a crashing child is a failure, not a hang
     assert "XPASS(strict)" in out or "[XPASS(strict)]" in out
-    assert log.read_text() == "setup\nteardown ok\n"     # the session fixture was built once, in the parent
+    assert log.read_text() == "setup\nteardown ok\n"  # the session fixture was built once, in the parent
 
 
 def test_without_the_flag_tests_run_in_process(run_suite):
@@ -106,7 +110,8 @@ def test_without_the_flag_tests_run_in_process(run_suite):
 
 
 def test_marker_selects_single_tests(pytester):
-    pytester.makepyfile(test_m='''
+    pytester.makepyfile(
+        test_m="""
 import os, pytest
 PARENT = os.getpid()
 @pytest.mark.odfork
@@ -114,12 +119,13 @@ def test_forked():
     assert os.getpid() != PARENT
 def test_not_forked():
     assert os.getpid() == PARENT
-''')
+"""
+    )
     result = pytester.runpytest_subprocess(*_plugin_args())
     result.assert_outcomes(passed=2)
 
 
-PARITY_SUITE = '''
+PARITY_SUITE = """
 import os, time, unittest, warnings
 import pytest
 import odfork_user as ou
@@ -145,7 +151,7 @@ def test_leaves_a_process_behind():
     child = ou.spawn(time.sleep, 30)
     with open(os.environ["LEFT_BEHIND"], "a") as f:
         f.write(f"{child.pid}\\n")
-'''
+"""
 
 
 def _outcomes(result):
@@ -162,6 +168,7 @@ def _outcomes(result):
 
 def test_odfork_reports_what_plain_pytest_reports(pytester, monkeypatch, tmp_path):
     import signal
+
     left = tmp_path / "left"
     monkeypatch.setenv("LEFT_BEHIND", str(left))
     pytester.makepyfile(test_parity=PARITY_SUITE)
@@ -173,10 +180,14 @@ def test_odfork_reports_what_plain_pytest_reports(pytester, monkeypatch, tmp_pat
     assert any(o == "failed" for _, o, _ in plain_out["test_parity.py::test_subtests"])
     for run in (plain, forked):
         rec = run.getcalls("pytest_warning_recorded")
-        assert [str(c.warning_message.message) for c in rec if "body warning" in str(c.warning_message.message)] \
-            == ["body warning"]
-        props = [r.user_properties for r in run.getreports("pytest_runtest_logreport")
-                 if r.nodeid.endswith("test_property") and r.when == "call"]
+        assert [str(c.warning_message.message) for c in rec if "body warning" in str(c.warning_message.message)] == [
+            "body warning"
+        ]
+        props = [
+            r.user_properties
+            for r in run.getreports("pytest_runtest_logreport")
+            if r.nodeid.endswith("test_property") and r.when == "call"
+        ]
         assert props == [[("answer", 42)]]
     # the run did not wait for the process the test left behind: it is still running
     pids = [int(x) for x in left.read_text().split()]
@@ -191,7 +202,7 @@ def test_odfork_reports_what_plain_pytest_reports(pytester, monkeypatch, tmp_pat
                 pass
 
 
-COV_MODULE = '''
+COV_MODULE = """
 def a(x):
     if x > 0:
         return "pos"
@@ -202,8 +213,8 @@ def b():
 
 def never():
     return 0
-'''
-COV_TESTS = '''
+"""
+COV_TESTS = """
 import covmod
 
 def test_a():
@@ -211,7 +222,7 @@ def test_a():
 
 def test_b():
     assert covmod.b() == 42
-'''
+"""
 
 
 def test_coverage_with_odfork_equals_plain(pytester):
@@ -219,20 +230,20 @@ def test_coverage_with_odfork_equals_plain(pytester):
     pytester.makepyfile(covmod=COV_MODULE, test_cov=COV_TESTS)
 
     def total(*extra):
-        res = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--cov=covmod", "--cov-report=term",
-                                            *extra)
+        res = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--cov=covmod", "--cov-report=term", *extra)
         line = [ln for ln in res.outlines if ln.startswith("TOTAL")]
         assert line, res.outlines
         return line[-1].split()[-1]
 
     plain = total()
-    assert plain == "75%"   # test_a and test_b leave 2 of 8 statements out
+    assert plain == "75%"  # test_a and test_b leave 2 of 8 statements out
     assert total("--odfork") == plain
 
 
 def test_pytest_timeout_kills_a_hanging_test_and_the_run_goes_on(pytester):
     pytest.importorskip("pytest_timeout")
-    pytester.makepyfile(test_hang='''
+    pytester.makepyfile(
+        test_hang="""
 import time
 
 def test_hangs():
@@ -240,9 +251,11 @@ def test_hangs():
 
 def test_after():
     pass
-''')
-    res = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--odfork", "--timeout=2",
-                                        "-o", "timeout_method=signal")
+"""
+    )
+    res = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--odfork", "--timeout=2", "-o", "timeout_method=signal"
+    )
     res.assert_outcomes(failed=1, passed=1)
     assert any("Timeout" in ln for ln in res.outlines), res.outlines
 
@@ -256,11 +269,11 @@ def test_xdist_with_odfork_gives_plain_xdist_outcomes(pytester):
         return res.parseoutcomes()
 
     plain = summary()
-    assert plain.get("failed") == 3 and plain.get("warnings") == 1, plain   # two subtest failures + their test
+    assert plain.get("failed") == 3 and plain.get("warnings") == 1, plain  # two subtest failures + their test
     assert summary("--odfork") == plain
 
 
-SELECT_SUITE = '''
+SELECT_SUITE = """
 def test_1_fails():
     assert False
 
@@ -272,7 +285,7 @@ def test_3_fails():
 
 def test_4_passes():
     pass
-'''
+"""
 
 
 def test_selection_and_stopping_options_match_plain_pytest(pytester):
@@ -282,8 +295,7 @@ def test_selection_and_stopping_options_match_plain_pytest(pytester):
     def outcomes(*args):
         # (hypothesis, a plugin of the outer run, would be imported again by every inner run)
         rec = pytester.inline_run("-p", "no:hypothesispytest", *args)
-        calls = sorted((r.nodeid, r.outcome) for r in rec.getreports("pytest_runtest_logreport")
-                       if r.when == "call")
+        calls = sorted((r.nodeid, r.outcome) for r in rec.getreports("pytest_runtest_logreport") if r.when == "call")
         return rec.ret, calls
 
     for args in (["-x"], ["--maxfail=2"], ["-k", "passes or 3"], ["-p", "no:cacheprovider"]):
@@ -298,7 +310,7 @@ def test_selection_and_stopping_options_match_plain_pytest(pytester):
     assert [o for _, o in plain_lf[1]] == ["failed", "failed"]
 
 
-UNPICKLABLE_SUITE = '''
+UNPICKLABLE_SUITE = """
 import os, pytest
 
 def test_subtest_keyed_by_a_local_instance(subtests):
@@ -316,7 +328,7 @@ def test_failing_subtest_keyed_by_a_local_instance(subtests):
 
 def test_property_is_a_lambda(record_property):
     record_property("fn", lambda: 1)
-'''
+"""
 
 
 def test_values_that_cannot_be_pickled_give_plain_pytests_outcome(pytester):
@@ -325,22 +337,26 @@ def test_values_that_cannot_be_pickled_give_plain_pytests_outcome(pytester):
     forked = pytester.inline_run("--odfork", "-p", "no:cacheprovider")
     plain_out, forked_out = _outcomes(plain), _outcomes(forked)
     assert [n for n in plain_out if "without a report" in str(n)] == []
-    assert {k: [(t, o) for t, o, _ in v] for k, v in forked_out.items()} == \
-        {k: [(t, o) for t, o, _ in v] for k, v in plain_out.items()}
+    assert {k: [(t, o) for t, o, _ in v] for k, v in forked_out.items()} == {
+        k: [(t, o) for t, o, _ in v] for k, v in plain_out.items()
+    }
     assert forked.ret == plain.ret == 1
-    props = [r.user_properties for r in forked.getreports("pytest_runtest_logreport")
-             if r.nodeid.endswith("test_property_is_a_lambda") and r.when == "call"]
-    assert len(props) == 1 and props[0][0][0] == "fn" and "lambda" in props[0][0][1]   # shown as its repr
+    props = [
+        r.user_properties
+        for r in forked.getreports("pytest_runtest_logreport")
+        if r.nodeid.endswith("test_property_is_a_lambda") and r.when == "call"
+    ]
+    assert len(props) == 1 and props[0][0][0] == "fn" and "lambda" in props[0][0][1]  # shown as its repr
 
 
 def test_an_error_in_the_childs_protocol_shows_its_traceback(pytester):
-    pytester.makeconftest('''
+    pytester.makeconftest("""
 import os
 PARENT = os.getpid()
 def pytest_report_teststatus(report, config):
     if os.getpid() != PARENT and report.when == "call":
         raise RuntimeError("protocol boom in the child")
-''')
+""")
     pytester.makepyfile(test_p="def test_p():\n    pass\n")
     result = pytester.runpytest_subprocess(*_plugin_args(), "--odfork", "-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
@@ -350,20 +366,23 @@ def pytest_report_teststatus(report, config):
 
 
 def test_the_plugin_loads_no_core_in_a_run_without_odfork(pytester):
-    pytester.makepyfile(test_mods='''
+    pytester.makepyfile(
+        test_mods="""
 import sys
 def test_no_core():
     assert "odfork_user.pytest_plugin" in sys.modules      # the plugin is loaded...
     assert "odfork_user._ffi" not in sys.modules            # ...but not the C core
     assert "odfork_user._core" not in sys.modules
-''')
+"""
+    )
     result = pytester.runpytest_subprocess(*_plugin_args(), "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
 
 
 def test_odfork_runs_do_not_warn_multi_threaded(pytester):
     """The folder runs in the pytest process (an arena, forks); no fork of the plugin warns (3.12+)."""
-    pytester.makepyfile(test_w='''
+    pytester.makepyfile(
+        test_w="""
 import pytest, odfork_user as ou
 ARENA = ou.Arena(16 << 20)        # kept: the folder watches live arenas only
 @pytest.fixture(scope="session")
@@ -372,8 +391,10 @@ def buf():
 @pytest.mark.parametrize("i", range(5))
 def test_w(buf, i):
     buf[:] = bytes([i]) * len(buf)
-''')
-    result = pytester.runpytest_subprocess(*_plugin_args(), "--odfork", "-p", "no:cacheprovider",
-                                           "-W", "always::DeprecationWarning")
+"""
+    )
+    result = pytester.runpytest_subprocess(
+        *_plugin_args(), "--odfork", "-p", "no:cacheprovider", "-W", "always::DeprecationWarning"
+    )
     result.assert_outcomes(passed=5)
     assert "multi-threaded" not in result.stdout.str() + result.stderr.str()

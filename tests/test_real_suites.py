@@ -9,6 +9,7 @@ which subtest), every recorded warning, the exit status.
 A suite whose source release cannot be downloaded (no index, no network) is skipped
 and says why.  Releases are kept in ~/.cache/odfork_user/suites.
 """
+
 import json
 import os
 import subprocess
@@ -31,7 +32,7 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "odfork
 
 # Loaded into both runs with -p: records, in the pytest process, what the terminal
 # would report.  Under --odfork the reports arrive there from the children.
-RECORDER = '''
+RECORDER = """
 import json, os, re
 
 _out = {"reports": [], "warnings": []}
@@ -59,7 +60,7 @@ def pytest_sessionfinish(session, exitstatus):
     _out["exitstatus"] = int(exitstatus)
     with open(os.environ["ODFORK_PARITY_OUT"], "w") as f:
         json.dump(_out, f)
-'''
+"""
 
 
 def _extract(tar, dest):
@@ -88,12 +89,30 @@ def _source(name, version):
     if (dest / ".complete").exists():
         return dest
     CACHE.mkdir(parents=True, exist_ok=True)
-    dl = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                         "-d", str(CACHE), f"{name}=={version}"], capture_output=True, text=True, timeout=300)
+    dl = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "-d",
+            str(CACHE),
+            f"{name}=={version}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     archives = sorted(CACHE.glob(f"{name.replace('-', '[-_]')}-{version}.tar.gz"))
     if dl.returncode or not archives:
-        pytest.skip(f"the source release {name}=={version} could not be downloaded: "
-                    f"{(dl.stderr or dl.stdout).strip().splitlines()[-1:]}")
+        pytest.skip(
+            f"the source release {name}=={version} could not be downloaded: "
+            f"{(dl.stderr or dl.stdout).strip().splitlines()[-1:]}"
+        )
     with tarfile.open(archives[0]) as tar:
         top = tar.getnames()[0].split("/")[0]
         _extract(tar, CACHE)
@@ -105,10 +124,25 @@ def _source(name, version):
 def _run(src, paths, extra, odfork, tmp_path):
     out = tmp_path / ("odfork.json" if odfork else "plain.json")
     (tmp_path / "odfork_parity_recorder.py").write_text(RECORDER)
-    env = dict(os.environ, ODFORK_PARITY_OUT=str(out),
-               PYTHONPATH=os.pathsep.join([str(tmp_path), str(src)] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
-    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "odfork_parity_recorder",
-            "-p", "no:randomly", *extra, *paths] + (["--odfork"] if odfork else [])
+    env = dict(
+        os.environ,
+        ODFORK_PARITY_OUT=str(out),
+        PYTHONPATH=os.pathsep.join([str(tmp_path), str(src)] + os.environ.get("PYTHONPATH", "").split(os.pathsep)),
+    )
+    args = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "odfork_parity_recorder",
+        "-p",
+        "no:randomly",
+        *extra,
+        *paths,
+    ] + (["--odfork"] if odfork else [])
     proc = subprocess.run(args, cwd=src, env=env, capture_output=True, text=True, timeout=900)
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout.strip().splitlines()[-1]
@@ -125,7 +159,7 @@ def test_real_suite_reports_the_same_with_odfork(name, version, paths, extra, tm
     src = _source(name, version)
     plain, plain_summary = _run(src, paths, extra, False, tmp_path)
     forked, forked_summary = _run(src, paths, extra, True, tmp_path)
-    assert plain["reports"], plain_summary      # the suite ran
+    assert plain["reports"], plain_summary  # the suite ran
     assert forked["exitstatus"] == plain["exitstatus"], (plain_summary, forked_summary)
     assert sorted(map(json.dumps, forked["reports"])) == sorted(map(json.dumps, plain["reports"]))
     assert sorted(map(json.dumps, forked["warnings"])) == sorted(map(json.dumps, plain["warnings"]))

@@ -1,9 +1,9 @@
 """The real suites' archives unpack on every supported Python (3.11.2 has no extraction filter)."""
+
 import io
 import tarfile
 
 import pytest
-
 from test_real_suites import _extract
 
 
@@ -39,7 +39,7 @@ def test_extract_files(tmp_path, how):
 
 @pytest.mark.parametrize("name", ["../evil", "/abs/evil"])
 def test_extract_refuses_names_outside(tmp_path, name, monkeypatch):
-    monkeypatch.delattr(tarfile, "data_filter", raising=False)   # the fallback; the filter strips a leading /
+    monkeypatch.delattr(tarfile, "data_filter", raising=False)  # the fallback; the filter strips a leading /
     with _tar(tmp_path, _file(name)) as tar, pytest.raises(tarfile.TarError):
         _extract(tar, tmp_path / "out")
     assert not (tmp_path / "evil").exists()
@@ -48,5 +48,5 @@ def test_extract_refuses_names_outside(tmp_path, name, monkeypatch):
 def test_extract_refuses_links(tmp_path, how):
     link = tarfile.TarInfo("pkg/link")
     link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
-    with _tar(tmp_path, (link, None)) as tar, pytest.raises(tarfile.TarError):   # FilterError is one
+    with _tar(tmp_path, (link, None)) as tar, pytest.raises(tarfile.TarError):  # FilterError is one
         _extract(tar, tmp_path / "out")

@@ -1,4 +1,5 @@
 """Crash safety, leaks, limits and signals (opt-in long runs: ODFORK_STRESS=1)."""
+
 import glob
 import json
 import os
@@ -9,8 +10,8 @@ import subprocess
 import pytest
 
 import odfork_user as ou
-from testlib import CH, python, run_py
 from odfork_user import odfork
+from testlib import CH, python, run_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STRESS = os.environ.get("ODFORK_STRESS") == "1"
@@ -68,14 +69,17 @@ def test_no_leak_10000_cycles():
 
 
 def test_fault_inside_the_handler_kills_instead_of_recursing():
-    p = run_py("""
+    p = run_py(
+        """
         import ctypes, odfork_user as ou
         from odfork_user._core import lib
         a = ou.Arena(1 << 23)
         lib._odf_debug_break(a._h, lib.ODF_DEBUG_CRASH_IN_HANDLER, 0)
         ctypes.memset(a.address + (1 << 22), 1, 1)   # first touch: the SIGSEGV handler
         print("survived")
-    """, timeout=30)
+    """,
+        timeout=30,
+    )
     assert p.returncode == -signal.SIGSEGV and "survived" not in p.stdout, p
 
 
@@ -153,8 +157,9 @@ def test_exec_inherits_no_fds(tmp_path):
     assert p.stdout.strip() == "False", p
 
 
-@pytest.mark.skipif(shutil.which("valgrind") is None or shutil.which("gcc") is None,
-                    reason="valgrind and gcc are needed")
+@pytest.mark.skipif(
+    shutil.which("valgrind") is None or shutil.which("gcc") is None, reason="valgrind and gcc are needed"
+)
 def test_c_core_is_clean_under_valgrind(tmp_path):
     root = os.path.dirname(HERE)
     csrc = os.path.join(root, "csrc")
@@ -163,15 +168,35 @@ def test_c_core_is_clean_under_valgrind(tmp_path):
     exe = tmp_path / "test_core"
     dirs = [os.path.join(csrc, d) for d in ("core", "heap")]
     srcs = sorted(f for d in dirs for f in glob.glob(os.path.join(d, "*.c")))
-    subprocess.run(["gcc", "-std=gnu11", "-g", "-O1", "-Wall", "-Werror", *(f"-I{d}" for d in dirs), *srcs,
-                    os.path.join(HERE, "c", "test_core.c"), "-lpthread", "-o", str(exe)], check=True)
-    p = subprocess.run(["valgrind", "-q", "--error-exitcode=99", "--leak-check=full", "--trace-children=yes",
-                        str(exe)], capture_output=True, text=True, timeout=300)
+    subprocess.run(
+        [
+            "gcc",
+            "-std=gnu11",
+            "-g",
+            "-O1",
+            "-Wall",
+            "-Werror",
+            *(f"-I{d}" for d in dirs),
+            *srcs,
+            os.path.join(HERE, "c", "test_core.c"),
+            "-lpthread",
+            "-o",
+            str(exe),
+        ],
+        check=True,
+    )
+    p = subprocess.run(
+        ["valgrind", "-q", "--error-exitcode=99", "--leak-check=full", "--trace-children=yes", str(exe)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0 and "c core test: ok" in p.stdout, p
 
 
 def test_faulthandler_enabled_after_the_arena_neither_breaks_cow_nor_loops_on_a_crash():
-    p = run_py("""
+    p = run_py(
+        """
         import os, faulthandler, ctypes, odfork_user as ou
         a = ou.Arena(1 << 22); b = a.alloc(10); b[0] = 1
         faulthandler.enable()                  # after the arena: must not see copy-on-write faults
@@ -182,7 +207,9 @@ def test_faulthandler_enabled_after_the_arena_neither_breaks_cow_nor_loops_on_a_
         print("child status", os.waitpid(pid, 0)[1], flush=True)
         def crash_here(): ctypes.string_at(16)
         crash_here()                           # a real crash: one traceback, then death (no loop)
-    """, timeout=30)
+    """,
+        timeout=30,
+    )
     assert "child status 0" in p.stdout, p
     assert p.returncode == -signal.SIGSEGV and "crash_here" in p.stderr, p
 

@@ -1,4 +1,5 @@
 """spawn() and snapshots: the Processes and Snapshots rows of the API contract."""
+
 import gc
 import os
 import signal
@@ -8,7 +9,7 @@ import time
 import pytest
 
 import odfork_user as ou
-from testlib import forks_with_own_threads, CH
+from testlib import CH, forks_with_own_threads
 
 
 def _square(x, *, add=0):
@@ -30,6 +31,7 @@ def _sleep(s):
 
 # ---- spawn ------------------------------------------------------------------
 
+
 def test_spawn_result_and_exitcode():
     c = ou.spawn(_square, 7, add=1)
     assert c.result(timeout=30) == 50
@@ -39,7 +41,7 @@ def test_spawn_result_and_exitcode():
 
 def test_spawn_reraises_the_childs_exception_with_its_traceback_as_cause():
     c = ou.spawn(_raise)
-    with pytest.raises(KeyError) as ei:   # `except KeyError:` works, as with concurrent.futures
+    with pytest.raises(KeyError) as ei:  # `except KeyError:` works, as with concurrent.futures
         c.result(timeout=30)
     assert type(ei.value) is KeyError and ei.value.args == ("boom in child",)
     cause = ei.value.__cause__
@@ -56,7 +58,7 @@ class AppError(Exception):
 
 
 class NoArgsBack(Exception):
-    def __init__(self, code, where):   # unpickling calls NoArgsBack("code 3 at x"): TypeError
+    def __init__(self, code, where):  # unpickling calls NoArgsBack("code 3 at x"): TypeError
         super().__init__(f"code {code} at {where}")
 
 
@@ -67,6 +69,7 @@ def _raise_app():
 def _raise_local():
     class Local(Exception):
         pass
+
     raise Local("defined inside a function")
 
 
@@ -84,9 +87,14 @@ def test_spawn_reraises_a_custom_exception_with_its_attributes():
     assert ei.value.args == ("bad", 3) and ei.value.code == 3
 
 
-@pytest.mark.parametrize("fn,text", [(_raise_local, "Local: defined inside a function"),
-                                     (_raise_no_args_back, "NoArgsBack: code 3 at x"),
-                                     (_exit, "SystemExit: 5")])
+@pytest.mark.parametrize(
+    "fn,text",
+    [
+        (_raise_local, "Local: defined inside a function"),
+        (_raise_no_args_back, "NoArgsBack: code 3 at x"),
+        (_exit, "SystemExit: 5"),
+    ],
+)
 def test_spawn_exception_that_cannot_travel_is_child_error(fn, text):
     c = ou.spawn(fn)
     with pytest.raises(ou.ChildError) as ei:
@@ -192,6 +200,7 @@ def test_spawn_isolation(arena):
 
 # ---- snapshots --------------------------------------------------------------
 
+
 def test_snapshot_freezes_bytes_and_copies_nothing(arena):
     buf = arena.alloc(4 * CH)
     buf[:] = b"a" * len(buf)
@@ -229,8 +238,8 @@ def test_view_after_snapshot_closed_folds_in_place():
     snap = arena.snapshot()
     snap.close()
     s0 = arena.stats()
-    buf[0] = 2                               # the kernel copies one page of the view
-    arena.fold()                             # ... which goes back into the same segment
+    buf[0] = 2  # the kernel copies one page of the view
+    arena.fold()  # ... which goes back into the same segment
     s1 = arena.stats()
     assert (s1["reuses"] - s0["reuses"], s1["views"], s1["segments_live"]) == (1, 0, s0["segments_live"])
     assert buf[0] == 2
@@ -240,7 +249,7 @@ def test_view_after_snapshot_closed_folds_in_place():
 
 
 def test_restore_twice_and_live_views_see_it(arena):
-    np = pytest.importorskip("numpy")
+    pytest.importorskip("numpy")
     arr = arena.ndarray((3, CH // 8), "int64")
     arr[:] = 1
     snap = arena.snapshot()
@@ -248,9 +257,9 @@ def test_restore_twice_and_live_views_see_it(arena):
         arr[:] = 9
         arr[1, 5] = 77
         arena.restore(snap)
-        assert int(arr.sum()) == arr.size   # the same array object sees the restored bytes
+        assert int(arr.sum()) == arr.size  # the same array object sees the restored bytes
         arena.check()
-    arr[0, 0] = 3                            # writable after restore
+    arr[0, 0] = 3  # writable after restore
     assert arr[0, 0] == 3
     snap.close()
     arena.check()
@@ -260,7 +269,7 @@ def test_restore_unwritten_chunks_back_to_zero(arena):
     buf = arena.alloc(4 * CH)
     buf[0] = 1
     snap = arena.snapshot()
-    buf[3 * CH] = 5                          # a chunk that did not exist at the snapshot
+    buf[3 * CH] = 5  # a chunk that did not exist at the snapshot
     arena.restore(snap)
     assert buf[3 * CH] == 0 and buf[0] == 1
     snap.close()
@@ -298,7 +307,7 @@ def test_save_while_writing(arena, tmp_path):
         t.join()
     data = (tmp_path / "snap.bin").read_bytes()
     assert len(data) == arena.size
-    assert data[:len(buf)] == b"s" * len(buf) and data[len(buf):].count(0) == arena.size - len(buf)
+    assert data[: len(buf)] == b"s" * len(buf) and data[len(buf) :].count(0) == arena.size - len(buf)
     assert bytes(buf).count(b"w") > 0
     snap.close()
     arena.check()
@@ -321,7 +330,7 @@ def test_child_reads_and_restores_parents_snapshot_independently(arena):
         return seen, after
 
     assert ou.spawn(child).result(timeout=30) == (b"0000", b"0000")
-    assert bytes(buf[:4]) == b"1111"           # the child's restore did not touch us
+    assert bytes(buf[:4]) == b"1111"  # the child's restore did not touch us
     assert bytes(snap.buffer()[:4]) == b"0000"  # nor did its close
     arena.restore(snap)
     assert bytes(buf[:4]) == b"0000"

@@ -7,6 +7,7 @@ checked against a model of the bytes every process should see; in page mode
 Children are small servers forked with odfork: they answer commands over a
 pipe pair (write, read, exit), so a step can act inside any live child.
 """
+
 import hashlib
 import os
 import pickle
@@ -38,6 +39,7 @@ def _recv(fd):
                 raise EOFError
             buf += b
         return buf
+
     (n,) = struct.unpack("<I", exact(4))
     return pickle.loads(exact(n))
 
@@ -61,9 +63,9 @@ def _serve(arena, views, cmd_r, ans_w):
         if op in ("write", "kwrite"):
             key, off, data = args
             if op == "write":
-                views[key][off:off + len(data)] = data
+                views[key][off : off + len(data)] = data
             else:
-                kernel_write(arena, views[key][off:off + len(data)], data)
+                kernel_write(arena, views[key][off : off + len(data)], data)
             _send(ans_w, "ok")
         elif op == "drop_fds":  # what a daemon does after fork
             keep = sorted({cmd_r, ans_w})
@@ -87,10 +89,10 @@ class ArenaMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.arena = ou.Arena(ARENA, cow=self.cow)
-        self.views = {}       # key -> memoryview (parent)
-        self.model = {}       # key -> bytearray: what the parent should see
-        self.children = []    # [pid, cmd_w, ans_r, {key: bytearray}]
-        self.snaps = []       # [(Snapshot, {key: bytes})]
+        self.views = {}  # key -> memoryview (parent)
+        self.model = {}  # key -> bytearray: what the parent should see
+        self.children = []  # [pid, cmd_w, ans_r, {key: bytearray}]
+        self.snaps = []  # [(Snapshot, {key: bytes})]
         self.next_key = 0
         self.base = self.arena.stats()["segments_live"]
 
@@ -121,9 +123,9 @@ class ArenaMachine(RuleBasedStateMachine):
             return
         v = self.views[key]
         off = int(frac * max(len(v) - len(data), 0))
-        data = data[:len(v) - off]
-        v[off:off + len(data)] = data
-        self.model[key][off:off + len(data)] = data
+        data = data[: len(v) - off]
+        v[off : off + len(data)] = data
+        self.model[key][off : off + len(data)] = data
 
     @rule(key=blocks, frac=st.floats(0, 1), data=st.binary(min_size=1, max_size=64))
     def kwrite(self, key, frac, data):
@@ -131,9 +133,9 @@ class ArenaMachine(RuleBasedStateMachine):
             return
         v = self.views[key]
         off = int(frac * max(len(v) - len(data), 0))
-        data = data[:len(v) - off]
-        kernel_write(self.arena, v[off:off + len(data)], data)
-        self.model[key][off:off + len(data)] = data
+        data = data[: len(v) - off]
+        kernel_write(self.arena, v[off : off + len(data)], data)
+        self.model[key][off : off + len(data)] = data
 
     @rule(key=blocks)
     def prepare_write(self, key):
@@ -163,18 +165,22 @@ class ArenaMachine(RuleBasedStateMachine):
         self.children.append([pid, cmd_w, ans_r, {k: bytearray(m) for k, m in self.model.items()}])
 
     @precondition(lambda self: self.children)
-    @rule(i=st.integers(0, MAX_CHILDREN - 1), frac=st.floats(0, 1), data=st.binary(min_size=1, max_size=64),
-          pick=st.integers(0, 1000))
+    @rule(
+        i=st.integers(0, MAX_CHILDREN - 1),
+        frac=st.floats(0, 1),
+        data=st.binary(min_size=1, max_size=64),
+        pick=st.integers(0, 1000),
+    )
     def child_write(self, i, frac, data, pick):
         pid, cmd_w, ans_r, cmodel = self.children[i % len(self.children)]
         if not cmodel:
             return
         key = sorted(cmodel)[pick % len(cmodel)]
         off = int(frac * max(len(cmodel[key]) - len(data), 0))
-        data = data[:len(cmodel[key]) - off]
+        data = data[: len(cmodel[key]) - off]
         _send(cmd_w, ("kwrite" if pick % 3 == 0 else "write", key, off, data))
         assert _recv(ans_r) == "ok"
-        cmodel[key][off:off + len(data)] = data
+        cmodel[key][off : off + len(data)] = data
 
     @precondition(lambda self: self.children)
     @rule(i=st.integers(0, MAX_CHILDREN - 1))
@@ -219,7 +225,7 @@ class ArenaMachine(RuleBasedStateMachine):
         buf = snap.buffer()
         for k, v in self.views.items():
             off = int(ou._core.ffi.cast("uintptr_t", ou._core.ffi.from_buffer(v))) - self.arena.address
-            self.model[k][:] = buf[off:off + len(v)]
+            self.model[k][:] = buf[off : off + len(v)]
             if k in content:
                 assert bytes(self.model[k]) == content[k]
         del buf
@@ -244,8 +250,11 @@ class ArenaMachine(RuleBasedStateMachine):
             buf = snap.buffer()
             for k, m in content.items():
                 if k in self.views:
-                    off = int(ou._core.ffi.cast("uintptr_t", ou._core.ffi.from_buffer(self.views[k]))) - self.arena.address
-                    assert bytes(buf[off:off + len(m)]) == m, f"snapshot block {k}"
+                    off = (
+                        int(ou._core.ffi.cast("uintptr_t", ou._core.ffi.from_buffer(self.views[k])))
+                        - self.arena.address
+                    )
+                    assert bytes(buf[off : off + len(m)]) == m, f"snapshot block {k}"
             del buf
         self.arena.check()
 
@@ -270,6 +279,7 @@ class ArenaMachine(RuleBasedStateMachine):
             self.snaps.clear()
             self.views.clear()
             import gc
+
             gc.collect()
             try:
                 self.arena.close()
@@ -286,8 +296,10 @@ class ChunkArenaMachine(ArenaMachine):
 
 _EXAMPLES = int(os.environ.get("ODFORK_STATEFUL_EXAMPLES", "200"))
 TestArenaMachine = ArenaMachine.TestCase
-TestArenaMachine.settings = settings(max_examples=_EXAMPLES, stateful_step_count=20, deadline=None,
-                                     suppress_health_check=list(HealthCheck))
+TestArenaMachine.settings = settings(
+    max_examples=_EXAMPLES, stateful_step_count=20, deadline=None, suppress_health_check=list(HealthCheck)
+)
 TestChunkArenaMachine = ChunkArenaMachine.TestCase
-TestChunkArenaMachine.settings = settings(max_examples=max(_EXAMPLES // 2, 1), stateful_step_count=20,
-                                          deadline=None, suppress_health_check=list(HealthCheck))
+TestChunkArenaMachine.settings = settings(
+    max_examples=max(_EXAMPLES // 2, 1), stateful_step_count=20, deadline=None, suppress_health_check=list(HealthCheck)
+)

@@ -1,5 +1,6 @@
 """Quick mode of the real workloads (bench/workloads.py): they run, agree with each other, and
 every mode of each produces its result (timings are reported, never asserted)."""
+
 import json
 import os
 

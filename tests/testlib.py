@@ -1,6 +1,7 @@
 """Helpers shared by the tests: children run through odfork_user's child protocol, fresh
 interpreters that import the installed package, and arena fixtures' bodies.  The fixtures
 themselves are in conftest.py; a test module imports what it needs from here."""
+
 import os
 import signal
 import subprocess
@@ -20,7 +21,8 @@ CH = ou.CHUNK_SIZE
 # not the library's (tests/test_fork_warnings.py checks that the library makes
 # none), so such tests silence it rather than fill the report with it.
 forks_with_own_threads = pytest.mark.filterwarnings(
-    "ignore:This process .* is multi-threaded, use of fork:DeprecationWarning")
+    "ignore:This process .* is multi-threaded, use of fork:DeprecationWarning"
+)
 
 
 def python(*args, env=None, timeout=60, **kw):
@@ -36,8 +38,7 @@ def python(*args, env=None, timeout=60, **kw):
             e[k] = v
     root = os.path.dirname(os.path.dirname(ou.__file__))
     e["PYTHONPATH"] = os.pathsep.join(p for p in [root, e.get("PYTHONPATH", "")] if p)
-    return subprocess.run([sys.executable, "-P", *args], capture_output=True, text=True, env=e,
-                          timeout=timeout, **kw)
+    return subprocess.run([sys.executable, "-P", *args], capture_output=True, text=True, env=e, timeout=timeout, **kw)
 
 
 def run_py(code, timeout=60, env=None, **kw):
@@ -61,8 +62,7 @@ class raises_odfork:
 
     def __exit__(self, *exc):
         out = self._cm.__exit__(*exc)
-        assert isinstance(self.info.value, ou.OdforkError), \
-            f"{type(self.info.value).__name__} is not an OdforkError"
+        assert isinstance(self.info.value, ou.OdforkError), f"{type(self.info.value).__name__} is not an OdforkError"
         return out
 
 
@@ -115,6 +115,7 @@ def close_arena(a, strict=False):
     """Close a after collecting garbage.  strict=False: views a failing test
     still holds leave the mapping in place (close() refuses with BufferError)."""
     import gc
+
     gc.collect()
     try:
         a.close()

@@ -9,6 +9,7 @@ S and 2S seconds, and the rate is the difference of execs_done over S (the
 state is built once per run, before the fork server starts, and would otherwise
 count against the rate).
 """
+
 import argparse
 import json
 import os
@@ -30,12 +31,37 @@ def execs(mode, nbytes, seconds):
         with open(os.path.join(d, "in", "seed"), "w") as f:
             f.write("hello")
         launcher = ["-P", "-m", "odfork_user", "run"] if mode == "run" else []
-        env = dict(os.environ, FUZZ_STATE_BYTES=str(nbytes), AFL_SKIP_CPUFREQ="1", AFL_NO_UI="1",
-                   AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES="1", AFL_NO_AFFINITY="1")
-        subprocess.run(["py-afl-fuzz", "-i", os.path.join(d, "in"), "-o", os.path.join(d, "out"), "-V",
-                        str(seconds), "-m", "none", "-t", "20000", "--", sys.executable, *launcher,
-                        os.path.join(HERE, "afl_target.py")], env=env, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, timeout=seconds * 10 + 600)
+        env = dict(
+            os.environ,
+            FUZZ_STATE_BYTES=str(nbytes),
+            AFL_SKIP_CPUFREQ="1",
+            AFL_NO_UI="1",
+            AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES="1",
+            AFL_NO_AFFINITY="1",
+        )
+        subprocess.run(
+            [
+                "py-afl-fuzz",
+                "-i",
+                os.path.join(d, "in"),
+                "-o",
+                os.path.join(d, "out"),
+                "-V",
+                str(seconds),
+                "-m",
+                "none",
+                "-t",
+                "20000",
+                "--",
+                sys.executable,
+                *launcher,
+                os.path.join(HERE, "afl_target.py"),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=seconds * 10 + 600,
+        )
         stats = {}
         with open(os.path.join(d, "out", "default", "fuzzer_stats")) as f:
             for line in f:
@@ -56,8 +82,7 @@ def main(argv=None):
     out = {"bytes": a.bytes, "seconds": a.seconds, "results": {}}
     for mode in ("python", "run"):
         short, long_ = execs(mode, a.bytes, a.seconds), execs(mode, a.bytes, 2 * a.seconds)
-        out["results"][mode] = {"execs_short": short, "execs_long": long_,
-                                "execs_per_s": (long_ - short) / a.seconds}
+        out["results"][mode] = {"execs_short": short, "execs_long": long_, "execs_per_s": (long_ - short) / a.seconds}
         print(f"{mode:7} {(long_ - short) / a.seconds:8.1f} execs/s")
     if a.json:
         with open(a.json, "w") as f:

@@ -1,5 +1,6 @@
 """A python-afl fuzz target whose state is a dict built in plain Python
 (FUZZ_STATE_BYTES, default 1 GiB), nothing of odfork_user in it."""
+
 import os
 import sys
 
@@ -16,6 +17,6 @@ def check(data):
     return len(STATE.get(key, ""))
 
 
-afl.init()   # the fork server starts here: every input runs in a child forked from this state
+afl.init()  # the fork server starts here: every input runs in a child forked from this state
 check(sys.stdin.buffer.read())
 os._exit(0)

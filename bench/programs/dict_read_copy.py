@@ -9,6 +9,7 @@ Private_Dirty from /proc/self/smaps_rollup.
 
     python -P bench/programs/dict_read_copy.py [N] [--freeze]
 """
+
 import gc
 import sys
 
@@ -41,8 +42,13 @@ def child(read, collect):
     return arena.stats()["bytes_copied"] - before, private_dirty(), total
 
 
-for read, collect, what in ((True, False, "reads only          "), (True, True, "reads + gc.collect()"),
-                           (False, True, "gc.collect() only   ")):
+for read, collect, what in (
+    (True, False, "reads only          "),
+    (True, True, "reads + gc.collect()"),
+    (False, True, "gc.collect() only   "),
+):
     copied, private, _ = ou.spawn(child, read, collect).result(timeout=600)
-    print(f"python {sys.version.split()[0]}  {n} objects  gc.freeze {'yes' if freeze else 'no ':3}  child {what}: "
-          f"bytes_copied {copied / MiB:7.1f} MiB, Private_Dirty {private / MiB:7.1f} MiB")
+    print(
+        f"python {sys.version.split()[0]}  {n} objects  gc.freeze {'yes' if freeze else 'no ':3}  child {what}: "
+        f"bytes_copied {copied / MiB:7.1f} MiB, Private_Dirty {private / MiB:7.1f} MiB"
+    )

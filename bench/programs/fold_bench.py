@@ -15,6 +15,7 @@ a table on stderr.
 
 Configurations whose arena plus private copies exceed --max-gib are skipped.
 """
+
 import argparse
 import ctypes
 import json
@@ -53,7 +54,7 @@ def one(p, n, trials, src, dst):
         lead = (-arr.ctypes.data) % CHUNK  # first chunk boundary inside the block
         full = n
         arr[:] = 1
-        chunks = arr[lead:lead + full * CHUNK].reshape(full, PPC, PAGE)
+        chunks = arr[lead : lead + full * CHUNK].reshape(full, PPC, PAGE)
         pages = np.arange(0, PPC, PPC // p)[:p]
         fold_us, copy_us, folded = [], [], []
         for t in range(trials):
@@ -71,11 +72,17 @@ def one(p, n, trials, src, dst):
             copy_us.append(memcpy_per_page_us(full * p, src, dst))
         wp = full * p
         fmed, cmed = statistics.median(fold_us), statistics.median(copy_us)
-        return {"pages_per_chunk": p, "chunks": full, "written_pages": wp,
-                "fold_ms": round(fmed / 1e3, 3), "fold_us_per_page": round(fmed / wp, 3),
-                "fold_us_per_chunk": round(fmed / full, 2),
-                "memcpy_us_per_page": round(cmed, 3), "ratio": round(fmed / wp / cmed, 2),
-                "folds_per_trial": statistics.median(folded)}
+        return {
+            "pages_per_chunk": p,
+            "chunks": full,
+            "written_pages": wp,
+            "fold_ms": round(fmed / 1e3, 3),
+            "fold_us_per_page": round(fmed / wp, 3),
+            "fold_us_per_chunk": round(fmed / full, 2),
+            "memcpy_us_per_page": round(cmed, 3),
+            "ratio": round(fmed / wp / cmed, 2),
+            "folds_per_trial": statistics.median(folded),
+        }
     finally:
         chunks = arr = buf = None
         arena.close()
@@ -93,8 +100,10 @@ def main():
     ctypes.memset(src, 1, len(src))
     ctypes.memset(dst, 2, len(dst))
     rows = []
-    print(f"{'P':>4} {'N':>5} {'fold ms':>9} {'us/page':>8} {'us/chunk':>9} {'memcpy us':>9} {'ratio':>6}",
-          file=sys.stderr)
+    print(
+        f"{'P':>4} {'N':>5} {'fold ms':>9} {'us/page':>8} {'us/chunk':>9} {'memcpy us':>9} {'ratio':>6}",
+        file=sys.stderr,
+    )
     for n in (int(x) for x in args.chunks.split(",")):
         for p in (int(x) for x in args.pages.split(",")):
             need = n * CHUNK * (1 + p / PPC)
@@ -103,11 +112,17 @@ def main():
                 continue
             r = one(p, n, args.trials, src, dst)
             rows.append(r)
-            print(f"{p:>4} {r['chunks']:>5} {r['fold_ms']:>9} {r['fold_us_per_page']:>8} "
-                  f"{r['fold_us_per_chunk']:>9} {r['memcpy_us_per_page']:>9} {r['ratio']:>6}",
-                  file=sys.stderr, flush=True)
-    json.dump({"fold_protect": ou.FOLD_PROTECT, "kernel": os.uname().release, "trials": args.trials,
-               "rows": rows}, sys.stdout, indent=1)
+            print(
+                f"{p:>4} {r['chunks']:>5} {r['fold_ms']:>9} {r['fold_us_per_page']:>8} "
+                f"{r['fold_us_per_chunk']:>9} {r['memcpy_us_per_page']:>9} {r['ratio']:>6}",
+                file=sys.stderr,
+                flush=True,
+            )
+    json.dump(
+        {"fold_protect": ou.FOLD_PROTECT, "kernel": os.uname().release, "trials": args.trials, "rows": rows},
+        sys.stdout,
+        indent=1,
+    )
     print()
 
 

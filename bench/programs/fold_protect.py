@@ -14,13 +14,13 @@ of bytearray (4 KiB pages) beside it.  Medians; JSON on stdout.
 
     python -P bench/programs/fold_protect.py [--size 1G] [--rounds 15]
 """
+
 import argparse
 import json
 import os
 import statistics
 import subprocess
 import sys
-import time
 
 CHILD = r"""
 import json, os, sys, time, threading
@@ -69,20 +69,39 @@ def main():
     out = {"size": size, "rounds": args.rounds, "settle_s": args.settle, "rows": []}
     for pattern in ("sparse", "dense"):
         for env in ("1", "0"):
-            p = subprocess.run([sys.executable, "-P", "-c", CHILD, str(size), str(args.rounds), str(args.settle),
-                                pattern], env=dict(os.environ, ODFORK_USERFAULTFD=env),
-                               capture_output=True, text=True, timeout=1800)
+            p = subprocess.run(
+                [sys.executable, "-P", "-c", CHILD, str(size), str(args.rounds), str(args.settle), pattern],
+                env=dict(os.environ, ODFORK_USERFAULTFD=env),
+                capture_output=True,
+                text=True,
+                timeout=1800,
+            )
             if p.returncode:
                 out["rows"].append({"pattern": pattern, "userfaultfd": env, "error": p.stderr[-500:]})
                 continue
             r = json.loads(p.stdout)
-            out["rows"].append({"pattern": pattern, "protect": r["protect"], "threads": r["threads"],
-                                "fork_ms_median": round(statistics.median(r["fork_ms"][2:]), 3)})
-    p = subprocess.run([sys.executable, "-P", "-c", CHILD, str(size), str(args.rounds), str(args.settle), "os.fork"],
-                       capture_output=True, text=True, timeout=1800)
+            out["rows"].append(
+                {
+                    "pattern": pattern,
+                    "protect": r["protect"],
+                    "threads": r["threads"],
+                    "fork_ms_median": round(statistics.median(r["fork_ms"][2:]), 3),
+                }
+            )
+    p = subprocess.run(
+        [sys.executable, "-P", "-c", CHILD, str(size), str(args.rounds), str(args.settle), "os.fork"],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     r = json.loads(p.stdout)
-    out["rows"].append({"pattern": "os.fork, 4 KiB pages, dense", "protect": "-",
-                        "fork_ms_median": round(statistics.median(r["fork_ms"][2:]), 3)})
+    out["rows"].append(
+        {
+            "pattern": "os.fork, 4 KiB pages, dense",
+            "protect": "-",
+            "fork_ms_median": round(statistics.median(r["fork_ms"][2:]), 3),
+        }
+    )
     json.dump(out, sys.stdout, indent=1)
     print()
 

@@ -21,6 +21,7 @@ stdout, a table on stderr.
 
     python -P bench/programs/fork_after_writes.py [--sizes 64M,1G,4G] [--rounds 11] [--repeat 3]
 """
+
 import argparse
 import json
 import os
@@ -76,8 +77,12 @@ def main():
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--python", action="append", default=[], help="another interpreter for the odfork variants")
-    ap.add_argument("--env", default="", help="settings for the odfork variants, comma-separated; "
-                    "a setting is NAME=VALUE, or several separated by spaces")
+    ap.add_argument(
+        "--env",
+        default="",
+        help="settings for the odfork variants, comma-separated; "
+        "a setting is NAME=VALUE, or several separated by spaces",
+    )
     ap.add_argument("--no-base", action="store_true", help="only the odfork variants")
     args = ap.parse_args()
     envs = [e for e in args.env.split(",") if e] or [""]
@@ -85,8 +90,13 @@ def main():
     for py in [sys.executable] + args.python:
         for e in envs:
             variants += [(py, e, k, p) for k, p in ODF]
-    out = {"thp": open("/sys/kernel/mm/transparent_hugepage/enabled").read().strip(),
-           "kernel": os.uname().release, "rounds": args.rounds, "repeat": args.repeat, "rows": []}
+    out = {
+        "thp": open("/sys/kernel/mm/transparent_hugepage/enabled").read().strip(),
+        "kernel": os.uname().release,
+        "rounds": args.rounds,
+        "repeat": args.repeat,
+        "rows": [],
+    }
     for size in (parse_size(s) for s in args.sizes.split(",")):
         meds = {v: [] for v in variants}
         folds, cpu = {}, {}
@@ -97,8 +107,14 @@ def main():
                 for assign in e.split():
                     name, _, val = assign.partition("=")
                     env[name] = val
-                p = subprocess.run([py, "-P", "-c", CHILD, kind, str(size), str(args.rounds), pattern], env=env,
-                                   capture_output=True, text=True, timeout=3600, cwd="/")
+                p = subprocess.run(
+                    [py, "-P", "-c", CHILD, kind, str(size), str(args.rounds), pattern],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=3600,
+                    cwd="/",
+                )
                 if p.returncode:
                     print(f"{v}: {p.stderr[-400:]}", file=sys.stderr)
                     continue
@@ -110,14 +126,24 @@ def main():
             if not m:
                 continue
             py, e, kind, pattern = v
-            row = {"size": size, "kind": kind, "pattern": pattern, "python": py, "env": e,
-                   "fork_ms": round(statistics.median(m), 3), "per_process": [round(x, 3) for x in m],
-                   "folds": folds.get(v, 0),
-                   "folder_cpu_pct": round(statistics.median(cpu.get(v, [0])), 1)}
+            row = {
+                "size": size,
+                "kind": kind,
+                "pattern": pattern,
+                "python": py,
+                "env": e,
+                "fork_ms": round(statistics.median(m), 3),
+                "per_process": [round(x, 3) for x in m],
+                "folds": folds.get(v, 0),
+                "folder_cpu_pct": round(statistics.median(cpu.get(v, [0])), 1),
+            }
             out["rows"].append(row)
-            print(f"{size >> 20:>6}M {kind:>13}/{pattern:<6} {e:<20} {os.path.basename(os.path.dirname(os.path.dirname(py))):<16}"
-                  f" {row['fork_ms']:>9.3f} ms  folder {row['folder_cpu_pct']:>5.1f}% CPU  {row['per_process']}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{size >> 20:>6}M {kind:>13}/{pattern:<6} {e:<20} {os.path.basename(os.path.dirname(os.path.dirname(py))):<16}"
+                f" {row['fork_ms']:>9.3f} ms  folder {row['folder_cpu_pct']:>5.1f}% CPU  {row['per_process']}",
+                file=sys.stderr,
+                flush=True,
+            )
     json.dump(out, sys.stdout, indent=1)
     print()
 

@@ -5,6 +5,7 @@ Prints the median and quartiles of odfork()'s own time over N forks.
 
     python -P bench/programs/fork_folder_latency.py [N] [GiB]
 """
+
 import os
 import statistics
 import sys
@@ -20,19 +21,21 @@ buf[:] = b"\x01" * size
 times = []
 for i in range(n + 5):
     deadline = time.time() + 30
-    while arena.stats()["views"]:            # the folder folded what the last fork left
+    while arena.stats()["views"]:  # the folder folded what the last fork left
         if time.time() > deadline:
             sys.exit(f"views not folded: {arena.stats()}")
         time.sleep(0.005)
-    buf[i * 4096 % size] = i & 0xFF           # one written page, as a working process has
+    buf[i * 4096 % size] = i & 0xFF  # one written page, as a working process has
     t0 = time.perf_counter()
     pid = ou.odfork()
     t1 = time.perf_counter()
     if pid == 0:
         os._exit(0)
     os.waitpid(pid, 0)
-    if i >= 5:                                # the first forks start the folder
+    if i >= 5:  # the first forks start the folder
         times.append((t1 - t0) * 1e3)
 q = statistics.quantiles(times, n=4)
-print(f"python {sys.version.split()[0]}: odfork() of {size >> 20} MiB written, {n} forks: "
-      f"median {statistics.median(times):.3f} ms (quartiles {q[0]:.3f}-{q[2]:.3f})")
+print(
+    f"python {sys.version.split()[0]}: odfork() of {size >> 20} MiB written, {n} forks: "
+    f"median {statistics.median(times):.3f} ms (quartiles {q[0]:.3f}-{q[2]:.3f})"
+)

@@ -8,6 +8,7 @@ child runs gc.collect(): prints its time and the memory it made private
 (Private_Dirty growth), which is every page of tracked objects unless they were
 frozen before the fork.
 """
+
 import gc
 import json
 import os
@@ -39,5 +40,7 @@ if pid == 0:
 os.close(w)
 t, copied = json.loads(os.read(r, 100))
 os.waitpid(pid, 0)
-print(f"gc.freeze() before the fork: {freeze or gc.get_freeze_count() > 0}; child's gc.collect() "
-      f"{t * 1e3:.0f} ms, copied {copied / 2**20:.0f} MiB")
+print(
+    f"gc.freeze() before the fork: {freeze or gc.get_freeze_count() > 0}; child's gc.collect() "
+    f"{t * 1e3:.0f} ms, copied {copied / 2**20:.0f} MiB"
+)

@@ -9,6 +9,7 @@ boot = from when_ready (the app is loaded, the arbiter about to fork) to the
 4th worker's post_worker_init; replacement = from a child_exit to the next
 post_worker_init.
 """
+
 import argparse
 import json
 import os
@@ -41,9 +42,25 @@ def one(mode, nbytes, port, requests=40):
         ev = os.path.join(d, "events")
         env = dict(os.environ, GUNICORN_APP_BYTES=str(nbytes), GUNICORN_EVENTS=ev, PYTHONPATH=APP)
         launcher = ["-m", "odfork_user", "run"] if mode == "run" else []
-        cmd = [sys.executable, "-P", *launcher, "-m", "gunicorn", "--preload", "-w", "4", "-c",
-               os.path.join(APP, "gconf.py"), "-b", f"127.0.0.1:{port}", "--max-requests", "5",
-               "--log-level", "warning", "app:app"]
+        cmd = [
+            sys.executable,
+            "-P",
+            *launcher,
+            "-m",
+            "gunicorn",
+            "--preload",
+            "-w",
+            "4",
+            "-c",
+            os.path.join(APP, "gconf.py"),
+            "-b",
+            f"127.0.0.1:{port}",
+            "--max-requests",
+            "5",
+            "--log-level",
+            "warning",
+            "app:app",
+        ]
         p = subprocess.Popen(cmd, env=env, cwd=APP, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             deadline = time.monotonic() + 600
@@ -51,7 +68,7 @@ def one(mode, nbytes, port, requests=40):
                 if p.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"gunicorn ({mode}) did not boot: {p.stderr.read()[-2000:]}")
                 time.sleep(0.05)
-            for i in range(requests):   # each worker leaves after 5 requests and is replaced
+            for i in range(requests):  # each worker leaves after 5 requests and is replaced
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/{i}", timeout=60) as r:
                     assert r.read().startswith(b"x" * 100)
             time.sleep(1)
@@ -68,8 +85,11 @@ def one(mode, nbytes, port, requests=40):
             nxt = [u for u in boots[4:] if u > t]
             if nxt:
                 replace.append(nxt[0] - t)
-    return {"boot_4_workers_s": boot, "replacements": len(replace),
-            "replace_median_s": statistics.median(replace) if replace else None}
+    return {
+        "boot_4_workers_s": boot,
+        "replacements": len(replace),
+        "replace_median_s": statistics.median(replace) if replace else None,
+    }
 
 
 def main(argv=None):
@@ -80,8 +100,10 @@ def main(argv=None):
     out = {"bytes": a.bytes, "results": {}}
     for i, mode in enumerate(("python", "run")):
         out["results"][mode] = r = one(mode, a.bytes, 18000 + i)
-        print(f"{mode:7} boot of 4 workers {r['boot_4_workers_s'] * 1e3:.1f} ms, worker replacement "
-              f"{(r['replace_median_s'] or 0) * 1e3:.1f} ms (median of {r['replacements']})")
+        print(
+            f"{mode:7} boot of 4 workers {r['boot_4_workers_s'] * 1e3:.1f} ms, worker replacement "
+            f"{(r['replace_median_s'] or 0) * 1e3:.1f} ms (median of {r['replacements']})"
+        )
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -5,9 +5,15 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-static double now(void){struct timespec t;clock_gettime(CLOCK_MONOTONIC,&t);return t.tv_sec+t.tv_nsec*1e-9;}
-int main(void){
-    enum {N = 1 << 16};
+static double now(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+int main(void)
+{
+    enum { N = 1 << 16 };
     static void *slot[N];
     unsigned s = 1;
     double t0 = now();
@@ -17,7 +23,7 @@ int main(void){
             s = s * 1103515245 + 12345;
             int k = (s >> 8) % N;
             free(slot[k]);
-            size_t n = 16 + (s >> 20) % 200;      /* redis-like small objects */
+            size_t n = 16 + (s >> 20) % 200; /* redis-like small objects */
             slot[k] = malloc(n);
             memset(slot[k], 1, 8);
             ops++;

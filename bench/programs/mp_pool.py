@@ -7,6 +7,7 @@ maxtasksperchild=1), so every task is run by a freshly forked worker.
 
 Prints tasks per second; each task reads a slice of the array and a few keys.
 """
+
 import argparse
 import json
 import multiprocessing
@@ -26,7 +27,7 @@ def task(i):
     n = len(d)
     keys = [f"k{(i * 7919 + j) % n}" for j in range(100)]
     step = len(a) // 64
-    return sum(len(d[k]) for k in keys) + int(a[(i % 64) * step:(i % 64) * step + 4096].sum())
+    return sum(len(d[k]) for k in keys) + int(a[(i % 64) * step : (i % 64) * step + 4096].sum())
 
 
 def main():
@@ -38,18 +39,24 @@ def main():
     a = p.parse_args()
     t0 = time.perf_counter()
     value = "x" * 100
-    _state["dict"] = {f"k{i}": value + str(i) for i in range(a.dict_bytes // 200)}   # ~200 B an entry
+    _state["dict"] = {f"k{i}": value + str(i) for i in range(a.dict_bytes // 200)}  # ~200 B an entry
     _state["array"] = np.arange(a.array_bytes // 8, dtype=np.int64)
     build = time.perf_counter() - t0
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(4, maxtasksperchild=1) as pool:
-        pool.map(task, range(4))                       # start-up of the pool itself
+        pool.map(task, range(4))  # start-up of the pool itself
         t0 = time.perf_counter()
         results = pool.map(task, range(a.tasks), chunksize=1)
         wall = time.perf_counter() - t0
     assert results == [task(i) for i in range(a.tasks)]
-    out = {"tasks": a.tasks, "seconds": wall, "tasks_per_s": a.tasks / wall, "build_s": build,
-           "dict_entries": len(_state["dict"]), "array_bytes": _state["array"].nbytes}
+    out = {
+        "tasks": a.tasks,
+        "seconds": wall,
+        "tasks_per_s": a.tasks / wall,
+        "build_s": build,
+        "dict_entries": len(_state["dict"]),
+        "array_bytes": _state["array"].nbytes,
+    }
     print(json.dumps(out))
     if a.json:
         with open(a.json, "w") as f:

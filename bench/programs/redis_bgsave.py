@@ -19,6 +19,7 @@ DIGEST of all of it is the same in both modes, the
 same after DEBUG RELOAD (save + load the RDB), and the RDB file one mode wrote
 loads into a stock server with the same digest.
 """
+
 import argparse
 import json
 import os
@@ -42,20 +43,43 @@ class Server:
     def __init__(self, mode, workdir, rdb=None, extra=(), env=None):
         self.port = free_port()
         self.dir = workdir
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", workdir, "--dbfilename", "dump.rdb",
-                "--enable-debug-command", "yes", "--protected-mode", "no", "--daemonize", "no",
-                "--logfile", os.path.join(workdir, "redis.log"), *extra]
+        args = [
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            workdir,
+            "--dbfilename",
+            "dump.rdb",
+            "--enable-debug-command",
+            "yes",
+            "--protected-mode",
+            "no",
+            "--daemonize",
+            "no",
+            "--logfile",
+            os.path.join(workdir, "redis.log"),
+            *extra,
+        ]
         if rdb:
             shutil.copy(rdb, os.path.join(workdir, "dump.rdb"))
         if mode == "odfork":
             args = [sys.executable, "-P", "-m", "odfork_user", "exec", "--"] + args
-        self.p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  env=dict(os.environ, **env) if env else None)
+        self.p = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, **env) if env else None
+        )
         for _ in range(600):
             if self.p.poll() is not None:
-                raise RuntimeError(f"redis-server ({mode}) exited with {self.p.returncode}: "
-                                   + open(os.path.join(workdir, "redis.log")).read()[-2000:])
+                raise RuntimeError(
+                    f"redis-server ({mode}) exited with {self.p.returncode}: "
+                    + open(os.path.join(workdir, "redis.log")).read()[-2000:]
+                )
             try:
                 if self.cli("PING") == "PONG" and self.info("persistence").get("loading") == "0":
                     return
@@ -65,8 +89,9 @@ class Server:
         raise RuntimeError("redis-server did not start")
 
     def cli(self, *cmd):
-        return subprocess.run(["redis-cli", "-p", str(self.port), *cmd], capture_output=True, text=True,
-                              check=True, timeout=600).stdout.strip()
+        return subprocess.run(
+            ["redis-cli", "-p", str(self.port), *cmd], capture_output=True, text=True, check=True, timeout=600
+        ).stdout.strip()
 
     def info(self, section):
         out = {}
@@ -83,15 +108,23 @@ class Server:
         self.cli("BGSAVE")
         while True:
             p = self.info("persistence")
-            if p["rdb_bgsave_in_progress"] == "0" and p["rdb_last_bgsave_status"] == "ok" and \
-                    int(p["rdb_last_save_time"]) >= int(t0 - 1) and p.get("rdb_last_bgsave_time_sec") != "-1":
+            if (
+                p["rdb_bgsave_in_progress"] == "0"
+                and p["rdb_last_bgsave_status"] == "ok"
+                and int(p["rdb_last_save_time"]) >= int(t0 - 1)
+                and p.get("rdb_last_bgsave_time_sec") != "-1"
+            ):
                 break
             time.sleep(0.05)
         wall = time.perf_counter() - t0
         st = self.info("stats")
-        return {"latest_fork_usec": int(st["latest_fork_usec"]), "rdb_last_cow_size": int(p["rdb_last_cow_size"]),
-                "rdb_last_bgsave_time_sec": int(p["rdb_last_bgsave_time_sec"]), "wall_s": wall,
-                "changes_before": before}
+        return {
+            "latest_fork_usec": int(st["latest_fork_usec"]),
+            "rdb_last_cow_size": int(p["rdb_last_cow_size"]),
+            "rdb_last_bgsave_time_sec": int(p["rdb_last_bgsave_time_sec"]),
+            "wall_s": wall,
+            "changes_before": before,
+        }
 
     def stop(self):
         try:
@@ -110,9 +143,26 @@ def load_round(server, keys, requests=200000):
     with a BGSAVE started 0.5 s in (during the SETs), so the fork and the
     copy-on-write period after it fall inside what the clients measure.
     redis-benchmark's own report gives throughput and the latency percentiles."""
-    bench = subprocess.Popen(["redis-benchmark", "-p", str(server.port), "-t", "set,get", "-r", str(keys),
-                              "-n", str(requests), "-c", "20", "-d", "100"],
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    bench = subprocess.Popen(
+        [
+            "redis-benchmark",
+            "-p",
+            str(server.port),
+            "-t",
+            "set,get",
+            "-r",
+            str(keys),
+            "-n",
+            str(requests),
+            "-c",
+            "20",
+            "-d",
+            "100",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     time.sleep(0.5)
     if server.info("persistence")["rdb_bgsave_in_progress"] == "0":
         server.cli("BGSAVE")
@@ -137,10 +187,17 @@ def parse_report(text):
             pct, rest = line.split("% <= ")
             dist.append((float(pct), float(rest.split()[0])))
         elif test and line.startswith("throughput summary:") and dist:
+
             def at(p):
                 return next(ms for q, ms in dist if q >= p)
-            out[test].update(rps=float(line.split(":")[1].split()[0]), p50_ms=at(50), p99_ms=at(99),
-                             p999_ms=at(99.9), max_ms=dist[-1][1])
+
+            out[test].update(
+                rps=float(line.split(":")[1].split()[0]),
+                p50_ms=at(50),
+                p99_ms=at(99),
+                p999_ms=at(99.9),
+                max_ms=dist[-1][1],
+            )
     return {k: v for k, v in out.items() if "rps" in v}
 
 
@@ -150,13 +207,27 @@ def add_every_type(server, n=2000):
     commands, so that the digests cover every encoding an RDB holds."""
     cmds = []
     for i in range(n):
-        cmds += [f"RPUSH list:{i % 50} item{i}", f"HSET hash:{i % 50} field{i} {i * 7}",
-                 f"SADD set:{i % 50} member{i}", f"ZADD zset:{i % 50} {i * 1.5} m{i}",
-                 f"XADD stream:{i % 10} {i + 1}-1 f v{i}", f"SETBIT bits:{i % 5} {i * 13} 1",
-                 f"PFADD hll:{i % 5} e{i}", f"GEOADD geo:{i % 5} {(i % 360) - 180 + 0.5} {(i % 170) - 85 + 0.5} p{i}",
-                 f"SET str:{i} v{i}", f"SET ttl:{i} v{i} PXAT 4102444800000", f"INCRBY counter:{i % 20} {i}"]
-    subprocess.run(["redis-cli", "-p", str(server.port)], input="\n".join(cmds) + "\n", text=True,
-                   capture_output=True, check=True, timeout=600)
+        cmds += [
+            f"RPUSH list:{i % 50} item{i}",
+            f"HSET hash:{i % 50} field{i} {i * 7}",
+            f"SADD set:{i % 50} member{i}",
+            f"ZADD zset:{i % 50} {i * 1.5} m{i}",
+            f"XADD stream:{i % 10} {i + 1}-1 f v{i}",
+            f"SETBIT bits:{i % 5} {i * 13} 1",
+            f"PFADD hll:{i % 5} e{i}",
+            f"GEOADD geo:{i % 5} {(i % 360) - 180 + 0.5} {(i % 170) - 85 + 0.5} p{i}",
+            f"SET str:{i} v{i}",
+            f"SET ttl:{i} v{i} PXAT 4102444800000",
+            f"INCRBY counter:{i % 20} {i}",
+        ]
+    subprocess.run(
+        ["redis-cli", "-p", str(server.port)],
+        input="\n".join(cmds) + "\n",
+        text=True,
+        capture_output=True,
+        check=True,
+        timeout=600,
+    )
 
 
 def median(xs):
@@ -169,12 +240,14 @@ def summarize_load(rounds):
     for op in ("SET", "GET"):
         rs = [r[op] for r in rounds if op in r]
         if rs:
-            out[op] = {"rps_median": median([r["rps"] for r in rs]),
-                       "p99_ms_median": median([r["p99_ms"] for r in rs]),
-                       "p999_ms_median": median([r["p999_ms"] for r in rs]),
-                       "p999_ms_worst": max(r["p999_ms"] for r in rs),
-                       "max_ms_median": median([r["max_ms"] for r in rs]),
-                       "max_ms_worst": max(r["max_ms"] for r in rs)}
+            out[op] = {
+                "rps_median": median([r["rps"] for r in rs]),
+                "p99_ms_median": median([r["p99_ms"] for r in rs]),
+                "p999_ms_median": median([r["p999_ms"] for r in rs]),
+                "p999_ms_worst": max(r["p999_ms"] for r in rs),
+                "max_ms_median": median([r["max_ms"] for r in rs]),
+                "max_ms_worst": max(r["max_ms"] for r in rs),
+            }
     if rounds:
         out["fork_usec_median"] = median([r["fork_usec"] for r in rounds])
         out["rdb_last_cow_size_median"] = median([r["rdb_last_cow_size"] for r in rounds])
@@ -200,10 +273,14 @@ def run(a):
             rdbs[mode] = os.path.join(tmp, f"{mode}.rdb")
             s.cli("DEBUG", "RELOAD")
             results[mode] = {
-                "used_memory": int(mem["used_memory"]), "populate_s": populate_s, "saves": saves,
+                "used_memory": int(mem["used_memory"]),
+                "populate_s": populate_s,
+                "saves": saves,
                 "latest_fork_usec_median": median([x["latest_fork_usec"] for x in saves]),
                 "rdb_last_cow_size_median": median([x["rdb_last_cow_size"] for x in saves]),
-                "digest": digests[mode], "digest_after_reload": s.cli("DEBUG", "DIGEST")}
+                "digest": digests[mode],
+                "digest_after_reload": s.cli("DEBUG", "DIGEST"),
+            }
             if not a.side_by_side:  # one server at a time (memory): its load rounds now
                 results[mode]["load"] = summarize_load([load_round(s, a.keys) for _ in range(a.rounds)])
                 s.stop()
@@ -213,7 +290,7 @@ def run(a):
             # flipped every round, so that the machine's drift falls on both
             rounds = {m: [] for m in MODES}
             for i in range(a.rounds):
-                for mode in (MODES if i % 2 == 0 else MODES[::-1]):
+                for mode in MODES if i % 2 == 0 else MODES[::-1]:
                     rounds[mode].append(load_round(servers[mode], a.keys))
             for mode in MODES:
                 results[mode]["load"] = summarize_load(rounds[mode])
@@ -233,10 +310,22 @@ def run(a):
         for s in servers.values():
             s.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    same = len({r["digest"] for r in results.values()} | {r["digest_after_reload"] for r in results.values()}
-               | {r["digest_of_its_rdb_in_stock"] for r in results.values()}) == 1
-    return {"keys": a.keys, "value": a.value, "rounds": a.rounds, "side_by_side": a.side_by_side,
-            "results": results, "digests_equal": same}
+    same = (
+        len(
+            {r["digest"] for r in results.values()}
+            | {r["digest_after_reload"] for r in results.values()}
+            | {r["digest_of_its_rdb_in_stock"] for r in results.values()}
+        )
+        == 1
+    )
+    return {
+        "keys": a.keys,
+        "value": a.value,
+        "rounds": a.rounds,
+        "side_by_side": a.side_by_side,
+        "results": results,
+        "digests_equal": same,
+    }
 
 
 def main(argv=None):
@@ -245,29 +334,38 @@ def main(argv=None):
     p.add_argument("--value", type=int, default=1000)
     p.add_argument("--saves", type=int, default=3)
     p.add_argument("--rounds", type=int, default=6, help="load rounds per mode (0: none)")
-    p.add_argument("--one-at-a-time", dest="side_by_side", action="store_false",
-                   help="run the two servers one after the other (half the memory) instead of both up, "
-                        "their load rounds alternating")
+    p.add_argument(
+        "--one-at-a-time",
+        dest="side_by_side",
+        action="store_false",
+        help="run the two servers one after the other (half the memory) instead of both up, "
+        "their load rounds alternating",
+    )
     p.add_argument("--json")
     a = p.parse_args(argv)
     if not all(shutil.which(x) for x in ("redis-server", "redis-cli", "redis-benchmark")):
-        print("redis-server, redis-cli and redis-benchmark are needed (apt-get install redis-server)",
-              file=sys.stderr)
+        print("redis-server, redis-cli and redis-benchmark are needed (apt-get install redis-server)", file=sys.stderr)
         return 2
     out = run(a)
     for mode, r in out["results"].items():
-        print(f"{mode:8} used_memory {r['used_memory'] / 2**30:.2f} GiB  fork {r['latest_fork_usec_median']} us "
-              f"(each: {[x['latest_fork_usec'] for x in r['saves']]})  cow {r['rdb_last_cow_size_median'] / 2**20:.1f} MiB"
-              f"  save {median([x['wall_s'] for x in r['saves']]):.1f} s")
+        print(
+            f"{mode:8} used_memory {r['used_memory'] / 2**30:.2f} GiB  fork {r['latest_fork_usec_median']} us "
+            f"(each: {[x['latest_fork_usec'] for x in r['saves']]})  cow {r['rdb_last_cow_size_median'] / 2**20:.1f} MiB"
+            f"  save {median([x['wall_s'] for x in r['saves']]):.1f} s"
+        )
         for op in ("SET", "GET"):
             if op in r["load"]:
                 L = r["load"][op]
-                print(f"         under load {op}: {L['rps_median']:.0f} rps, p99 {L['p99_ms_median']:.3f} ms, "
-                      f"p99.9 {L['p999_ms_median']:.3f} ms (worst {L['p999_ms_worst']:.3f}), "
-                      f"max {L['max_ms_median']:.2f} ms (worst {L['max_ms_worst']:.2f})")
+                print(
+                    f"         under load {op}: {L['rps_median']:.0f} rps, p99 {L['p99_ms_median']:.3f} ms, "
+                    f"p99.9 {L['p999_ms_median']:.3f} ms (worst {L['p999_ms_worst']:.3f}), "
+                    f"max {L['max_ms_median']:.2f} ms (worst {L['max_ms_worst']:.2f})"
+                )
         if r["load"].get("rounds"):
-            print(f"         under load: fork {r['load']['fork_usec_median']} us, "
-                  f"cow {r['load']['rdb_last_cow_size_median'] / 2**20:.1f} MiB (medians)")
+            print(
+                f"         under load: fork {r['load']['fork_usec_median']} us, "
+                f"cow {r['load']['rdb_last_cow_size_median'] / 2**20:.1f} MiB (medians)"
+            )
     print("digests equal (both modes, after DEBUG RELOAD, each RDB in a stock server):", out["digests_equal"])
     if a.json:
         with open(a.json, "w") as f:

@@ -5,14 +5,23 @@ stock vs `python -m odfork_user exec`.
 
     python bench/programs/redis_faults.py
 """
-import os, sys, time, subprocess, tempfile, shutil
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import redis_bgsave as rb
+
 
 def minflt(pid):
     with open(f"/proc/{pid}/stat") as f:
         parts = f.read().rsplit(")", 1)[1].split()
     return int(parts[7]), int(parts[9])  # minflt, majflt
+
 
 for mode in ("stock", "odfork"):
     d = tempfile.mkdtemp()
@@ -23,15 +32,36 @@ for mode in ("stock", "odfork"):
         res = {}
         for label, save in (("no save", False), ("with BGSAVE", True)):
             f0 = minflt(pid)[0]
-            bench = subprocess.Popen(["redis-benchmark", "-p", str(s.port), "-t", "set,get", "-r", "1000000",
-                                      "-n", "200000", "-c", "20", "-d", "100", "-q"], stdout=subprocess.PIPE, text=True)
+            bench = subprocess.Popen(
+                [
+                    "redis-benchmark",
+                    "-p",
+                    str(s.port),
+                    "-t",
+                    "set,get",
+                    "-r",
+                    "1000000",
+                    "-n",
+                    "200000",
+                    "-c",
+                    "20",
+                    "-d",
+                    "100",
+                    "-q",
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             time.sleep(0.5)
             if save:
                 s.cli("BGSAVE")
             out, _ = bench.communicate()
             while s.info("persistence")["rdb_bgsave_in_progress"] != "0":
                 time.sleep(0.05)
-            res[label] = (minflt(pid)[0] - f0, " | ".join(l.strip() for l in out.replace("\r", "\n").splitlines() if "requests per second" in l))
+            res[label] = (
+                minflt(pid)[0] - f0,
+                " | ".join(ln.strip() for ln in out.replace("\r", "\n").splitlines() if "requests per second" in ln),
+            )
         print(mode, res)
     finally:
         s.stop()

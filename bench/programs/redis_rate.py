@@ -10,6 +10,7 @@ redis-benchmark run (-t TEST, 200,000 requests, 20 clients, 100 B values,
 random keys over KEYS).  Prints the median requests/s and the median server
 CPU time (utime + stime of the whole process) per request.
 """
+
 import argparse
 import os
 import statistics
@@ -43,18 +44,38 @@ def main(argv=None):
             servers[name] = (s, int(s.info("server")["process_id"]))
         res = {name: [] for name in MODES}
         for r in range(a.rounds):
-            for name in (list(MODES) if r % 2 == 0 else list(MODES)[::-1]):
+            for name in list(MODES) if r % 2 == 0 else list(MODES)[::-1]:
                 s, pid = servers[name]
                 c0 = cpu_s(pid)
-                out = subprocess.run(["redis-benchmark", "-p", str(s.port), "-t", a.test, "-r", str(a.keys),
-                                      "-n", "200000", "-c", "20", "-d", "100", "-q"], capture_output=True,
-                                     text=True, check=True).stdout
+                out = subprocess.run(
+                    [
+                        "redis-benchmark",
+                        "-p",
+                        str(s.port),
+                        "-t",
+                        a.test,
+                        "-r",
+                        str(a.keys),
+                        "-n",
+                        "200000",
+                        "-c",
+                        "20",
+                        "-d",
+                        "100",
+                        "-q",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
                 rps = float(out.replace("\r", "\n").split("requests per second")[0].split()[-1])
                 res[name].append((rps, (cpu_s(pid) - c0) / 200000 * 1e6))
         for name, xs in res.items():
-            print(f"{name:17s} {a.test.upper()} {statistics.median(x[0] for x in xs):9.0f} requests/s  "
-                  f"{statistics.median(x[1] for x in xs):.2f} us server CPU a request  "
-                  f"(rounds: {', '.join(f'{x[0] / 1000:.0f}k' for x in xs)})")
+            print(
+                f"{name:17s} {a.test.upper()} {statistics.median(x[0] for x in xs):9.0f} requests/s  "
+                f"{statistics.median(x[1] for x in xs):.2f} us server CPU a request  "
+                f"(rounds: {', '.join(f'{x[0] / 1000:.0f}k' for x in xs)})"
+            )
     finally:
         for s, _ in servers.values():
             s.stop()

@@ -17,6 +17,7 @@ runtest's output and the two modes compared test by test.  Exit status 0 when
 both modes ran and every test had the same outcome in both, 77 when the suite
 could not be had here.
 """
+
 import argparse
 import collections
 import json
@@ -32,8 +33,10 @@ import urllib.request
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import redis_bgsave as rb  # noqa: E402
 
-POOLS = ("http://deb.debian.org/debian/pool/main/r/redis/",
-         "http://deb.debian.org/debian-security/pool/updates/main/r/redis/")
+POOLS = (
+    "http://deb.debian.org/debian/pool/main/r/redis/",
+    "http://deb.debian.org/debian-security/pool/updates/main/r/redis/",
+)
 CACHE = os.path.expanduser("~/.cache/odfork_user/redis-src")
 SERVER_FLAGS = ["--enable-protected-configs", "yes", "--enable-module-command", "yes"]
 LINE = re.compile(r"^\[(ok|err|exception|skip|ignore)\]: (.*?)(?: \(\d+ ms\))?$")
@@ -43,8 +46,9 @@ SKIP = 77  # exit status: the suite could not be had here (no network, no tclsh,
 
 def debian_source():
     """The source tree of the installed redis-server's Debian package (cached)."""
-    version = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "redis-server"], capture_output=True,
-                             text=True, check=True).stdout.strip()
+    version = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Version}", "redis-server"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     version = version.split(":", 1)[-1]
     upstream = version.split("-", 1)[0]
     tree = os.path.join(CACHE, version, f"redis-{upstream}")
@@ -66,8 +70,9 @@ def debian_source():
         with open(os.path.join(work, name), "wb") as f:
             f.write(data)
     # dpkg-source checks every file against the checksums in the .dsc
-    subprocess.run(["dpkg-source", "--no-check", "-x", files[0], os.path.basename(tree)], cwd=work,
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["dpkg-source", "--no-check", "-x", files[0], os.path.basename(tree)], cwd=work, check=True, capture_output=True
+    )
     return tree
 
 
@@ -83,8 +88,17 @@ def run_suite(mode, src, units, timeout):
     d = tempfile.mkdtemp(prefix=f"redis-suite-{mode}-")
     server = rb.Server(mode, d, extra=SERVER_FLAGS)
     pid = int(server.info("server")["process_id"])
-    args = ["./runtest", "--host", "127.0.0.1", "--port", str(server.port), "--tags", "-slow",
-            "--timeout", str(timeout)]
+    args = [
+        "./runtest",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(server.port),
+        "--tags",
+        "-slow",
+        "--timeout",
+        str(timeout),
+    ]
     for u in units:
         args += ["--single", u]
     # a private copy of the tree: runtest deletes every tests/tmp/server.* of
@@ -106,24 +120,37 @@ def run_suite(mode, src, units, timeout):
     # the forks it made (INFO's total_forks is reset by the suite's CONFIG RESETSTAT): its log's lines
     with open(os.path.join(d, "redis.log"), errors="replace") as f:
         log = f.read()
-    forks = sum(log.count(x) for x in ("Background saving started by pid",
-                                       "Background append only file rewriting started by pid"))
+    forks = sum(
+        log.count(x)
+        for x in ("Background saving started by pid", "Background append only file rewriting started by pid")
+    )
     shutil.rmtree(d, ignore_errors=True)
     results = collections.Counter()
     for line in out.splitlines():
         m = LINE.match(line.strip())
         if m:
             results[(m.group(2), m.group(1))] += 1
-    return {"mode": mode, "rc": rc, "wall_s": round(wall, 1), "server_alive_after": alive,
-            "arena_mapped": "odfork-pool" in maps, "forks": forks,
-            "outcomes": dict(collections.Counter(k[1] for k in results.elements())),
-            "tests": results, "tail": "\n".join(out.splitlines()[-15:])}
+    return {
+        "mode": mode,
+        "rc": rc,
+        "wall_s": round(wall, 1),
+        "server_alive_after": alive,
+        "arena_mapped": "odfork-pool" in maps,
+        "forks": forks,
+        "outcomes": dict(collections.Counter(k[1] for k in results.elements())),
+        "tests": results,
+        "tail": "\n".join(out.splitlines()[-15:]),
+    }
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--src", help="a Redis source tree matching the installed server (default: Debian's source package)")
-    ap.add_argument("--units", default="", help="comma-separated units (e.g. unit/type/hash) instead of the whole suite")
+    ap.add_argument(
+        "--src", help="a Redis source tree matching the installed server (default: Debian's source package)"
+    )
+    ap.add_argument(
+        "--units", default="", help="comma-separated units (e.g. unit/type/hash) instead of the whole suite"
+    )
     ap.add_argument("--timeout", type=int, default=600, help="runtest's --timeout: seconds without progress")
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args(argv)
@@ -142,14 +169,22 @@ def main(argv=None):
     units = [u for u in a.units.split(",") if u]
     runs = {m: run_suite(m, src, units, a.timeout) for m in rb.MODES}
     s, o = runs["stock"]["tests"], runs["odfork"]["tests"]
-    differ = sorted(f"{name}: stock {s.get((name, oc), 0)}x {oc}, odfork {o.get((name, oc), 0)}x"
-                    for (name, oc) in set(s) | set(o) if s.get((name, oc), 0) != o.get((name, oc), 0))
-    report = {"src": src, "units": units or "all (--tags -slow)",
-              "runs": {m: {k: v for k, v in r.items() if k != "tests"} for m, r in runs.items()},
-              "differences": differ}
+    differ = sorted(
+        f"{name}: stock {s.get((name, oc), 0)}x {oc}, odfork {o.get((name, oc), 0)}x"
+        for (name, oc) in set(s) | set(o)
+        if s.get((name, oc), 0) != o.get((name, oc), 0)
+    )
+    report = {
+        "src": src,
+        "units": units or "all (--tags -slow)",
+        "runs": {m: {k: v for k, v in r.items() if k != "tests"} for m, r in runs.items()},
+        "differences": differ,
+    }
     for m, r in report["runs"].items():
-        print(f"{m:7s} rc={r['rc']} {r['wall_s']} s outcomes={r['outcomes']} forks={r['forks']} "
-              f"arena={r['arena_mapped']} alive={r['server_alive_after']}")
+        print(
+            f"{m:7s} rc={r['rc']} {r['wall_s']} s outcomes={r['outcomes']} forks={r['forks']} "
+            f"arena={r['arena_mapped']} alive={r['server_alive_after']}"
+        )
     print(f"{len(differ)} tests differ" + "".join("\n  " + x for x in differ[:50]))
     if a.json:
         with open(a.json, "w") as f:

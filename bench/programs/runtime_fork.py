@@ -20,6 +20,7 @@ process forks once, its child exits at once; the parent times fork() itself
 resident memory and how much of it lies in the arena (odfork-pool mappings in
 /proc/PID/smaps).  Output: JSON (stdout, and --json FILE).
 """
+
 import argparse
 import json
 import os
@@ -105,7 +106,12 @@ def smaps_kib(pid):
 
 def start(cmd, mode):
     if mode != "plain":
-        cmd = [sys.executable, "-P", "-m", "odfork_user", "exec"] + (["--mmap"] if mode == "exec-mmap" else []) + ["--"] + cmd
+        cmd = (
+            [sys.executable, "-P", "-m", "odfork_user", "exec"]
+            + (["--mmap"] if mode == "exec-mmap" else [])
+            + ["--"]
+            + cmd
+        )
     p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     line = p.stdout.readline()
     if line.strip() != "ready":
@@ -131,7 +137,7 @@ def run_runtime(name, mib, forks, workdir):
         for m, p in procs.items():
             res[m]["rss_mib"], res[m]["arena_mib"] = (v / 1024 for v in smaps_kib(p.pid))
         for r in range(forks):
-            for m in (MODES if r % 2 == 0 else MODES[::-1]):
+            for m in MODES if r % 2 == 0 else MODES[::-1]:
                 p = procs[m]
                 p.stdin.write("fork\n")
                 p.stdin.flush()
@@ -145,10 +151,13 @@ def run_runtime(name, mib, forks, workdir):
             p.wait()
     out = {"command": cmd, "mib": mib, "forks": forks}
     for m in MODES:
-        out[m] = {"rss_mib": round(res[m]["rss_mib"], 1), "arena_mib": round(res[m]["arena_mib"], 1),
-                  "fork_ms_median": round(statistics.median(res[m]["fork_ms"]), 3),
-                  "cycle_ms_median": round(statistics.median(res[m]["cycle_ms"]), 3),
-                  "fork_ms": [round(x, 3) for x in res[m]["fork_ms"]]}
+        out[m] = {
+            "rss_mib": round(res[m]["rss_mib"], 1),
+            "arena_mib": round(res[m]["arena_mib"], 1),
+            "fork_ms_median": round(statistics.median(res[m]["fork_ms"]), 3),
+            "cycle_ms_median": round(statistics.median(res[m]["cycle_ms"]), 3),
+            "fork_ms": [round(x, 3) for x in res[m]["fork_ms"]],
+        }
     for k in ("fork_ms_median", "cycle_ms_median"):
         out["speedup_" + k.split("_")[0]] = round(out["plain"][k] / out["exec"][k], 1)
         out["speedup_" + k.split("_")[0] + "_mmap"] = round(out["plain"][k] / out["exec-mmap"][k], 1)

@@ -104,8 +104,8 @@ static int count_holders(odf_arena_t *a, uint32_t nseg, uint32_t *cnt, char *msg
             if (!pt[c])
                 continue;
             if (c >= s->hi || pt[c] - 1 >= nseg)
-                return broken(msg, len, "slot %u chunk %u: entry %u out of range (hi %u, segments %u)", i, c,
-                              pt[c], s->hi, nseg);
+                return broken(msg, len, "slot %u chunk %u: entry %u out of range (hi %u, segments %u)", i, c, pt[c],
+                              s->hi, nseg);
             cnt[pt[c] - 1]++;
         }
         if (s->pin)
@@ -115,8 +115,8 @@ static int count_holders(odf_arena_t *a, uint32_t nseg, uint32_t *cnt, char *msg
 }
 
 /* isfree[s] = s is on the free stack or the kept (dirty) stack, each once. */
-static int mark_stack(const uint32_t *stack, uint32_t n, const char *what, uint32_t nseg, uint8_t *isfree,
-                      char *msg, size_t len)
+static int mark_stack(const uint32_t *stack, uint32_t n, const char *what, uint32_t nseg, uint8_t *isfree, char *msg,
+                      size_t len)
 {
     for (uint32_t k = 0; k < n; k++) {
         uint32_t s = stack[k];

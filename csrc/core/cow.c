@@ -45,13 +45,13 @@
 #include <time.h>
 #include <unistd.h>
 
-#define PAGE 4096UL
-#define NPAGES (ODF_CHUNK_SIZE / PAGE)
-#define PM_PRESENT (1ULL << 63)
-#define PM_SWAPPED (1ULL << 62)
-#define PM_FILE (1ULL << 61)      /* file page or shared anonymous: not a private copy */
+#define PAGE         4096UL
+#define NPAGES       (ODF_CHUNK_SIZE / PAGE)
+#define PM_PRESENT   (1ULL << 63)
+#define PM_SWAPPED   (1ULL << 62)
+#define PM_FILE      (1ULL << 61) /* file page or shared anonymous: not a private copy */
 #define PM_EXCLUSIVE (1ULL << 56) /* mapped by this process only */
-#define PM_UFFD_WP (1ULL << 57)   /* write-protected: a swap-like marker on a page never mapped */
+#define PM_UFFD_WP   (1ULL << 57) /* write-protected: a swap-like marker on a page never mapped */
 
 static int open_pagemap(void) { return open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC); }
 
@@ -113,10 +113,10 @@ struct odf_pm_scan_arg {
     uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
 };
 #define ODF_PAGEMAP_SCAN _IOWR('f', 16, struct odf_pm_scan_arg)
-#define PS_WRITTEN (1ULL << 1) /* not write-protected (uffd-wp) */
-#define PS_FILE (1ULL << 2)
-#define PS_PRESENT (1ULL << 3)
-#define PS_SWAPPED (1ULL << 4) /* also a write-protect marker on a page never mapped */
+#define PS_WRITTEN       (1ULL << 1) /* not write-protected (uffd-wp) */
+#define PS_FILE          (1ULL << 2)
+#define PS_PRESENT       (1ULL << 3)
+#define PS_SWAPPED       (1ULL << 4) /* also a write-protect marker on a page never mapped */
 
 static _Atomic int scan_missing; /* the kernel has no PAGEMAP_SCAN: read the pagemap */
 
@@ -199,7 +199,7 @@ static int scan_private(odf_arena_t *a, int pm_fd, uint32_t c0, uint32_t n, uint
 /* Chunks per fold batch (one lock hold, one hold of writers), and the pages
  * a batch copies at most (it stops taking chunks beyond; one chunk's worth,
  * 0.3-0.9 ms of copying here): a fault or a fork waits for one batch at most. */
-#define FOLD_BATCH 64u
+#define FOLD_BATCH       64u
 #define FOLD_BATCH_PAGES 512u
 
 /* Copy the private pages (bits) of chunk c into its segment seg: through the
@@ -504,9 +504,8 @@ int _odf_fold_locked(odf_arena_t *a, uint32_t c, uint32_t max_dirty, int shared,
 /* Fold the views of count 1 from chunk *c on, one batch under one lock hold
  * (fold_run); *c is advanced past what was considered, to a->hi when nothing
  * is left.  pre: none (takes the locks).  EAGAIN: writers cannot be held off. */
-#define FOLDABLE(a, c, skip_hot)                                                                   \
-    (((a)->flags[c] & (ODF_F_VIEW | ODF_F_USERPROT | ((skip_hot) ? ODF_F_HOT : 0))) == ODF_F_VIEW &&     \
-     (a)->mypt[c] &&                                                                                           \
+#define FOLDABLE(a, c, skip_hot)                                                                                       \
+    (((a)->flags[c] & (ODF_F_VIEW | ODF_F_USERPROT | ((skip_hot) ? ODF_F_HOT : 0))) == ODF_F_VIEW && (a)->mypt[c] &&   \
      (a)->refcnt[(a)->mypt[c] - 1] == 1)
 
 static int fold_next_batch(odf_arena_t *a, uint32_t *c, uint32_t max_dirty, int skip_hot)
@@ -553,7 +552,7 @@ static int any_shared_view(odf_arena_t *a)
  * private pages double the chunk's memory).  arena.fold() and snapshots fold
  * every view. */
 #define FOLD_HOT_PAGES 64u
-#define FOLD_QUIET_NS (2ULL * 1000000000ULL)
+#define FOLD_QUIET_NS  (2ULL * 1000000000ULL)
 
 int odf_arena_fold_step(odf_arena_t *a, uint64_t budget_ns, uint32_t *left)
 {
@@ -749,15 +748,9 @@ static int fault_range(odf_arena_t *a, uintptr_t addr, size_t len, int only_fres
     return rc;
 }
 
-int odf_arena_prepare_write(odf_arena_t *a, uintptr_t addr, size_t len)
-{
-    return fault_range(a, addr, len, 0);
-}
+int odf_arena_prepare_write(odf_arena_t *a, uintptr_t addr, size_t len) { return fault_range(a, addr, len, 0); }
 
-int odf_arena_populate(odf_arena_t *a, uintptr_t addr, size_t len)
-{
-    return fault_range(a, addr, len, 1);
-}
+int odf_arena_populate(odf_arena_t *a, uintptr_t addr, size_t len) { return fault_range(a, addr, len, 1); }
 
 int odf_arena_protect(odf_arena_t *a, uintptr_t addr, size_t len, int prot, int mark)
 {

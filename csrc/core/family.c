@@ -20,15 +20,17 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define ALIGN_UP(x, a) (((x) + (a) - 1) & ~((size_t)(a) - 1))
+#define ALIGN_UP(x, a) (((x) + (a)-1) & ~((size_t)(a)-1))
 
 /* Liveness (see internal.h).  The record lock is byte `total + idx` of the
  * control memfd, past its end (record locks need no data there).  Everything
  * here is async-signal-safe: plain syscalls and hand-made formatting. */
 int _odf_slot_hold_alive(odf_arena_t *a, uint32_t idx, int hold)
 {
-    struct flock fl = {.l_type = (short)(hold ? F_WRLCK : F_UNLCK), .l_whence = SEEK_SET,
-                       .l_start = (off_t)(a->ctl_total + idx), .l_len = 1};
+    struct flock fl = {.l_type = (short)(hold ? F_WRLCK : F_UNLCK),
+                       .l_whence = SEEK_SET,
+                       .l_start = (off_t)(a->ctl_total + idx),
+                       .l_len = 1};
     return fcntl(a->ctl_fd, F_SETLK, &fl) < 0 ? errno : 0;
 }
 
@@ -85,8 +87,7 @@ uint64_t _odf_proc_start_ticks(pid_t pid)
 
 int _odf_slot_is_alive(odf_arena_t *a, uint32_t idx)
 {
-    struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET,
-                       .l_start = (off_t)(a->ctl_total + idx), .l_len = 1};
+    struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = (off_t)(a->ctl_total + idx), .l_len = 1};
     if (fcntl(a->ctl_fd, F_GETLK, &fl) == 0 && fl.l_type != F_UNLCK)
         return 1; /* held: alive and not exec'd (the descriptor is close-on-exec) */
     /* The lock is gone: the owner died or exec'd, or it closed the descriptor. */
@@ -164,7 +165,6 @@ int _odf_fds_check(odf_arena_t *a)
     }
     return rc;
 }
-
 
 int _odf_ctl_writable(odf_arena_t *a, int on)
 {
@@ -277,10 +277,7 @@ int _odf_seg_alloc(odf_arena_t *a, uint32_t *seg, int overwrite)
     return 0;
 }
 
-static void seg_free(odf_arena_t *a, uint32_t s)
-{
-    a->dirty[a->ctl->ndirty++] = s; /* O(1); see ODF_KEEP */
-}
+static void seg_free(odf_arena_t *a, uint32_t s) { a->dirty[a->ctl->ndirty++] = s; /* O(1); see ODF_KEEP */ }
 
 /* Punch up to `budget` kept segments beyond ODF_KEEP, oldest first, back to
  * the system; a punched segment reads as zeros, as a fresh chunk must. */
@@ -440,8 +437,7 @@ void _odf_slot_release(odf_arena_t *a, uint32_t idx)
     s->pid = 0;
     for (uint32_t j = 0; j < a->ctl->slot_hwm; j++) {
         odf_slot_t *t = &a->slots[j];
-        if (ODF_SG_STATE(atomic_load(&t->sg)) == ODF_SLOT_SNAP && t->owner == idx &&
-            t->owner_gen == gen)
+        if (ODF_SG_STATE(atomic_load(&t->sg)) == ODF_SLOT_SNAP && t->owner == idx && t->owner_gen == gen)
             _odf_slot_release(a, j);
     }
     atomic_store(&s->sg, ODF_SG(gen, ODF_SLOT_FREE));
@@ -490,8 +486,7 @@ void _odf_reap_locked(odf_arena_t *a)
                            (age > ODF_PENDING_GRACE_NS && !slot_is_live(a, s->owner, s->owner_gen));
                 }
                 /* The CAS takes the slot away from a child that might still claim it. */
-                if (dead && atomic_compare_exchange_strong(&s->sg, &v,
-                                                           ODF_SG(ODF_SG_GEN(v), ODF_SLOT_DYING)))
+                if (dead && atomic_compare_exchange_strong(&s->sg, &v, ODF_SG(ODF_SG_GEN(v), ODF_SLOT_DYING)))
                     _odf_slot_release(a, i);
             }
         }

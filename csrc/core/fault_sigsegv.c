@@ -62,8 +62,7 @@ static void report(const char *what, uintptr_t addr, int err)
 static void chain(int sig, siginfo_t *si, void *uc)
 {
     struct sigaction prev = odf_prev;
-    if (si->si_code <= 0 && si->si_pid == getpid() &&
-        _odf_now_ns() - atomic_load(&last_chain_ns) < CHAIN_LOOP_NS) {
+    if (si->si_code <= 0 && si->si_pid == getpid() && _odf_now_ns() - atomic_load(&last_chain_ns) < CHAIN_LOOP_NS) {
         die_by_default(sig, si); /* the previous handler re-raised to us: see CHAIN_LOOP_NS */
         return;
     }
@@ -88,8 +87,8 @@ static void odf_sigsegv(int sig, siginfo_t *si, void *uc)
     odf_arena_t *a = si->si_code > 0 ? _odf_registry_find(addr) : NULL;
     if (a) {
         if (a->orphaned) {
-            report("arena memory is not available in this process (a fork could not share it)",
-                   addr, a->fork_err ? a->fork_err : EOWNERDEAD);
+            report("arena memory is not available in this process (a fork could not share it)", addr,
+                   a->fork_err ? a->fork_err : EOWNERDEAD);
         } else {
             uint32_t c = (uint32_t)((addr - a->base) >> ODF_CHUNK_SHIFT);
             if (a->crash_in_handler) { /* test hook: a bug inside the handler */

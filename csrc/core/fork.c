@@ -51,8 +51,8 @@ static int park_run(odf_arena_t *a, uint32_t start, uint32_t n)
 {
     uintptr_t off = (uintptr_t)start << ODF_CHUNK_SHIFT;
     size_t len = (size_t)n << ODF_CHUNK_SHIFT;
-    void *p = mremap((void *)(a->base + off), len, len,
-                     MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP, (void *)(a->shadow + off));
+    void *p = mremap((void *)(a->base + off), len, len, MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP,
+                     (void *)(a->shadow + off));
     if (p == MAP_FAILED)
         return errno;
     uint8_t f = ODF_F_PARKED;
@@ -62,8 +62,7 @@ static int park_run(odf_arena_t *a, uint32_t start, uint32_t n)
         int rc = errno;
         /* Never leave a writable mapping of a shared segment behind. */
         for (uint32_t c = start; c < start + n; c++)
-            if (_odf_map_seg(a, a->base + ((uintptr_t)c << ODF_CHUNK_SHIFT), a->mypt[c] - 1,
-                             PROT_READ, 0) &&
+            if (_odf_map_seg(a, a->base + ((uintptr_t)c << ODF_CHUNK_SHIFT), a->mypt[c] - 1, PROT_READ, 0) &&
                 _odf_reserve(a->base + ((uintptr_t)c << ODF_CHUNK_SHIFT), ODF_CHUNK_SIZE))
                 return rc;
     }
@@ -118,8 +117,7 @@ static int share_with_child(odf_arena_t *a)
     uint64_t pv = atomic_load(&a->slots[a->self].sg);
     for (uint32_t j = 0; j < a->ctl->slot_hwm; j++) {
         odf_slot_t *t = &a->slots[j];
-        if (ODF_SG_STATE(atomic_load(&t->sg)) != ODF_SLOT_SNAP || t->owner != a->self ||
-            t->owner_gen != ODF_SG_GEN(pv))
+        if (ODF_SG_STATE(atomic_load(&t->sg)) != ODF_SLOT_SNAP || t->owner != a->self || t->owner_gen != ODF_SG_GEN(pv))
             continue;
         uint32_t k;
         if ((rc = _odf_slot_alloc(a, ODF_SLOT_SNAP, &k)))
@@ -202,8 +200,7 @@ void _odf_child_setup(odf_arena_t *a)
      * claimed. */
     odf_slot_t *s = &a->slots[a->child_slot];
     uint64_t expect = ODF_SG(a->child_gen, ODF_SLOT_PENDING);
-    if (!atomic_compare_exchange_strong(&s->sg, &expect,
-                                        ODF_SG(a->child_gen, ODF_SLOT_CLAIMED))) {
+    if (!atomic_compare_exchange_strong(&s->sg, &expect, ODF_SG(a->child_gen, ODF_SLOT_CLAIMED))) {
         a->fork_err = ESRCH;
         orphan(a);
         return;
@@ -329,8 +326,7 @@ void odf_fork_abort(void)
         if (_odf_family_lock(a) == 0) {
             odf_slot_t *s = &a->slots[a->last_child_slot];
             uint64_t v = ODF_SG(a->last_child_gen, ODF_SLOT_PENDING);
-            if (atomic_compare_exchange_strong(&s->sg, &v,
-                                               ODF_SG(a->last_child_gen, ODF_SLOT_DYING)))
+            if (atomic_compare_exchange_strong(&s->sg, &v, ODF_SG(a->last_child_gen, ODF_SLOT_DYING)))
                 _odf_slot_release(a, a->last_child_slot);
             _odf_family_unlock(a);
         }

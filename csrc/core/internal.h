@@ -101,11 +101,11 @@
  * system in bounded steps: ODF_TRIM_STEP per fault or fork, all of them on
  * stats, check, reap and close. */
 #define ODF_PIECE_SEGS 512u /* segments per piece of the pool (park.c): 1 GiB */
-#define ODF_KEEP 32
-#define ODF_TRIM_STEP 4
-#define ODF_ALIGN ((size_t)1 << 30) /* arena and shadow alignment, see odf_arena_create */
-#define ODF_CTL_MAGIC 0x6f64666b63746c31ULL /* "odfkctl1" */
-#define ODF_NONE UINT32_MAX
+#define ODF_KEEP       32
+#define ODF_TRIM_STEP  4
+#define ODF_ALIGN      ((size_t)1 << 30)     /* arena and shadow alignment, see odf_arena_create */
+#define ODF_CTL_MAGIC  0x6f64666b63746c31ULL /* "odfkctl1" */
+#define ODF_NONE       UINT32_MAX
 /* A slot reserved for a child that has not registered itself, and whose pid
  * nobody recorded, is reclaimed after this long: the child ran no handler in
  * that time, so it died between fork() and its first instruction, or it is
@@ -133,24 +133,26 @@ enum {
  * (in the page table, neither OWNED nor VIEW) and NONE is pt[c] == 0:
  * _odf_chunk_state() tells a chunk's state by those names.  The other bits
  * are orthogonal to the state. */
-#define ODF_F_OWNED 1u    /* OWNED: arena chunk MAP_SHARED of pt[c], PROT_READ|PROT_WRITE */
-#define ODF_F_PARKED 2u   /* shadow chunk holds the populated mapping of pt[c] */
-#define ODF_F_VIEW 4u     /* VIEW: arena chunk is a MAP_PRIVATE mapping of pt[c]; the kernel
-                             copies the pages written.  pt[c] is never written by anyone while
-                             shared, so the unwritten pages stay the chunk's bytes. */
-#define ODF_F_FOLDING 8u  /* FOLDING: a VIEW whose writers are held off while it is folded */
+#define ODF_F_OWNED    1u  /* OWNED: arena chunk MAP_SHARED of pt[c], PROT_READ|PROT_WRITE */
+#define ODF_F_PARKED   2u  /* shadow chunk holds the populated mapping of pt[c] */
+#define ODF_F_VIEW     4u  /* VIEW: arena chunk is a MAP_PRIVATE mapping of pt[c] (below) */
+#define ODF_F_FOLDING  8u  /* FOLDING: a VIEW whose writers are held off while it is folded */
 #define ODF_F_UNFOLDED 16u /* snapshot.c, within one take: a view its fold could not hold writers off */
-#define ODF_F_USERPROT 32u /* the program set its own protection on pages of this OWNED or VIEW chunk
-                              (odf_arena_protect): a fault there is the program's (_odf_fault returns
-                              ODF_FAULT_PROGRAM: passed to its handler, no report), and no fold remaps
-                              the chunk.  Kept across state changes (ODF_SET_STATE); a fork's remap
-                              drops the protections themselves, which their owner puts back. */
-#define ODF_F_HOT 64u      /* a VIEW a fold left alone for its many private pages: the background
-                              step skips it while this process forks often (cow.c FOLD_HOT_PAGES) */
+#define ODF_F_USERPROT 32u /* the program set its own protection on pages of the chunk (below) */
+#define ODF_F_HOT      64u /* a VIEW a fold left alone for its many private pages (below) */
+/* ODF_F_VIEW: the kernel copies the pages written.  pt[c] is never written by
+ * anyone while shared, so the unwritten pages stay the chunk's bytes.
+ * ODF_F_USERPROT, on an OWNED or VIEW chunk (odf_arena_protect): a fault there
+ * is the program's (_odf_fault returns ODF_FAULT_PROGRAM: passed to its
+ * handler, no report), and no fold remaps the chunk.  Kept across state
+ * changes (ODF_SET_STATE); a fork's remap drops the protections themselves,
+ * which their owner puts back.
+ * ODF_F_HOT: the background step skips the view while this process forks
+ * often (cow.c FOLD_HOT_PAGES). */
 /* Set chunk c's state bits to f (0, ODF_F_OWNED, ODF_F_VIEW, with or without
  * ODF_F_PARKED), keeping ODF_F_USERPROT. */
 #define ODF_SET_STATE(a, c, f) ((a)->flags[c] = (uint8_t)(((a)->flags[c] & ODF_F_USERPROT) | (f)))
-#define ODF_FAULT_PROGRAM (-1) /* _odf_fault: not the core's fault; chain it without a report */
+#define ODF_FAULT_PROGRAM      (-1) /* _odf_fault: not the core's fault; chain it without a report */
 
 typedef enum {
     ODF_CHUNK_NONE,    /* pt[c] == 0 */
@@ -161,70 +163,70 @@ typedef enum {
 } odf_chunk_state_t;
 
 typedef struct odf_slot_s {
-    _Atomic uint64_t sg;       /* gen << 32 | state; CAS by the child (PENDING->CLAIMED->LIVE),
+    _Atomic uint64_t sg; /* gen << 32 | state; CAS by the child (PENDING->CLAIMED->LIVE),
                                   otherwise written under the family lock */
-    _Atomic int32_t pid;       /* 0 until known; written by the child or by the parent's note */
-    uint32_t owner;            /* SNAP: owning process slot; PENDING: the forking process's slot */
-    uint32_t owner_gen;        /* its generation */
-    uint32_t hi;               /* pt[c] == 0 for every c >= hi; under the family lock */
-    uint32_t pin;              /* seg+1 kept alive while this process copies from it, or 0 */
+    _Atomic int32_t pid; /* 0 until known; written by the child or by the parent's note */
+    uint32_t owner;      /* SNAP: owning process slot; PENDING: the forking process's slot */
+    uint32_t owner_gen;  /* its generation */
+    uint32_t hi;         /* pt[c] == 0 for every c >= hi; under the family lock */
+    uint32_t pin;        /* seg+1 kept alive while this process copies from it, or 0 */
     uint32_t pad;
-    uint64_t born_ns;          /* CLOCK_MONOTONIC when handed out */
-    uint64_t snap_id;          /* SNAP: family-unique id, kept by the copies a fork makes */
-    uint64_t start_ticks;      /* LIVE: the owner's start time (/proc/<pid>/stat field 22) */
+    uint64_t born_ns;     /* CLOCK_MONOTONIC when handed out */
+    uint64_t snap_id;     /* SNAP: family-unique id, kept by the copies a fork makes */
+    uint64_t start_ticks; /* LIVE: the owner's start time (/proc/<pid>/stat field 22) */
 } odf_slot_t;
 
 typedef struct odf_ctl_s {
     uint64_t magic;
-    pthread_mutex_t lock;      /* family lock */
+    pthread_mutex_t lock; /* family lock */
     uint32_t nchunks, max_slots, max_segs;
-    uint32_t seg_hwm;          /* segments >= seg_hwm were never handed out */
-    uint32_t nfree;            /* entries in the free stack (hole-punched: read as zeros) */
-    uint32_t slot_hwm;         /* slots >= slot_hwm were never handed out */
-    uint64_t segments_live;    /* seg_hwm - nfree */
-    uint64_t recoveries;       /* times a dead lock holder's state was rebuilt */
-    uint64_t next_snap_id;     /* under the family lock */
-    uint32_t ndirty;           /* entries in the kept stack: free segments whose pages were kept */
+    uint32_t seg_hwm;       /* segments >= seg_hwm were never handed out */
+    uint32_t nfree;         /* entries in the free stack (hole-punched: read as zeros) */
+    uint32_t slot_hwm;      /* slots >= slot_hwm were never handed out */
+    uint64_t segments_live; /* seg_hwm - nfree */
+    uint64_t recoveries;    /* times a dead lock holder's state was rebuilt */
+    uint64_t next_snap_id;  /* under the family lock */
+    uint32_t ndirty;        /* entries in the kept stack: free segments whose pages were kept */
     size_t off_refcnt, off_free, off_dirty, off_slots, off_pt, total;
 } odf_ctl_t;
 
 struct odf_arena_s {
-    uintptr_t base, shadow;    /* 1 GiB aligned; shadow == base + size rounded up to 1 GiB */
+    uintptr_t base, shadow; /* 1 GiB aligned; shadow == base + size rounded up to 1 GiB */
     size_t size;
     uint32_t nchunks;
-    int pool_fd, ctl_fd;       /* see "descriptors" above: checked by _odf_fds_check */
-    int pool_ro;               /* pool_fd is read-only (park.c _odf_pool_rw) */
-    size_t ctl_total;          /* private copy of ctl->total: the mapping's length */
-    uintptr_t *pieces;         /* private [max_segs / ODF_PIECE_SEGS + 1]: park.c, 0 = not mapped */
+    int pool_fd, ctl_fd; /* see "descriptors" above: checked by _odf_fds_check */
+    int pool_ro;         /* pool_fd is read-only (park.c _odf_pool_rw) */
+    size_t ctl_total;    /* private copy of ctl->total: the mapping's length */
+    uintptr_t *pieces;   /* private [max_segs / ODF_PIECE_SEGS + 1]: park.c, 0 = not mapped */
     uint32_t npieces;
     uint64_t pool_ino, ctl_ino, pool_dev, ctl_dev;
-    uintptr_t anchor;          /* a PROT_NONE 4 KiB mapping of the pool: /proc/self/map_files finds it */
+    uintptr_t anchor; /* a PROT_NONE 4 KiB mapping of the pool: /proc/self/map_files finds it */
     odf_ctl_t *ctl;
-    uint32_t *refcnt;          /* [max_segs] */
-    uint32_t *freestack;       /* [max_segs] */
-    uint32_t *dirty;           /* [max_segs]: the kept stack */
-    odf_slot_t *slots;         /* [max_slots] */
-    uint32_t *pts;             /* [max_slots][nchunks] */
-    uint32_t self;             /* this process's slot */
-    uint32_t *mypt;            /* pts + self * nchunks */
-    uint8_t *flags;            /* private [nchunks] */
-    uint32_t hi;               /* private mirror of slots[self].hi */
+    uint32_t *refcnt;    /* [max_segs] */
+    uint32_t *freestack; /* [max_segs] */
+    uint32_t *dirty;     /* [max_segs]: the kept stack */
+    odf_slot_t *slots;   /* [max_slots] */
+    uint32_t *pts;       /* [max_slots][nchunks] */
+    uint32_t self;       /* this process's slot */
+    uint32_t *mypt;      /* pts + self * nchunks */
+    uint8_t *flags;      /* private [nchunks] */
+    uint32_t hi;         /* private mirror of slots[self].hi */
     pthread_mutex_t local;
-    int orphaned;              /* this process lost its slot (see ODF_PENDING_TIMEOUT_NS) */
+    int orphaned; /* this process lost its slot (see ODF_PENDING_TIMEOUT_NS) */
     int registry_index;
     /* fork in flight (set in prepare, consumed by the parent/child handlers) */
     uint32_t child_slot, child_gen;
     int fork_err;
-    int fork_locked;           /* prepare holds the family lock for this fork */
+    int fork_locked; /* prepare holds the family lock for this fork */
     /* last fork, for odf_fork_note_child / odf_fork_abort in the parent */
     uint32_t last_child_slot, last_child_gen;
     /* stats, under a->local */
     uint64_t n_faults, n_cow, n_reuse, n_bytes, n_forks, n_folds;
-    uint64_t last_fork_ns;     /* CLOCK_MONOTONIC of this process's last fork (parent handler), under a->local */
-    int broken_cow;            /* test hook (_odf_debug_break): resolve shared faults without a copy */
-    int page_cow;              /* copy mode: !odf_arena_opts_t.chunk_cow */
-    int crash_in_handler;      /* test hook: fault inside the SIGSEGV handler */
-    uint32_t fold_delay_ms;    /* test hook: a fold's wait between its first look and the hold */
+    uint64_t last_fork_ns;  /* CLOCK_MONOTONIC of this process's last fork (parent handler), under a->local */
+    int broken_cow;         /* test hook (_odf_debug_break): resolve shared faults without a copy */
+    int page_cow;           /* copy mode: !odf_arena_opts_t.chunk_cow */
+    int crash_in_handler;   /* test hook: fault inside the SIGSEGV handler */
+    uint32_t fold_delay_ms; /* test hook: a fold's wait between its first look and the hold */
 };
 
 /* Chunk c's state in this process, by the names of the comment at the top. */
@@ -267,8 +269,8 @@ void _odf_write_stderr(const char *msg);
 void _odf_block_signals(sigset_t *old); /* every signal; *old for _odf_restore_signals */
 void _odf_restore_signals(const sigset_t *old);
 int _odf_pwrite_all(int fd, const void *src, size_t len, off_t off); /* EINTR retried; 0 or errno */
-unsigned _odf_thread_count(void); /* threads of this process, 0 if unknown */
-void _odf_fd_path(char *buf, int fd); /* "/proc/self/fd/<fd>" into buf (>= 32 bytes) */
+unsigned _odf_thread_count(void);                                    /* threads of this process, 0 if unknown */
+void _odf_fd_path(char *buf, int fd);                                /* "/proc/self/fd/<fd>" into buf (>= 32 bytes) */
 
 /* park.c: a chunk's mappings.  Plain syscalls; the caller holds a->local. */
 int _odf_map_seg(odf_arena_t *a, uintptr_t addr, uint32_t seg, int prot, int populate);
@@ -278,7 +280,7 @@ int _odf_unpark(odf_arena_t *a, uint32_t c); /* parked entries back over the are
 int _odf_pool_rw(odf_arena_t *a, int *fd);   /* a read-write descriptor of the pool for one call */
 void _odf_pool_rw_done(odf_arena_t *a, int fd);
 int _odf_pool_write(odf_arena_t *a, const void *src, size_t len, off_t off); /* into one segment */
-int _odf_pool_punch(odf_arena_t *a, uint32_t seg); /* seg reads as zeros after: 0 or errno */
+int _odf_pool_punch(odf_arena_t *a, uint32_t seg);                           /* seg reads as zeros after: 0 or errno */
 
 /* registry.c: lock-free reads (the handler), writes under _odf_registry_lock */
 extern odf_arena_t *_Atomic _odf_registry[ODF_MAX_ARENAS];
@@ -302,18 +304,18 @@ void _odf_writers_resume(int token);
 int _odf_ctl_init(odf_arena_t *a, uint32_t max_slots, uint32_t max_segs); /* a new family */
 int _odf_family_lock(odf_arena_t *a);
 void _odf_family_unlock(odf_arena_t *a);
-int _odf_fds_check(odf_arena_t *a);                                /* pre: family lock */
-int _odf_ctl_writable(odf_arena_t *a, int on); /* the control block's protection in this process */
-int _odf_seg_alloc(odf_arena_t *a, uint32_t *seg, int overwrite);    /* pre: family lock */
-void _odf_seg_decref(odf_arena_t *a, uint32_t seg);                   /* pre: family lock */
-void _odf_trim_locked(odf_arena_t *a, uint32_t budget);               /* pre: family lock */
+int _odf_fds_check(odf_arena_t *a);                                 /* pre: family lock */
+int _odf_ctl_writable(odf_arena_t *a, int on);                      /* the control block's protection in this process */
+int _odf_seg_alloc(odf_arena_t *a, uint32_t *seg, int overwrite);   /* pre: family lock */
+void _odf_seg_decref(odf_arena_t *a, uint32_t seg);                 /* pre: family lock */
+void _odf_trim_locked(odf_arena_t *a, uint32_t budget);             /* pre: family lock */
 int _odf_slot_alloc(odf_arena_t *a, uint32_t state, uint32_t *idx); /* pre: family lock */
-void _odf_slot_release(odf_arena_t *a, uint32_t idx);                 /* pre: family lock */
+void _odf_slot_release(odf_arena_t *a, uint32_t idx);               /* pre: family lock */
 void _odf_slot_share(odf_arena_t *a, uint32_t dst, const uint32_t *pt, uint32_t hi); /* pre: family lock */
-int _odf_slot_hold_alive(odf_arena_t *a, uint32_t idx, int hold); /* take (1) or drop (0) */
-int _odf_slot_is_alive(odf_arena_t *a, uint32_t idx);            /* owner alive (see above) */
-uint64_t _odf_proc_start_ticks(pid_t pid);                       /* 0 if unknown */
-void _odf_reap_locked(odf_arena_t *a);                                /* pre: family lock */
+int _odf_slot_hold_alive(odf_arena_t *a, uint32_t idx, int hold);                    /* take (1) or drop (0) */
+int _odf_slot_is_alive(odf_arena_t *a, uint32_t idx);                                /* owner alive (see above) */
+uint64_t _odf_proc_start_ticks(pid_t pid);                                           /* 0 if unknown */
+void _odf_reap_locked(odf_arena_t *a);                                               /* pre: family lock */
 
 /* cow.c */
 /* Resolve a SIGSEGV or prepare_write on chunk c (async-signal-safe).  0 = resolved. */
@@ -339,28 +341,28 @@ int _odf_handler_install(void);
 /* fork.c */
 int _odf_fork_handlers_install(void);
 int _odf_write_protect(odf_arena_t *a); /* pre: a->local held; parks every writable chunk */
-void _odf_child_setup(odf_arena_t *a); /* in the child of a fork */
+void _odf_child_setup(odf_arena_t *a);  /* in the child of a fork */
 
 /* Run the statements after `rc` with signals blocked, a->local and the family
  * lock held; rc is set to the locking error (EOWNERDEAD for a process that
  * lost its arena), else left to the statements. */
-#define ODF_LOCKED(a, rc, ...)                                                                     \
-    do {                                                                                           \
-        sigset_t old_;                                                                             \
-        _odf_block_signals(&old_);                                                                 \
-        pthread_mutex_lock(&(a)->local);                                                           \
-        rc = (a)->orphaned ? EOWNERDEAD : _odf_family_lock(a);                                     \
-        if (rc == 0) {                                                                             \
-            __VA_ARGS__;                                                                           \
-            _odf_family_unlock(a);                                                                 \
-        }                                                                                          \
-        pthread_mutex_unlock(&(a)->local);                                                         \
-        _odf_restore_signals(&old_);                                                               \
+#define ODF_LOCKED(a, rc, ...)                                                                                         \
+    do {                                                                                                               \
+        sigset_t old_;                                                                                                 \
+        _odf_block_signals(&old_);                                                                                     \
+        pthread_mutex_lock(&(a)->local);                                                                               \
+        rc = (a)->orphaned ? EOWNERDEAD : _odf_family_lock(a);                                                         \
+        if (rc == 0) {                                                                                                 \
+            __VA_ARGS__;                                                                                               \
+            _odf_family_unlock(a);                                                                                     \
+        }                                                                                                              \
+        pthread_mutex_unlock(&(a)->local);                                                                             \
+        _odf_restore_signals(&old_);                                                                                   \
     } while (0)
 
 #define ODF_PT(a, slot) ((a)->pts + (size_t)(slot) * (a)->nchunks)
 #define ODF_SG(gen, st) (((uint64_t)(gen) << 32) | (uint32_t)(st))
-#define ODF_SG_STATE(v) ((uint32_t)((v) & 0xffffffffu))
-#define ODF_SG_GEN(v) ((uint32_t)((v) >> 32))
+#define ODF_SG_STATE(v) ((uint32_t)((v)&0xffffffffu))
+#define ODF_SG_GEN(v)   ((uint32_t)((v) >> 32))
 
 #endif

@@ -39,10 +39,10 @@
 #include <stdint.h>
 #include <sys/types.h>
 
-#define ODF_CHUNK_SHIFT 21
-#define ODF_CHUNK_SIZE (1UL << ODF_CHUNK_SHIFT) /* 2 MiB: the unit shared, counted and copied */
-#define ODF_DEFAULT_MAX_SLOTS 1024             /* processes + snapshots per family */
-#define ODF_CHECK_MSG_LEN 512
+#define ODF_CHUNK_SHIFT       21
+#define ODF_CHUNK_SIZE        (1UL << ODF_CHUNK_SHIFT) /* 2 MiB: the unit shared, counted and copied */
+#define ODF_DEFAULT_MAX_SLOTS 1024                     /* processes + snapshots per family */
+#define ODF_CHECK_MSG_LEN     512
 
 typedef struct odf_arena_s odf_arena_t;
 
@@ -54,12 +54,12 @@ typedef struct odf_stats_s {
     uint64_t cow_copies;      /* chunk copies (first write to a shared chunk) */
     uint64_t reuses;          /* faults resolved without a copy (count was 1) */
     uint64_t bytes_copied;
-    uint64_t forks;           /* forks of this process while the arena was open */
-    uint64_t segments_live;   /* family-wide allocated segments */
-    uint64_t segments_max;    /* pool capacity in segments */
-    uint64_t slots_used;      /* family-wide process + snapshot slots in use */
-    uint64_t views;           /* chunks mapped as private views of their segment now (page mode) */
-    uint64_t folds;           /* page mode: views folded back into segments */
+    uint64_t forks;         /* forks of this process while the arena was open */
+    uint64_t segments_live; /* family-wide allocated segments */
+    uint64_t segments_max;  /* pool capacity in segments */
+    uint64_t slots_used;    /* family-wide process + snapshot slots in use */
+    uint64_t views;         /* chunks mapped as private views of their segment now (page mode) */
+    uint64_t folds;         /* page mode: views folded back into segments */
 } odf_stats_t;
 
 /* Options of one arena; all zero = the defaults (odf_arena_opts_default). */
@@ -115,7 +115,7 @@ int odf_arena_fold_step(odf_arena_t *a, uint64_t budget_ns, uint32_t *left);
  * the arena between calls spends the budget in slices of ODF_FOLD_SLICE_NS. */
 #define ODF_FOLD_PERIOD_NS 20000000ULL
 #define ODF_FOLD_BUDGET_NS 2000000ULL
-#define ODF_FOLD_SLICE_NS 500000ULL
+#define ODF_FOLD_SLICE_NS  500000ULL
 
 /* Make every chunk of [addr, addr+len) resident (fresh chunks get a zero
  * segment, mapped but not populated), so that a kernel write into newly

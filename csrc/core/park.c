@@ -148,7 +148,8 @@ int _odf_map_seg(odf_arena_t *a, uintptr_t addr, uint32_t seg, int prot, int pop
         int fd;
         if (errno != EINVAL || (rc = _odf_pool_rw(a, &fd)))
             return rc ? rc : errno;
-        void *p = mmap((void *)addr, ODF_CHUNK_SIZE, PROT_NONE, MAP_SHARED | MAP_FIXED, fd, (off_t)seg << ODF_CHUNK_SHIFT);
+        void *p =
+            mmap((void *)addr, ODF_CHUNK_SIZE, PROT_NONE, MAP_SHARED | MAP_FIXED, fd, (off_t)seg << ODF_CHUNK_SHIFT);
         rc = p == MAP_FAILED ? errno : 0;
         _odf_pool_rw_done(a, fd);
         if (rc)
@@ -192,7 +193,6 @@ int _odf_unpark(odf_arena_t *a, uint32_t c)
  * mmap could take. */
 int _odf_reserve(uintptr_t addr, size_t len)
 {
-    void *p = mmap((void *)addr, len, PROT_NONE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
+    void *p = mmap((void *)addr, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
     return p == MAP_FAILED ? errno : 0;
 }

@@ -21,8 +21,8 @@ static uint32_t find_snap(odf_arena_t *a, uint64_t id)
     uint32_t mygen = ODF_SG_GEN(atomic_load(&a->slots[a->self].sg));
     for (uint32_t j = 0; j < a->ctl->slot_hwm; j++) {
         odf_slot_t *t = &a->slots[j];
-        if (ODF_SG_STATE(atomic_load(&t->sg)) == ODF_SLOT_SNAP && t->owner == a->self &&
-            t->owner_gen == mygen && t->snap_id == id)
+        if (ODF_SG_STATE(atomic_load(&t->sg)) == ODF_SLOT_SNAP && t->owner == a->self && t->owner_gen == mygen &&
+            t->snap_id == id)
             return j;
     }
     return ODF_NONE;
@@ -123,13 +123,12 @@ int odf_snapshot_map(odf_arena_t *a, uint64_t id, uintptr_t *addr)
             uint32_t *pt = ODF_PT(a, k), hi = a->slots[k].hi;
             for (uint32_t c = 0; c < hi && !rc; c++) {
                 if (!pt[c])
-                    continue; /* never written: the anonymous zero pages stay */
+                    continue;   /* never written: the anonymous zero pages stay */
                 uint32_t n = 1; /* runs of consecutive segments: one mmap, one VMA */
                 while (c + n < hi && pt[c + n] == pt[c] + n)
                     n++;
-                void *p = mmap((char *)r + ((size_t)c << ODF_CHUNK_SHIFT),
-                               (size_t)n << ODF_CHUNK_SHIFT, PROT_READ, MAP_SHARED | MAP_FIXED,
-                               a->pool_fd, (off_t)(pt[c] - 1) << ODF_CHUNK_SHIFT);
+                void *p = mmap((char *)r + ((size_t)c << ODF_CHUNK_SHIFT), (size_t)n << ODF_CHUNK_SHIFT, PROT_READ,
+                               MAP_SHARED | MAP_FIXED, a->pool_fd, (off_t)(pt[c] - 1) << ODF_CHUNK_SHIFT);
                 if (p == MAP_FAILED)
                     rc = errno;
                 c += n - 1;
@@ -143,10 +142,7 @@ int odf_snapshot_map(odf_arena_t *a, uint64_t id, uintptr_t *addr)
     return rc;
 }
 
-int odf_snapshot_unmap(uintptr_t addr, size_t size)
-{
-    return munmap((void *)addr, size) ? errno : 0;
-}
+int odf_snapshot_unmap(uintptr_t addr, size_t size) { return munmap((void *)addr, size) ? errno : 0; }
 
 /* Roll the arena back: every chunk whose segment differs from the
  * snapshot's is remapped to the snapshot's (a view in page mode, read-only in

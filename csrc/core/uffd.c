@@ -45,7 +45,7 @@
 #define UFFD_FEATURE_WP_HUGETLBFS_SHMEM (1 << 12)
 #endif
 #define NEEDED_FEATURES (UFFD_FEATURE_WP_HUGETLBFS_SHMEM | UFFD_FEATURE_PAGEFAULT_FLAG_WP)
-#define PAGE 4096UL
+#define PAGE            4096UL
 
 static _Atomic int uffd_wanted; /* odf_uffd_enable */
 

@@ -63,25 +63,25 @@
 extern void *__libc_calloc(size_t, size_t);
 extern void *__libc_realloc(void *, size_t);
 extern void __libc_free(void *);
-#define sys_calloc __libc_calloc
+#define sys_calloc  __libc_calloc
 #define sys_realloc __libc_realloc
-#define sys_free __libc_free
+#define sys_free    __libc_free
 #else
-#define sys_calloc calloc
+#define sys_calloc  calloc
 #define sys_realloc realloc
-#define sys_free free
+#define sys_free    free
 #endif
 
-#define PAGE_SHIFT 12
-#define PAGE ((size_t)1 << PAGE_SHIFT)
-#define SLAB_PAGES 16 /* 64 KiB */
-#define KIND_BIG 0xFF
-#define KIND_CONT 0xFE
+#define PAGE_SHIFT   12
+#define PAGE         ((size_t)1 << PAGE_SHIFT)
+#define SLAB_PAGES   16 /* 64 KiB */
+#define KIND_BIG     0xFF
+#define KIND_CONT    0xFE
 #define KIND_ALIGNED 0xFD
-#define KIND_ACONT 0xFC
-#define KIND_MAP 0xFB
-#define BIG_MAGIC 0x6f6462696762ULL /* "odbigb" */
-#define HDR 16
+#define KIND_ACONT   0xFC
+#define KIND_MAP     0xFB
+#define BIG_MAGIC    0x6f6462696762ULL /* "odbigb" */
+#define HDR          16
 
 typedef struct {
     uint32_t page, npages;
@@ -90,11 +90,11 @@ typedef struct {
 struct odf_heap_s {
     odf_arena_t *arena;
     uintptr_t start;
-    size_t npages;          /* capacity of the range */
-    size_t top;             /* pages [0, top) have been handed out at least once */
-    size_t clean;           /* pages >= clean were never handed out (read as zeros); >= top */
-    uint8_t *kind;          /* [npages], private, lazily touched */
-    extent_t *ext;          /* free extents below top, sorted by page, coalesced */
+    size_t npages; /* capacity of the range */
+    size_t top;    /* pages [0, top) have been handed out at least once */
+    size_t clean;  /* pages >= clean were never handed out (read as zeros); >= top */
+    uint8_t *kind; /* [npages], private, lazily touched */
+    extent_t *ext; /* free extents below top, sorted by page, coalesced */
     size_t next, ext_cap;
     void *free_list[ODF_HEAP_NCLASS];
     uintptr_t bump[ODF_HEAP_NCLASS], bump_end[ODF_HEAP_NCLASS];

@@ -79,12 +79,12 @@ extern void *__libc_memalign(size_t, size_t);
 static pthread_mutex_t heap_lock = PTHREAD_MUTEX_INITIALIZER;
 static odf_arena_t *arena;
 static odf_heap_t *heap;
-static uintptr_t lo, hi; /* the arena's range, fixed once set */
+static uintptr_t lo, hi;  /* the arena's range, fixed once set */
 static _Atomic int state; /* 0 not yet, 1 being made, 2 ready, 3 failed */
 static TLS int in_init;
 static pthread_t folder;
 static int folder_started;
-static int can_fold;          /* a full userfaultfd: folds can hold every writer off (uffd.c) */
+static int can_fold; /* a full userfaultfd: folds can hold every writer off (uffd.c) */
 static pthread_mutex_t prot_lock = PTHREAD_MUTEX_INITIALIZER; /* the program's protections (after heap_lock) */
 static void prot_reapply(void);
 
@@ -101,8 +101,8 @@ static void prot_reapply(void);
  * forking thread's cache and loses the others' (at most TC_BYTES a class a
  * thread), as with any allocator's thread caches.  ODFORK_TCACHE=0: none. */
 #define TC_MAX_SIZE 4096
-#define TC_DEPTH 64         /* blocks a stack holds at most */
-#define TC_BYTES (64 << 10) /* and no more bytes than this (and >= 4 blocks) */
+#define TC_DEPTH    64         /* blocks a stack holds at most */
+#define TC_BYTES    (64 << 10) /* and no more bytes than this (and >= 4 blocks) */
 typedef struct {
     uint8_t n[ODF_HEAP_NCLASS];
     void *slot[ODF_HEAP_NCLASS][TC_DEPTH];
@@ -110,7 +110,7 @@ typedef struct {
 enum { TC_NONE, TC_ON, TC_OFF }; /* TC_OFF: being made, exiting, disabled, or no memory */
 static TLS int tc_state;
 static TLS tcache_t *tc;
-static int tc_classes;              /* classes 0..tc_classes-1 are cached; 0: none */
+static int tc_classes; /* classes 0..tc_classes-1 are cached; 0: none */
 static uint8_t tc_cap[ODF_HEAP_NCLASS];
 static pthread_key_t tc_key;
 
@@ -123,10 +123,14 @@ static size_t parse_size(const char *s, size_t dflt)
     char *end;
     unsigned long long v = strtoull(s, &end, 10);
     switch (*end) {
-    case 'k': case 'K': v <<= 10; break;
-    case 'm': case 'M': v <<= 20; break;
-    case 'g': case 'G': v <<= 30; break;
-    case 't': case 'T': v <<= 40; break;
+    case 'k':
+    case 'K': v <<= 10; break;
+    case 'm':
+    case 'M': v <<= 20; break;
+    case 'g':
+    case 'G': v <<= 30; break;
+    case 't':
+    case 'T': v <<= 40; break;
     default: break;
     }
     return v ? (size_t)v : dflt;
@@ -221,8 +225,10 @@ static int init_locked(void)
     in_init = 0;
     if (rc) {
         char msg[160];
-        snprintf(msg, sizeof(msg), "odfork_preload: cannot make an arena heap of %zu bytes (%s): "
-                 "the program runs on glibc's allocator\n", size, strerror(rc));
+        snprintf(msg, sizeof(msg),
+                 "odfork_preload: cannot make an arena heap of %zu bytes (%s): "
+                 "the program runs on glibc's allocator\n",
+                 size, strerror(rc));
         _odf_write_stderr(msg);
         state = 3;
         return -1;
@@ -372,7 +378,7 @@ static size_t usable(void *p)
     static size_t (*glibc_usable)(void *);
     if (!glibc_usable) {
         void *libc = dlopen("libc.so.6", RTLD_NOW | RTLD_NOLOAD);
-        glibc_usable = libc ? (size_t (*)(void *))dlsym(libc, "malloc_usable_size") : NULL;
+        glibc_usable = libc ? (size_t(*)(void *))dlsym(libc, "malloc_usable_size") : NULL;
     }
     return glibc_usable ? glibc_usable(p) : 0;
 }
@@ -496,7 +502,7 @@ EXPORT sighandler_t signal(int sig, sighandler_t handler)
     static sighandler_t (*real)(int, sighandler_t);
     if (sig != SIGSEGV) {
         if (!real)
-            real = (sighandler_t (*)(int, sighandler_t))dlsym(RTLD_NEXT, "signal");
+            real = (sighandler_t(*)(int, sighandler_t))dlsym(RTLD_NEXT, "signal");
         return real(sig, handler);
     }
     struct sigaction sa, old;
@@ -638,8 +644,8 @@ EXPORT int dup3(int oldfd, int newfd, int flags)
 #define PG 4096UL
 static int mmap_on;
 static size_t mmap_max = 1UL << 20;
-static uint8_t *uprot;     /* [arena pages]: 0, or the program's protection + 1 (under prot_lock) */
-static uint32_t *uprot_n;  /* [chunks]: pages with one */
+static uint8_t *uprot;    /* [arena pages]: 0, or the program's protection + 1 (under prot_lock) */
+static uint32_t *uprot_n; /* [chunks]: pages with one */
 static size_t uprot_total;
 
 __attribute__((constructor)) static void mmap_env(void)
@@ -675,7 +681,8 @@ static int protect_locked(uintptr_t a, size_t len, int prot)
     size_t npages = (hi - lo) / PG;
     if (!uprot && prot != (PROT_READ | PROT_WRITE)) {
         uprot = odf_sys_mmap(NULL, npages, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-        uprot_n = odf_sys_mmap(NULL, (npages / 512) * 4, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        uprot_n = odf_sys_mmap(NULL, (npages / 512) * 4, PROT_READ | PROT_WRITE,
+                               MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
         if (uprot == MAP_FAILED || uprot_n == MAP_FAILED) {
             uprot = NULL;
             return ENOMEM;
@@ -767,8 +774,8 @@ static void *serve(size_t len)
 EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
 {
     if (mmap_on && !in_init && state != 3) {
-        if (!addr && prot == (PROT_READ | PROT_WRITE) && flags == (MAP_PRIVATE | MAP_ANONYMOUS) && fd == -1 &&
-            !off && len && len <= mmap_max) {
+        if (!addr && prot == (PROT_READ | PROT_WRITE) && flags == (MAP_PRIVATE | MAP_ANONYMOUS) && fd == -1 && !off &&
+            len && len <= mmap_max) {
             void *p = serve(len);
             if (p)
                 return p;

@@ -40,9 +40,9 @@ static inline void *odf_sys_mremap(void *old, size_t old_len, size_t new_len, in
     return (void *)syscall(SYS_mremap, old, old_len, new_len, flags, new_addr);
 }
 
-#define mmap odf_sys_mmap
-#define munmap odf_sys_munmap
+#define mmap     odf_sys_mmap
+#define munmap   odf_sys_munmap
 #define mprotect odf_sys_mprotect
-#define madvise odf_sys_madvise
-#define mremap odf_sys_mremap
+#define madvise  odf_sys_madvise
+#define mremap   odf_sys_mremap
 #endif

@@ -178,8 +178,8 @@ typedef struct {
 } np_handler_t;
 
 #define NP_API_FEATURE_VERSION 211 /* unsigned int PyArray_GetNDArrayCFeatureVersion(void) */
-#define NP_API_SET_HANDLER 304     /* PyObject *PyDataMem_SetHandler(PyObject *) */
-#define NP_1_22_API_VERSION 0x0f
+#define NP_API_SET_HANDLER     304 /* PyObject *PyDataMem_SetHandler(PyObject *) */
+#define NP_1_22_API_VERSION    0x0f
 
 static size_t np_in_heap, np_outside; /* live bytes of arrays made through the hook */
 

@@ -11,12 +11,22 @@ rewriting (it holds the pytest plugin), and would warn that it cannot when the
 package is imported before pytest starts, as `python -m odfork_user run -m
 pytest` does.  Nothing here relies on rewritten asserts.
 """
+
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from odfork_user._errors import (ChildError, CorruptionError, OdforkBufferError, OdforkError, OdforkMemoryError,
-                                 OdforkOSError, OdforkTimeoutError, OdforkTypeError, OdforkValueError,
-                                 RemoteTraceback)
+from odfork_user._errors import (
+    ChildError,
+    CorruptionError,
+    OdforkBufferError,
+    OdforkError,
+    OdforkMemoryError,
+    OdforkOSError,
+    OdforkTimeoutError,
+    OdforkTypeError,
+    OdforkValueError,
+    RemoteTraceback,
+)
 
 if TYPE_CHECKING:  # what the names below resolve to, for type checkers
     from odfork_user._forking import odfork
@@ -25,25 +35,53 @@ if TYPE_CHECKING:  # what the names below resolve to, for type checkers
     from odfork_user.pyheap import heap_stats, install, installed, installing, uninstall
     from odfork_user.snapshot import Snapshot
 
-    CHUNK_SIZE: int                  # 2 MiB
-    FOLD_PROTECT: str                # "userfaultfd" or "mprotect"
+    CHUNK_SIZE: int  # 2 MiB
+    FOLD_PROTECT: str  # "userfaultfd" or "mprotect"
 
     def explain_efault(exc: BaseException) -> BaseException: ...
 
-__all__ = ["Arena", "default_arena", "odfork", "spawn", "Child", "Snapshot", "OdforkError", "OdforkMemoryError",
-           "OdforkValueError", "OdforkTypeError", "OdforkBufferError", "OdforkOSError", "OdforkTimeoutError", "CorruptionError",
-           "ChildError", "RemoteTraceback", "CHUNK_SIZE",
-           "FOLD_PROTECT", "explain_efault", "install", "uninstall", "installed", "installing",
-           "heap_stats"]
+
+__all__ = [
+    "Arena",
+    "default_arena",
+    "odfork",
+    "spawn",
+    "Child",
+    "Snapshot",
+    "OdforkError",
+    "OdforkMemoryError",
+    "OdforkValueError",
+    "OdforkTypeError",
+    "OdforkBufferError",
+    "OdforkOSError",
+    "OdforkTimeoutError",
+    "CorruptionError",
+    "ChildError",
+    "RemoteTraceback",
+    "CHUNK_SIZE",
+    "FOLD_PROTECT",
+    "explain_efault",
+    "install",
+    "uninstall",
+    "installed",
+    "installing",
+    "heap_stats",
+]
 __version__ = "0.1.0"  # the only place the version is written (pyproject reads it)
 
 _LAZY = {
-    "CHUNK_SIZE": "_core", "explain_efault": "_core",
-    "Arena": "arena", "default_arena": "arena",
+    "CHUNK_SIZE": "_core",
+    "explain_efault": "_core",
+    "Arena": "arena",
+    "default_arena": "arena",
     "odfork": "_forking",
-    "Child": "process", "spawn": "process",
+    "Child": "process",
+    "spawn": "process",
     "Snapshot": "snapshot",
-    "heap_stats": "pyheap", "install": "pyheap", "installed": "pyheap", "installing": "pyheap",
+    "heap_stats": "pyheap",
+    "install": "pyheap",
+    "installed": "pyheap",
+    "installing": "pyheap",
     "uninstall": "pyheap",
 }
 
@@ -53,6 +91,7 @@ def __getattr__(name: str) -> Any:
     # userfaultfd): at the first Arena, or here, on first use; not at import
     if name == "FOLD_PROTECT":
         from odfork_user._core import prepare_process
+
         return prepare_process()[0]
     if name in _LAZY:
         value = getattr(importlib.import_module(f"odfork_user.{_LAZY[name]}"), name)

@@ -1,4 +1,5 @@
 """python -m odfork_user: the commands (odfork_user.cli)."""
+
 import sys
 
 from odfork_user.cli import main

@@ -5,6 +5,7 @@ First fit over a sorted list of free extents, coalescing on free.  Blocks are
 as few chunks as possible.  The allocator lives in ordinary Python memory, so
 after a fork each process has its own copy, exactly like the arena's bytes.
 """
+
 import bisect
 
 ALIGN = 64
@@ -13,9 +14,9 @@ ALIGN = 64
 class BlockAllocator:
     def __init__(self, size):
         self.size = size
-        self._starts = [0]      # free extents, sorted by start
+        self._starts = [0]  # free extents, sorted by start
         self._lens = [size]
-        self.fresh = 0          # offsets >= fresh were never handed out (still zero)
+        self.fresh = 0  # offsets >= fresh were never handed out (still zero)
 
     def alloc(self, n):
         """Returns (offset, needs_zeroing_upto) or None when no extent fits."""

@@ -14,6 +14,7 @@ defined inside a function, an attribute that pickle refuses, arguments its
 __init__ does not take back) still leaves its text and traceback.  Used by spawn(), the pytest plugin, the
 test suite's in_child and the benchmark workers.
 """
+
 import os
 import pickle
 import select
@@ -28,7 +29,7 @@ def _write_frame(fd, data):
     """Write the length, then every byte of `data` (os.write may write less than asked)."""
     view = memoryview(_HEADER.pack(len(data)) + data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def send(fd, obj):
@@ -65,7 +66,7 @@ def receive(fd, pidfd=None):
             if len(buf) >= _HEADER.size:
                 n = _HEADER.unpack_from(buf)[0]
                 if len(buf) >= _HEADER.size + n:
-                    return pickle.loads(bytes(buf[_HEADER.size:_HEADER.size + n]))
+                    return pickle.loads(bytes(buf[_HEADER.size : _HEADER.size + n]))
             if not more or (pidfd is not None and pidfd in ready):  # what it wrote was drained above
                 return None
     finally:

@@ -1,4 +1,5 @@
 """Loads the C core; the only module that imports odfork_user._ffi."""
+
 import errno
 import os
 import sys
@@ -69,9 +70,11 @@ def _choose_fold_protect():
     rc = lib.odf_uffd_enable(1)
     if rc == 0:
         return "userfaultfd", "a full userfaultfd is available"
-    why = {errno.EPERM: "no privilege for a userfaultfd that sees kernel-mode faults",
-           errno.EOPNOTSUPP: "the kernel lacks userfaultfd write-protect on shmem",
-           errno.ENOSYS: "the kernel has no userfaultfd"}.get(rc, os.strerror(rc))
+    why = {
+        errno.EPERM: "no privilege for a userfaultfd that sees kernel-mode faults",
+        errno.EOPNOTSUPP: "the kernel lacks userfaultfd write-protect on shmem",
+        errno.ENOSYS: "the kernel has no userfaultfd",
+    }.get(rc, os.strerror(rc))
     if want == "1":
         raise OdforkOSError(rc, f"{USERFAULTFD_ENV}=1, but userfaultfd cannot be used: {why}")
     return "mprotect", why
@@ -96,6 +99,7 @@ def prepare_process():
             _prepared = choice
         return _prepared
 
+
 # -- kernel writes into chunk-mode arenas -------------------------------------
 
 _EFAULT_NOTE = (
@@ -111,8 +115,12 @@ _chunk_mode_used = False
 def explain_efault(exc):
     """Add a note naming the cause and the remedy to an OSError(EFAULT) when
     this process has a chunk-mode arena.  Returns exc."""
-    if (_chunk_mode_used and isinstance(exc, OSError) and exc.errno == errno.EFAULT
-            and not any(n.startswith("odfork_user:") for n in getattr(exc, "__notes__", ()))):
+    if (
+        _chunk_mode_used
+        and isinstance(exc, OSError)
+        and exc.errno == errno.EFAULT
+        and not any(n.startswith("odfork_user:") for n in getattr(exc, "__notes__", ()))
+    ):
         exc.add_note(_EFAULT_NOTE)
     return exc
 

@@ -1,4 +1,5 @@
 """Exceptions, and the one place where C error codes become Python exceptions."""
+
 import errno
 import os
 

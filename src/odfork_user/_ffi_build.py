@@ -4,6 +4,7 @@ setup.py names ``src/odfork_user/_ffi_build.py:ffi``; ``python src/odfork_user/_
 builds the extension in place for development.  ``ODFORK_SANITIZE=address,undefined``
 adds sanitizer flags.
 """
+
 import os
 import pathlib
 
@@ -13,8 +14,19 @@ HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent.parent  # the project root: src/odfork_user/ -> .
 CSRC = ROOT / "csrc"
 # the core, in layers, each file using only those before it (see csrc/core/internal.h)
-CORE = ["core/prim.c", "core/park.c", "core/registry.c", "core/uffd.c", "core/family.c", "core/cow.c",
-        "core/fault_sigsegv.c", "core/fork.c", "core/snapshot.c", "core/check.c", "core/arena.c"]
+CORE = [
+    "core/prim.c",
+    "core/park.c",
+    "core/registry.c",
+    "core/uffd.c",
+    "core/family.c",
+    "core/cow.c",
+    "core/fault_sigsegv.c",
+    "core/fork.c",
+    "core/snapshot.c",
+    "core/check.c",
+    "core/arena.c",
+]
 # its clients: the heap (used by both products), CPython's hooks (this extension only)
 HEAP = ["heap/heap.c"]
 SOURCES = CORE + HEAP + ["py/pyalloc.c"]
@@ -28,7 +40,6 @@ if sanitize:
     extra_link += [f"-fsanitize={sanitize}"]
 
 
-
 def make_ffi(root=""):
     """The cffi builder.  root: prefix of the C paths; setuptools wants them
     relative to the project root (the default), an in-place build absolute."""
@@ -37,7 +48,7 @@ def make_ffi(root=""):
     builder.set_source(
         "odfork_user._ffi",
         '#include "odfork.h"\n#include "odfork_heap.h"\n#include "odfork_py.h"\n#include "odfork_debug.h"\n'
-        '#include <string.h>\n',
+        "#include <string.h>\n",
         sources=[f"{root}csrc/{name}" for name in SOURCES],
         include_dirs=[f"{root}{d}" for d in INCLUDE_DIRS],
         extra_compile_args=extra_compile,

@@ -34,6 +34,7 @@ snapshots).  Without a full userfaultfd (FOLD_PROTECT "mprotect") the core
 refuses a fold while another thread runs, this one included, so the thread
 is not started (start()).
 """
+
 import _thread
 import os
 import sys
@@ -46,9 +47,9 @@ from odfork_user import _core
 from odfork_user._core import ffi, lib
 
 # the pace, the same for every folder: csrc/core/odfork.h, ODF_FOLD_*
-FOLD_PERIOD = lib.ODF_FOLD_PERIOD_NS / 1e9   # seconds between steps
-FOLD_BUDGET_NS = lib.ODF_FOLD_BUDGET_NS      # per step and arena: 10% of a CPU (50% while catching up)
-FOLD_SLICE_NS = lib.ODF_FOLD_SLICE_NS        # per call into the core, the arena's lock held
+FOLD_PERIOD = lib.ODF_FOLD_PERIOD_NS / 1e9  # seconds between steps
+FOLD_BUDGET_NS = lib.ODF_FOLD_BUDGET_NS  # per step and arena: 10% of a CPU (50% while catching up)
+FOLD_SLICE_NS = lib.ODF_FOLD_SLICE_NS  # per call into the core, the arena's lock held
 ENABLED = os.environ.get("ODFORK_FOLD", "1").strip() != "0"
 # Python 3.12+ warns when it forks a process with more than one OS thread
 # (3.11 does not: there the folder runs on across forks, which costs nothing);
@@ -163,7 +164,7 @@ def _halt():
 _fork_frame: Any = None  # the frame that called os.fork(), and where it was
 _fork_lasti = -1
 _fork_pid = 0
-_pending: Any = None    # (Py_AddPendingCall, the C callback), once made; False where unavailable
+_pending: Any = None  # (Py_AddPendingCall, the C callback), once made; False where unavailable
 
 
 def _returned_from_fork():
@@ -183,10 +184,10 @@ def _returned_from_fork():
 def _pending_start(_arg):
     global _fork_frame
     try:
-        if os.getpid() != _fork_pid:   # a child that inherited the queue
+        if os.getpid() != _fork_pid:  # a child that inherited the queue
             return 0
         if _fork_frame is not None and not _returned_from_fork():
-            _add_pending()             # still inside the fork: at the next check
+            _add_pending()  # still inside the fork: at the next check
             return 0
         _fork_frame = None
         start()
@@ -200,6 +201,7 @@ def _add_pending():
     if _pending is None:
         try:
             import ctypes
+
             proto = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
             add = ctypes.PyDLL(None).Py_AddPendingCall  # its own function object: argtypes stay ours
             add.argtypes, add.restype = [proto, ctypes.c_void_p], ctypes.c_int
@@ -211,6 +213,7 @@ def _add_pending():
 
 
 # -- fork hooks ---------------------------------------------------------------
+
 
 def _before_fork():
     global _fork_frame, _fork_lasti
@@ -244,5 +247,4 @@ def _after_fork_in_child():
     _fork_frame = None
 
 
-os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
-                    after_in_child=_after_fork_in_child)
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)

@@ -1,4 +1,5 @@
 """odfork(): fork(2) with every arena shared on demand."""
+
 import os
 import warnings
 
@@ -35,5 +36,7 @@ def odfork() -> int:
         if err:
             warnings.warn(
                 f"odfork: the child lost its arenas ({os.strerror(err)}); it will crash on arena access",
-                RuntimeWarning, stacklevel=2)
+                RuntimeWarning,
+                stacklevel=2,
+            )
     return pid

@@ -14,6 +14,7 @@ Order (outermost first, the order the code nests them): the heap lock
 Locks are RLocks, so a thread that forks while holding one of them does not
 deadlock on itself.
 """
+
 import os
 import threading
 import weakref
@@ -22,7 +23,7 @@ from typing import Any
 LEVEL_HEAP, LEVEL_DEFAULT, LEVEL_ARENA, LEVEL_SNAPSHOT = range(4)
 
 _owners: list[weakref.WeakSet[Any]] = [weakref.WeakSet() for _ in range(4)]  # objects with a ._lock, per level
-_module_locks: dict[int, Any] = {}                               # level -> lock of a module
+_module_locks: dict[int, Any] = {}  # level -> lock of a module
 _held = threading.local()
 
 

@@ -1,4 +1,5 @@
 """Arena: memory that forks on demand."""
+
 from __future__ import annotations
 
 import errno
@@ -8,20 +9,37 @@ import re
 import sys
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, Literal, Sequence, cast
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from odfork_user import _core, _folder, _forklocks
 from odfork_user._alloc import BlockAllocator
 from odfork_user._core import CHUNK_SIZE, ffi, lib
-from odfork_user._errors import (CorruptionError, OdforkBufferError, OdforkMemoryError, OdforkTypeError,
-                                 OdforkValueError, _check)
+from odfork_user._errors import (
+    CorruptionError,
+    OdforkBufferError,
+    OdforkMemoryError,
+    OdforkTypeError,
+    OdforkValueError,
+    _check,
+)
 
 if TYPE_CHECKING:
     from odfork_user.snapshot import Snapshot
 
 _STATS_KEYS = (
-    "chunks", "chunks_resident", "chunks_shared", "faults", "cow_copies", "reuses",
-    "bytes_copied", "forks", "segments_live", "segments_max", "slots_used", "views",
+    "chunks",
+    "chunks_resident",
+    "chunks_shared",
+    "faults",
+    "cow_copies",
+    "reuses",
+    "bytes_copied",
+    "forks",
+    "segments_live",
+    "segments_max",
+    "slots_used",
+    "views",
     "folds",
 )
 MAX_ARENAS = 64  # per process (ODF_MAX_ARENAS in the core)
@@ -64,8 +82,15 @@ class Arena:
 
     chunk_size: int = CHUNK_SIZE
 
-    def __init__(self, size: int, *, max_procs: int | None = None, cow: str | None = None,
-                 background_fold: bool = True, _max_segments: int = 0) -> None:
+    def __init__(
+        self,
+        size: int,
+        *,
+        max_procs: int | None = None,
+        cow: str | None = None,
+        background_fold: bool = True,
+        _max_segments: int = 0,
+    ) -> None:
         if not isinstance(size, int) or isinstance(size, bool):
             raise OdforkTypeError(f"Arena size must be an int, not {type(size).__name__}")
         if size <= 0:
@@ -77,12 +102,14 @@ class Arena:
         self._closed = True  # until built
         _core.prepare_process()
         out = ffi.new("odf_arena_t **")
-        opts = ffi.new("odf_arena_opts_t *", {"max_slots": max_procs or 0, "max_segs": _max_segments,
-                                              "chunk_cow": cow == "chunk"})
+        opts = ffi.new(
+            "odf_arena_opts_t *", {"max_slots": max_procs or 0, "max_segs": _max_segments, "chunk_cow": cow == "chunk"}
+        )
         rc = lib.odf_arena_create(size, opts, out)
         if rc == errno.ENOMEM and sum(1 for a in list(_open_arenas) if not a._closed) >= MAX_ARENAS:
-            raise OdforkMemoryError(f"cannot create an arena: a process can have at most {MAX_ARENAS} "
-                              "arenas open (close one first)")
+            raise OdforkMemoryError(
+                f"cannot create an arena: a process can have at most {MAX_ARENAS} arenas open (close one first)"
+            )
         _check(rc, f"cannot reserve an arena of {size} bytes")
         self._h = out[0]
         self.cow: str = cow or "page"
@@ -94,7 +121,7 @@ class Arena:
         self._size = lib.odf_arena_size(self._h)
         self._alloc = BlockAllocator(self._size)
         self._blocks: dict[int, list[Any]] = {}  # offset -> [rounded size, exporter, nbytes]
-        self._freed: dict[int, list[Any]] = {}   # offset -> [rounded size, exporter]: freed while views lived
+        self._freed: dict[int, list[Any]] = {}  # offset -> [rounded size, exporter]: freed while views lived
         self._lock = threading.RLock()
         self._snaps: weakref.WeakSet[Snapshot] = weakref.WeakSet()
         self._closed = False
@@ -196,8 +223,11 @@ class Arena:
             raise ImportError("Arena.ndarray needs numpy: pip install 'odfork_user[numpy]'") from exc
         dt = np.dtype(dtype)
         try:
-            dims = (operator.index(cast(Any, shape)),) if not isinstance(shape, (tuple, list)) else \
-                tuple(operator.index(n) for n in shape)
+            dims = (
+                (operator.index(cast(Any, shape)),)
+                if not isinstance(shape, (tuple, list))
+                else tuple(operator.index(n) for n in shape)
+            )
         except TypeError:
             raise OdforkValueError(f"bad shape {shape!r}: expected an int or a sequence of ints") from None
         count = 1
@@ -257,8 +287,9 @@ class Arena:
         # Each memoryview made from a block's exporter holds one reference to
         # it (slices and numpy arrays share that view's managed buffer).
         self._sweep_freed()
-        return (sum(sys.getrefcount(b[1]) - 2 for b in self._blocks.values())
-                + sum(sys.getrefcount(b[1]) - 2 for b in self._freed.values()))
+        return sum(sys.getrefcount(b[1]) - 2 for b in self._blocks.values()) + sum(
+            sys.getrefcount(b[1]) - 2 for b in self._freed.values()
+        )
 
     # -- state --------------------------------------------------------------
     def stats(self) -> dict[str, int]:
@@ -290,8 +321,7 @@ class Arena:
         with self._lock:
             ptr = ffi.from_buffer(view)
             n = len(ffi.buffer(ptr)) if nbytes is None else nbytes
-            _check(lib.odf_arena_prepare_write(self._live(), int(ffi.cast("uintptr_t", ptr)), n),
-                   "prepare_write")
+            _check(lib.odf_arena_prepare_write(self._live(), int(ffi.cast("uintptr_t", ptr)), n), "prepare_write")
 
     def fold(self, max_dirty: int | None = None) -> None:
         """Fold this process's private views back into their segments where
@@ -311,6 +341,7 @@ class Arena:
     def snapshot(self) -> Snapshot:
         """A frozen copy of the whole arena, taken in O(chunks) with no data copied."""
         from odfork_user.snapshot import Snapshot
+
         with self._lock:
             out = ffi.new("uint64_t *")
             lib.odf_handler_ensure()
@@ -323,11 +354,14 @@ class Arena:
         """Roll the arena back to `snap` in O(chunks); views already handed out
         see the restored bytes.  The snapshot stays valid."""
         from odfork_user.snapshot import Snapshot
+
         if not isinstance(snap, Snapshot) or snap._arena is not self:
             raise OdforkValueError("restore() takes a snapshot of this arena")
         if self._holds_heap:
-            raise OdforkValueError("cannot restore the arena that holds the Python heap: live objects would "
-                             "be rolled back under the interpreter")
+            raise OdforkValueError(
+                "cannot restore the arena that holds the Python heap: live objects would "
+                "be rolled back under the interpreter"
+            )
         with self._lock:
             snap._restore_into(self._live())
 

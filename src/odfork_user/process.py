@@ -1,4 +1,5 @@
 """spawn(): run a function in an odfork child and get its result back."""
+
 from __future__ import annotations
 
 import os
@@ -6,7 +7,8 @@ import pickle
 import select
 import signal
 import threading
-from typing import Any, Callable, Generic, ParamSpec, TypeVar
+from collections.abc import Callable
+from typing import Any, Generic, ParamSpec, TypeVar
 
 from odfork_user import _child
 from odfork_user._errors import ChildError, OdforkTimeoutError, OdforkTypeError, RemoteTraceback
@@ -29,12 +31,12 @@ class Child(Generic[T]):
     def __init__(self, pid: int, fd: int) -> None:
         self.pid = pid
         self._pidfd: int | None = os.pidfd_open(pid)
-        self._fd: int | None = fd          # the memfd the child writes its message into
+        self._fd: int | None = fd  # the memfd the child writes its message into
         self._exitcode: int | None = None
         self._value: Any = None
         self._error: BaseException | None = None  # what result() raises, once done
         self._finished = False
-        self._waiters = 0      # threads polling the pidfd now (it is closed when the last leaves)
+        self._waiters = 0  # threads polling the pidfd now (it is closed when the last leaves)
         self._lock = threading.Lock()
 
     def _wait(self, timeout: float | None) -> bool:
@@ -104,8 +106,9 @@ class Child(Generic[T]):
             except Exception:
                 exc = None
         if not isinstance(exc, Exception):  # not picklable, or SystemExit & co.: not raised in the parent
-            exc = ChildError(f"child {self.pid} raised {text}\n\nRemote traceback:\n{tb}",
-                             exitcode=code, remote_traceback=tb)
+            exc = ChildError(
+                f"child {self.pid} raised {text}\n\nRemote traceback:\n{tb}", exitcode=code, remote_traceback=tb
+            )
         exc.__cause__ = RemoteTraceback(tb)
         return exc
 

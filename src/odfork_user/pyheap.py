@@ -10,6 +10,7 @@ C libraries take from malloc directly or through PyMem_RawMalloc, thread
 stacks, the interpreter's own static state.  numpy array data moves too once
 hook_numpy() has run (odfork_user.cli.run does it when numpy is imported).
 """
+
 from __future__ import annotations
 
 import errno
@@ -28,8 +29,7 @@ if TYPE_CHECKING:
     from odfork_user.arena import Arena
 
 _state: dict[str, Any] = {"arena": None, "heap": None}
-_HEAP_STATS = ("live_bytes", "live_blocks", "raw_bytes", "top_bytes", "mapped_bytes",
-               "free_page_bytes", "free_extents")
+_HEAP_STATS = ("live_bytes", "live_blocks", "raw_bytes", "top_bytes", "mapped_bytes", "free_page_bytes", "free_extents")
 
 
 def install(arena: Arena | None = None, size: int | None = None) -> Arena:
@@ -44,6 +44,7 @@ def install(arena: Arena | None = None, size: int | None = None) -> Arena:
     holds live objects); its family's other processes are unaffected.
     """
     from odfork_user.arena import Arena, default_arena
+
     with _lock:
         if arena is None:
             arena = _state["arena"] or default_arena()
@@ -64,6 +65,7 @@ def install(arena: Arena | None = None, size: int | None = None) -> Arena:
 
         def create(handle, address):
             _check(lib.odf_heap_create(handle, address, size, out), "cannot create the heap")
+
         arena._host_heap(size, create)
         _state.update(arena=arena, heap=out[0])
         _check(lib.odf_py_install(out[0]), "install")
@@ -110,6 +112,7 @@ def heap_stats() -> dict[str, int] | None:
 def heap_check() -> None:
     """Verify the heap's structure; raises CorruptionError if broken."""
     from odfork_user._errors import CorruptionError
+
     h = _state["heap"]
     if h is not None and lib.odf_heap_check(h):
         raise CorruptionError("the Python heap's free extents or block headers are inconsistent")
@@ -122,9 +125,13 @@ def hook_numpy() -> bool:
     rc = lib.odf_py_numpy_hook()
     if rc == errno.ENOTSUP:
         import numpy
-        warnings.warn(f"numpy {numpy.__version__} has no allocator hook (NEP 49 needs numpy >= 1.22): "
-                      "its array data stays outside the arena and every fork copies its page-table entries",
-                      RuntimeWarning, stacklevel=2)
+
+        warnings.warn(
+            f"numpy {numpy.__version__} has no allocator hook (NEP 49 needs numpy >= 1.22): "
+            "its array data stays outside the arena and every fork copies its page-table entries",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return False
     _check(rc, "cannot install numpy's allocator hook")
     return True
@@ -140,6 +147,7 @@ class _NumpyImportHook:
         if self in sys.meta_path:
             sys.meta_path.remove(self)
         import importlib.util
+
         spec = importlib.util.find_spec(name)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
@@ -148,6 +156,7 @@ class _NumpyImportHook:
         def exec_then_hook(module):
             exec_module(module)
             hook_numpy()
+
         spec.loader.exec_module = exec_then_hook
         return spec
 
@@ -164,8 +173,11 @@ def hook_numpy_on_import() -> bool | None:
 _CLASSES = (
     ("arena", "arena: private pages of views (written since a fork)"),
     ("brk", "[heap] (malloc: raw domain, C libraries, objects from before install)"),
-    ("anon", "anonymous mappings (big malloc blocks, pymalloc arenas from before install, "
-             "numpy data outside the hook, thread stacks)"),
+    (
+        "anon",
+        "anonymous mappings (big malloc blocks, pymalloc arenas from before install, "
+        "numpy data outside the hook, thread stacks)",
+    ),
     ("stack", "main thread's stack"),
     ("file", "files mapped private, pages written (.data, relocations)"),
 )
@@ -175,6 +187,7 @@ def _smaps_anonymous():
     """Private anonymous bytes per kind of mapping, from /proc/self/smaps: the
     pages a fork copies page-table entries for (and later copies)."""
     from odfork_user.arena import _open_arenas
+
     ranges = [(a.address, a.address + a.size) for a in list(_open_arenas) if not a.closed]
     out = dict.fromkeys((k for k, _ in _CLASSES), 0)
     kind = None
@@ -207,8 +220,12 @@ def memory_report() -> dict[str, Any]:
     n_in, n_out = ffi.new("size_t *"), ffi.new("size_t *")
     if _state["heap"] is not None:
         lib.odf_py_numpy_stats(n_in, n_out)
-    return {"heap": heap_stats(), "numpy_in_heap": int(n_in[0]), "numpy_outside": int(n_out[0]),
-            "outside": _smaps_anonymous()}
+    return {
+        "heap": heap_stats(),
+        "numpy_in_heap": int(n_in[0]),
+        "numpy_outside": int(n_out[0]),
+        "outside": _smaps_anonymous(),
+    }
 
 
 def format_memory_report(report: dict[str, Any] | None = None) -> str:
@@ -219,10 +236,14 @@ def format_memory_report(report: dict[str, Any] | None = None) -> str:
     if h is None:
         lines.append("  arena heap: not installed")
     else:
-        lines.append(f"  arena heap: {h['live_bytes'] / mib:.1f} in blocks, {h['raw_bytes'] / mib:.1f} in "
-                     f"pymalloc arenas, {h['mapped_bytes'] / mib:.1f} resident")
-    lines.append(f"  numpy data through the hook: {r['numpy_in_heap'] / mib:.1f} in the heap, "
-                 f"{r['numpy_outside'] / mib:.1f} outside")
+        lines.append(
+            f"  arena heap: {h['live_bytes'] / mib:.1f} in blocks, {h['raw_bytes'] / mib:.1f} in "
+            f"pymalloc arenas, {h['mapped_bytes'] / mib:.1f} resident"
+        )
+    lines.append(
+        f"  numpy data through the hook: {r['numpy_in_heap'] / mib:.1f} in the heap, "
+        f"{r['numpy_outside'] / mib:.1f} outside"
+    )
     lines.append("  private anonymous memory by mapping (a fork copies its page-table entries):")
     for key, label in _CLASSES:
         lines.append(f"    {r['outside'][key] / mib:10.1f}  {label}")

@@ -28,6 +28,7 @@ child's side of the protocol becomes the test's failure with its traceback.
 pytest imports this module in every run (an entry point); the C core is only
 loaded by the first test that runs in a child.
 """
+
 import os
 import pickle
 import signal
@@ -42,10 +43,12 @@ from odfork_user import _child  # plain Python: the package loads its core on fi
 
 def pytest_addoption(parser):
     group = parser.getgroup("odfork", "odfork_user: tests in on-demand-forked children")
-    group.addoption("--odfork", action="store_true", default=False,
-                    help="run the body of every test in an odfork child")
-    group.addoption("--odfork-with", choices=("odfork", "os"), default="odfork",
-                    help="fork with odfork (default) or os.fork")
+    group.addoption(
+        "--odfork", action="store_true", default=False, help="run the body of every test in an odfork child"
+    )
+    group.addoption(
+        "--odfork-with", choices=("odfork", "os"), default="odfork", help="fork with odfork (default) or os.fork"
+    )
 
 
 def pytest_configure(config):
@@ -53,8 +56,7 @@ def pytest_configure(config):
 
 
 def _failed_report(item, why):
-    return pytest.TestReport(item.nodeid, item.location, {k: 1 for k in item.keywords}, "failed",
-                             why, "call", [], 0.0)
+    return pytest.TestReport(item.nodeid, item.location, {k: 1 for k in item.keywords}, "failed", why, "call", [], 0.0)
 
 
 def _crash_report(item, status):
@@ -63,8 +65,7 @@ def _crash_report(item, status):
         why = f"the test's child process was killed by signal {sig} ({signal.Signals(sig).name})"
     else:
         why = f"the test's child process exited with status {os.WEXITSTATUS(status)} without a report"
-    return pytest.TestReport(item.nodeid, item.location, {k: 1 for k in item.keywords}, "failed",
-                             why, "call", [], 0.0)
+    return pytest.TestReport(item.nodeid, item.location, {k: 1 for k in item.keywords}, "failed", why, "call", [], 0.0)
 
 
 def _picklable(obj):
@@ -83,8 +84,7 @@ def _travelling(obj):
     if isinstance(obj, dict):
         return {(k if _picklable(k) else repr(k)): _travelling(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_travelling(v) for v in obj) if type(obj) in (list, tuple) else \
-            [_travelling(v) for v in obj]
+        return type(obj)(_travelling(v) for v in obj) if type(obj) in (list, tuple) else [_travelling(v) for v in obj]
     try:
         return repr(obj)
     except Exception as exc:  # a repr that raises
@@ -185,7 +185,7 @@ def _call_in_child(item):
             _run_in_child(item, w)
             code = 0
         finally:
-            _child.leave(code)   # flushes stdio, saves coverage data, os._exit
+            _child.leave(code)  # flushes stdio, saves coverage data, os._exit
     os.close(w)
     pidfd = os.pidfd_open(pid)
     # Waiting runs as the call phase would: an exception here (pytest-timeout's
@@ -193,8 +193,9 @@ def _call_in_child(item):
     # parent's, or a KeyboardInterrupt) kills the child and becomes the test's
     # report, and the run goes on.
     try:
-        call = pytest.CallInfo.from_call(lambda: _child.receive(r, pidfd), when="call",
-                                         reraise=(KeyboardInterrupt, SystemExit))
+        call = pytest.CallInfo.from_call(
+            lambda: _child.receive(r, pidfd), when="call", reraise=(KeyboardInterrupt, SystemExit)
+        )
     except BaseException:
         _kill(pid)
         raise
@@ -214,8 +215,9 @@ def _call_in_child(item):
     _unreaped.append(pid)
     _reap(block=False)
     if "error" in msg:
-        return [_failed_report(item, "error in the test's child process (odfork_user's pytest plugin):\n"
-                                     + msg["error"])]
+        return [
+            _failed_report(item, "error in the test's child process (odfork_user's pytest plugin):\n" + msg["error"])
+        ]
     for category, message, filename, lineno in msg["warnings"]:
         warnings.warn_explicit(message, category, filename, lineno)
     return [item.config.hook.pytest_report_from_serializable(config=item.config, data=d) for d in msg["reports"]]

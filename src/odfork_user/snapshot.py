@@ -1,4 +1,5 @@
 """Snapshots: a frozen copy of an arena inside the same process, O(chunks), no copying."""
+
 from __future__ import annotations
 
 import os
@@ -61,7 +62,7 @@ class Snapshot:
         try:
             with open(path, "wb", buffering=0) as f:
                 for off in range(0, len(view), _WRITE_STEP):
-                    part = view[off:off + _WRITE_STEP]
+                    part = view[off : off + _WRITE_STEP]
                     while part:
                         n = f.write(part)
                         part = part[n:]

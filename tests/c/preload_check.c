@@ -36,8 +36,17 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#define FAIL(...) do { fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); exit(2); } while (0)
-#define CHECK(c) do { if (!(c)) FAIL("check failed: %s (line %d)", #c, __LINE__); } while (0)
+#define FAIL(...)                                                                                                      \
+    do {                                                                                                               \
+        fprintf(stderr, __VA_ARGS__);                                                                                  \
+        fputc('\n', stderr);                                                                                           \
+        exit(2);                                                                                                       \
+    } while (0)
+#define CHECK(c)                                                                                                       \
+    do {                                                                                                               \
+        if (!(c))                                                                                                      \
+            FAIL("check failed: %s (line %d)", #c, __LINE__);                                                          \
+    } while (0)
 
 static uintptr_t pool_lo[64], pool_hi[64];
 static int npool;
@@ -153,7 +162,7 @@ static void fork_isolated(char *big, size_t n, const char *who)
     if (pid == 0) {
         if (big[0] != 'P' || big[n - 1] != 'P')
             _exit(10);
-        memset(big, 'C', n);      /* the child's writes */
+        memset(big, 'C', n);          /* the child's writes */
         char *more = malloc(1 << 20); /* the child allocates on its own copy of the heap */
         if (!more)
             _exit(11);
@@ -478,7 +487,7 @@ static int mmap_check(void)
     barrier_len = 8 * PG;
     CHECK(mprotect(p + PG, 2 * PG, PROT_NONE) == 0 && mprotect(p + 4 * PG, PG, PROT_READ) == 0);
     CHECK(p[0] == 'b' && p[PG] == 'b' && nfaults == 1); /* read of a PROT_NONE page */
-    p[4 * PG] = 'w'; /* write of a PROT_READ page */
+    p[4 * PG] = 'w';                                    /* write of a PROT_READ page */
     CHECK(nfaults == 2 && p[4 * PG] == 'w');
     CHECK(mprotect(p + 2 * PG, PG, PROT_NONE) == 0 && mprotect(p + 6 * PG, PG, PROT_NONE) == 0);
     pid_t pid = fork();

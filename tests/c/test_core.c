@@ -16,12 +16,12 @@
 
 #include "odfork.h"
 
-#define CHECK(cond)                                                                                \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond);               \
-            exit(1);                                                                               \
-        }                                                                                          \
+#define CHECK(cond)                                                                                                    \
+    do {                                                                                                               \
+        if (!(cond)) {                                                                                                 \
+            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond);                                   \
+            exit(1);                                                                                                   \
+        }                                                                                                              \
     } while (0)
 
 static void wr(odf_arena_t *a, unsigned char *p, size_t off, int byte, size_t len)
@@ -82,8 +82,7 @@ int main(void)
     CHECK(odf_snapshot_release(a, id) == ENOENT);
     invariants(a);
     /* chunks 0-3; the restore emptied chunk 7 again */
-    CHECK(odf_arena_stats(a, &st) == 0 && st.segments_live == 4 && st.chunks_resident == 4 &&
-          st.slots_used == 1);
+    CHECK(odf_arena_stats(a, &st) == 0 && st.segments_live == 4 && st.chunks_resident == 4 && st.slots_used == 1);
     CHECK(odf_arena_close(a) == 0);
     printf("c core test: ok\n");
     return 0;

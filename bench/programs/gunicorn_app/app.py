@@ -1,9 +1,10 @@
 """A WSGI app (nothing of odfork_user in it) that holds GUNICORN_APP_BYTES
 (default 2 GiB) of Python objects built at import, as an app preloaded by
 `gunicorn --preload` does."""
+
 import os
 
-N = int(os.environ.get("GUNICORN_APP_BYTES", str(2 << 30))) // 200   # ~200 B an entry here
+N = int(os.environ.get("GUNICORN_APP_BYTES", str(2 << 30))) // 200  # ~200 B an entry here
 TABLE = {f"k{i}": "x" * 100 + str(i) for i in range(N)}
 
 

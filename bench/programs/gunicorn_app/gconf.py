@@ -1,5 +1,6 @@
 """gunicorn configuration for bench/programs/gunicorn_boot.py: hooks that write
 timestamps (CLOCK_MONOTONIC) to GUNICORN_EVENTS, one line each."""
+
 import os
 import time
 

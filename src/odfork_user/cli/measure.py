@@ -23,6 +23,7 @@ Metrics (all medians; one fork per round):
   dense_copied / sparse_copied   bytes the child's writes made private
                       (its Private_Dirty growth in /proc/self/smaps_rollup)
 """
+
 import json
 import os
 import statistics
@@ -59,8 +60,10 @@ def plot_latency(panels, path, title=None):
     """Log-log plot of median milliseconds against data size, one panel per
     metric: panels = [(panel title, {kind: [(size bytes, ms), ...]}), ...]."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for ax, (panel, series) in zip(axes[0], panels):
         for kind, pts in series.items():
@@ -99,6 +102,7 @@ class Holder:
             self.data = bytearray(size)
         elif kind == "numpy-thp":
             import numpy as np
+
             self.data = np.zeros(size, dtype=np.uint8)
         elif kind in ("odfork", "odfork-empty", "odfork-chunk"):
             self.arena = Arena(size, cow="chunk" if kind == "odfork-chunk" else None)
@@ -119,7 +123,7 @@ class Holder:
         v = self.view
         for off in range(0, self.size, CHUNK_SIZE):
             n = min(CHUNK_SIZE, self.size - off)
-            v[off:off + n] = block[:n]
+            v[off : off + n] = block[:n]
 
     def touch(self, step=CHUNK_SIZE):
         """Write one byte per `step` (the parent keeps working between forks).
@@ -146,7 +150,7 @@ class Holder:
     def kernel_write(self, off, src_fd, n=4096):
         """Let the kernel write n bytes at off (os.preadv from src_fd); on the
         chunk mode prepare_write() must come first, and is timed too."""
-        view = self.view[off:off + n]
+        view = self.view[off : off + n]
         if self.arena is not None and self.arena.kernel_writes == "prepare_write":
             self.arena.prepare_write(view)
         return os.preadv(src_fd, [view], 0)
@@ -266,7 +270,7 @@ def measure(kind, size, rounds, heavy_rounds=3, progress=None):
             c = WaitingChild(h)
             try:
                 nch = max(h.size // CHUNK_SIZE, 1)
-                off = (i * 7 % nch) * CHUNK_SIZE + 123        # the child's chunk
+                off = (i * 7 % nch) * CHUNK_SIZE + 123  # the child's chunk
                 poff = ((i * 7 + 1) % nch) * CHUNK_SIZE + 321  # another one for the parent
                 fwc.append(c.ask(b"w", off) / 1e9)
                 t0 = time.perf_counter()

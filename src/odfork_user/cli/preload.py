@@ -13,6 +13,7 @@ anonymous private read-write mmaps come from the arena heap too) and
 ODFORK_MMAP_MAX (the largest such mmap served, default 1M).  Children and exec'd programs inherit
 LD_PRELOAD as they inherit any environment variable.
 """
+
 import argparse
 import glob
 import os
@@ -26,23 +27,38 @@ def library_path():
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the package, beside _ffi
     found = sorted(glob.glob(os.path.join(here, "_preload*.so")))
     if not found:
-        from odfork_user._errors import OdforkOSError
         import errno
-        raise OdforkOSError(errno.ENOENT, "the preload library is not built: install the package with "
-                                          "`pip install .` (it is built beside the extension)")
+
+        from odfork_user._errors import OdforkOSError
+
+        raise OdforkOSError(
+            errno.ENOENT,
+            "the preload library is not built: install the package with "
+            "`pip install .` (it is built beside the extension)",
+        )
     return found[0]
 
 
 def add_parser(sub):
-    e = sub.add_parser("exec", help="run a native program with its malloc heap in an arena (LD_PRELOAD)",
-                       description="Run CMD with odfork_user's preload library: malloc, free, calloc, "
-                                   "realloc and the aligned variants come from an arena heap, so every "
-                                   "fork CMD makes is on demand.")
-    e.add_argument("--heap-size", type=parse_size, default=None,
-                   help="size of the arena heap (default: ODFORK_HEAP_SIZE or 64G; virtual until used)")
-    e.add_argument("--mmap", action="store_true",
-                   help="serve small anonymous private mmaps (up to ODFORK_MMAP_MAX, default 1M) from the arena "
-                        "heap too (ODFORK_MMAP=1): for runtimes that take their object pages from mmap (Ruby)")
+    e = sub.add_parser(
+        "exec",
+        help="run a native program with its malloc heap in an arena (LD_PRELOAD)",
+        description="Run CMD with odfork_user's preload library: malloc, free, calloc, "
+        "realloc and the aligned variants come from an arena heap, so every "
+        "fork CMD makes is on demand.",
+    )
+    e.add_argument(
+        "--heap-size",
+        type=parse_size,
+        default=None,
+        help="size of the arena heap (default: ODFORK_HEAP_SIZE or 64G; virtual until used)",
+    )
+    e.add_argument(
+        "--mmap",
+        action="store_true",
+        help="serve small anonymous private mmaps (up to ODFORK_MMAP_MAX, default 1M) from the arena "
+        "heap too (ODFORK_MMAP=1): for runtimes that take their object pages from mmap (Ruby)",
+    )
     e.add_argument("--print-library", action="store_true", help="print the library's path and exit")
     e.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...: the command and its arguments")
     return e

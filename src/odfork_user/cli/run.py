@@ -17,6 +17,7 @@ ODFORK_RUN is read by a .pth file the package installs (site-packages'
 odfork_user-run.pth): Python runs it at start-up, before the program; it does
 nothing unless the variable is set.
 """
+
 import argparse
 import gc
 import os
@@ -31,6 +32,7 @@ def _install(heap_size=None, gc_freeze=False, arena_size=None):
     """The start-up work of `run` and of ODFORK_RUN, in this process."""
     import odfork_user as ou
     from odfork_user import pyheap
+
     arena = ou.Arena(arena_size) if arena_size else ou.default_arena()
     ou.install(arena, heap_size)
     pyheap.hook_numpy_on_import()
@@ -47,27 +49,51 @@ def install_from_env():
     if os.environ.get(ENV, "") in ("", "0"):
         return
     try:
-        _install(parse_size(os.environ["ODFORK_HEAP_SIZE"]) if os.environ.get("ODFORK_HEAP_SIZE") else None,
-                 os.environ.get("ODFORK_GC_FREEZE", "") not in ("", "0"))
+        _install(
+            parse_size(os.environ["ODFORK_HEAP_SIZE"]) if os.environ.get("ODFORK_HEAP_SIZE") else None,
+            os.environ.get("ODFORK_GC_FREEZE", "") not in ("", "0"),
+        )
     except Exception as exc:  # the program runs anyway, on the ordinary heap, and says so
         print(f"odfork_user: {ENV} is set but the arena heap could not be installed: {exc}", file=sys.stderr)
 
 
 def add_parser(sub):
-    r = sub.add_parser("run", help="run a Python program with its heap in an arena (every fork on demand)",
-                       description="Run script.py (or -m module) with the interpreter's heap and numpy's "
-                                   "data in an arena, so that every fork it makes is on demand.")
-    r.add_argument("--heap-size", type=parse_size, default=None,
-                   help="bytes of the arena the heap may use (default: half of the arena)")
-    r.add_argument("--arena-size", type=parse_size, default=None,
-                   help="size of the arena to reserve (default: ODFORK_ARENA_SIZE or 64G; virtual until used)")
-    r.add_argument("--gc-freeze", action="store_true",
-                   help="gc.freeze() before every fork, so no collection writes the headers of the objects "
-                        "that existed at the fork")
-    r.add_argument("--heap-stats", action="store_true",
-                   help="print where the process's memory is (in the arena or outside) when it exits")
-    r.add_argument("-m", dest="module", nargs=argparse.REMAINDER, metavar="MODULE ARGS",
-                   help="run a library module as a script, like python -m (everything after it is the module's)")
+    r = sub.add_parser(
+        "run",
+        help="run a Python program with its heap in an arena (every fork on demand)",
+        description="Run script.py (or -m module) with the interpreter's heap and numpy's "
+        "data in an arena, so that every fork it makes is on demand.",
+    )
+    r.add_argument(
+        "--heap-size",
+        type=parse_size,
+        default=None,
+        help="bytes of the arena the heap may use (default: half of the arena)",
+    )
+    r.add_argument(
+        "--arena-size",
+        type=parse_size,
+        default=None,
+        help="size of the arena to reserve (default: ODFORK_ARENA_SIZE or 64G; virtual until used)",
+    )
+    r.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="gc.freeze() before every fork, so no collection writes the headers of the objects "
+        "that existed at the fork",
+    )
+    r.add_argument(
+        "--heap-stats",
+        action="store_true",
+        help="print where the process's memory is (in the arena or outside) when it exits",
+    )
+    r.add_argument(
+        "-m",
+        dest="module",
+        nargs=argparse.REMAINDER,
+        metavar="MODULE ARGS",
+        help="run a library module as a script, like python -m (everything after it is the module's)",
+    )
     r.add_argument("args", nargs=argparse.REMAINDER, help="script.py and its arguments (or the module's)")
     return r
 
@@ -81,12 +107,18 @@ def _run_script(path, run_name):
     import importlib.machinery
     import io
     import types
+
     full = os.path.abspath(path)
     with io.open_code(full) as f:
         code = compile(f.read(), full, "exec", dont_inherit=True)
     main = types.ModuleType(run_name)
-    main.__dict__.update(__file__=full, __cached__=None, __spec__=None, __builtins__=builtins,
-                         __loader__=importlib.machinery.SourceFileLoader(run_name, full))
+    main.__dict__.update(
+        __file__=full,
+        __cached__=None,
+        __spec__=None,
+        __builtins__=builtins,
+        __loader__=importlib.machinery.SourceFileLoader(run_name, full),
+    )
     sys.modules[run_name] = main
     exec(code, main.__dict__)
     return main.__dict__
@@ -97,6 +129,7 @@ def _run_module(name, run_name):
     (which fills argv[0] and runs the module in __main__), in a fresh __main__."""
     import runpy
     import types
+
     sys.modules[run_name] = types.ModuleType(run_name)
     as_main = getattr(runpy, "_run_module_as_main", None)
     if as_main is None:  # not in this Python: the public function, argv[0] and tracebacks differ slightly
@@ -129,9 +162,10 @@ def _target(args):
     """(fn, what): how to run the program, with sys.argv and sys.path[0] set
     as python sets them for it."""
     import runpy
+
     if args.module is not None:
-        sys.argv = [args.module] + args.args   # runpy puts the module's path in argv[0]
-        _set_path0(os.getcwd())                # -m: the working directory comes first
+        sys.argv = [args.module] + args.args  # runpy puts the module's path in argv[0]
+        _set_path0(os.getcwd())  # -m: the working directory comes first
         return _run_module, args.module
     script = args.args[0]
     sys.argv = list(args.args)
@@ -145,11 +179,12 @@ def _end_as_python_does(exc):
     tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
         tb = tb.tb_next
-    exc.__traceback__ = tb or exc.__traceback__   # (what the hook prints)
+    exc.__traceback__ = tb or exc.__traceback__  # (what the hook prints)
     sys.excepthook(type(exc), exc, exc.__traceback__)
     if isinstance(exc, KeyboardInterrupt):
         # python ends a program interrupted by ^C with the default SIGINT action
         import signal
+
         sys.stdout.flush()
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
@@ -172,6 +207,7 @@ def run(args, parser):
             # while the program's objects are alive (its globals, or the frames of
             # the exception that ends it)
             from odfork_user import pyheap
+
             print(pyheap.format_memory_report(), file=sys.stderr)
         del program_globals
     return 0
