@@ -236,6 +236,23 @@ def heap():
     a.close()
 
 
+def _free_one(h, live, rng):
+    """Free a block of the model `live` (addr -> (size, byte)), checking its bytes first."""
+    addr = rng.choice(list(live))
+    n, b = live.pop(addr)
+    p = ffi.cast("void *", addr)
+    assert _read(p, n) == bytes([b]) * n
+    lib.odf_heap_free(h, p)
+
+
+def _realloc_one(h, live, rng, sizes):
+    """Resize a block of the model to a size drawn from `sizes`; the caller checks the result."""
+    addr = rng.choice(list(live))
+    n, b = live.pop(addr)
+    m = rng.choice(sizes) + rng.randrange(64)
+    return addr, n, b, m, lib.odf_heap_realloc(h, ffi.cast("void *", addr), m)
+
+
 def _fill(p, n, byte):
     ffi.memmove(p, bytes([byte]) * n, n)
 
@@ -264,16 +281,9 @@ def test_heap_blocks_keep_their_bytes_under_random_churn(heap):
             _fill(p, n, b)
             live[addr] = (n, b)
         elif op < 0.8:
-            addr = rng.choice(list(live))
-            n, b = live.pop(addr)
-            p = ffi.cast("void *", addr)
-            assert _read(p, n) == bytes([b]) * n
-            lib.odf_heap_free(h, p)
+            _free_one(h, live, rng)
         else:
-            addr = rng.choice(list(live))
-            n, b = live.pop(addr)
-            m = rng.choice(sizes) + rng.randrange(64)
-            q = lib.odf_heap_realloc(h, ffi.cast("void *", addr), m)
+            addr, n, b, m, q = _realloc_one(h, live, rng, sizes)
             assert q != ffi.NULL
             assert _read(q, min(n, m)) == bytes([b]) * min(n, m)
             _fill(q, m, b)
@@ -340,16 +350,9 @@ def test_heap_aligned_blocks_under_random_churn_with_ordinary_ones(heap):
             _fill(p, n, b)
             live[addr] = (n, b)
         elif op < 0.8:
-            addr = rng.choice(list(live))
-            n, b = live.pop(addr)
-            p = ffi.cast("void *", addr)
-            assert _read(p, n) == bytes([b]) * n
-            lib.odf_heap_free(h, p)
+            _free_one(h, live, rng)
         else:
-            addr = rng.choice(list(live))
-            n, b = live.pop(addr)
-            m = rng.choice(sizes) + rng.randrange(64)
-            q = lib.odf_heap_realloc(h, ffi.cast("void *", addr), m)
+            addr, n, b, m, q = _realloc_one(h, live, rng, sizes)
             assert q != ffi.NULL and lib.odf_heap_usable(h, q) >= m
             assert _read(q, min(n, m)) == bytes([b]) * min(n, m)
             _fill(q, m, b)
