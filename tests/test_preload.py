@@ -12,17 +12,13 @@ import time
 
 import pytest
 
+from testlib import python
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _exec(*cmd, env=None, timeout=120):
-    return subprocess.run(
-        [sys.executable, "-P", "-m", "odfork_user", "exec", "--", *cmd],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=dict(os.environ, **(env or {})),
-    )
+    return python("-m", "odfork_user", "exec", "--", *cmd, env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +33,7 @@ def check_program(tmp_path_factory):
 
 
 def test_library_is_installed():
-    p = subprocess.run(
-        [sys.executable, "-P", "-m", "odfork_user", "exec", "--print-library"], capture_output=True, text=True
-    )
+    p = python("-m", "odfork_user", "exec", "--print-library")
     assert p.returncode == 0 and os.path.exists(p.stdout.strip()), p.stderr
 
 
@@ -166,18 +160,8 @@ needs_redis = pytest.mark.skipif(
 def _redis_program(name, *args, tmp_path, timeout):
     """Run bench/programs/NAME with ARGS --json FILE: (the process, FILE's path)."""
     out = tmp_path / "out.json"
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-P",
-            os.path.join(os.path.dirname(HERE), "bench", "programs", name),
-            *args,
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+    p = python(
+        os.path.join(os.path.dirname(HERE), "bench", "programs", name), *args, "--json", str(out), timeout=timeout
     )
     return p, out
 
