@@ -177,10 +177,13 @@ def test_fold_after_the_child_exits_turns_views_back_into_segments(parena):
 def test_fold_max_dirty_skips_dense_views_and_forks_fold_nothing(parena):
     buf = parena.alloc(4 * CH)
     buf[:] = b"a" * len(buf)
-    in_child(lambda: None)
+    go_r, go_w = os.pipe()
+    pid, r = start_child(lambda: os.read(go_r, 1))
     for c in range(4):
-        buf[c * CH + 5] = ord("q")  # views, count back to 1, one page each
+        buf[c * CH + 5] = ord("q")  # views, one page each (written while shared: a child's exit keeps them)
     buf[3 * CH : 4 * CH] = b"d" * CH  # ... but this one is dense
+    os.write(go_w, b"x")
+    finish_child(pid, r)  # count back to 1
     s0 = parena.stats()
     assert s0["views"] == 4
     assert in_child(lambda: (bytes(buf[4:6]), bytes(buf[3 * CH + 4 : 3 * CH + 6]))) == (b"aq", b"dd")

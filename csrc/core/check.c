@@ -66,6 +66,7 @@ int odf_arena_stats(odf_arena_t *a, odf_stats_t *out)
         out->reuses = a->n_reuse;
         out->forks = a->n_forks;
         out->folds = a->n_folds;
+        out->returns = a->n_returns;
         out->segments_live = a->ctl->segments_live;
         out->segments_max = a->ctl->max_segs;
         for (uint32_t i = 0; i < a->ctl->slot_hwm; i++)

@@ -202,6 +202,11 @@ static int scan_private(odf_arena_t *a, int pm_fd, uint32_t c0, uint32_t n, uint
 #define FOLD_BATCH       64u
 #define FOLD_BATCH_PAGES 512u
 
+/* The background step's rule for views with many private pages: see
+ * odf_arena_fold_step. */
+#define FOLD_HOT_PAGES 64u
+#define FOLD_QUIET_NS  (2ULL * 1000000000ULL)
+
 /* Copy the private pages (bits) of chunk c into its segment seg: through the
  * parked mapping in the shadow (MAP_SHARED of seg, populated, writable) when
  * the chunk has one, else with pwrite, one per run of pages.  wfd: a
@@ -312,8 +317,8 @@ static int fold_run(odf_arena_t *a, uint32_t c0, uint32_t n, uint32_t min_dirty,
     for (i = 0; i < n; i++) {
         uint32_t d = known ? chunk_bits(bits + i * BITW) : NPAGES;
         pick[i] = d >= min_dirty && d <= max_dirty && (d > 0 || (a->flags[c0 + i] & ODF_F_PARKED));
-        if (d > max_dirty)
-            a->flags[c0 + i] |= ODF_F_HOT;
+        if (d > max_dirty && d > FOLD_HOT_PAGES)
+            a->flags[c0 + i] |= ODF_F_HOT; /* (not when a caller takes only clean views) */
         if (pick[i] && pages > 0 && pages + d > FOLD_BATCH_PAGES)
             break; /* the next batch's */
         if (pick[i]) {
@@ -551,8 +556,6 @@ static int any_shared_view(odf_arena_t *a)
  * Once it has not forked for FOLD_QUIET_NS, dense views are folded too (their
  * private pages double the chunk's memory).  arena.fold() and snapshots fold
  * every view. */
-#define FOLD_HOT_PAGES 64u
-#define FOLD_QUIET_NS  (2ULL * 1000000000ULL)
 
 int odf_arena_fold_step(odf_arena_t *a, uint64_t budget_ns, uint32_t *left)
 {
@@ -602,6 +605,38 @@ int odf_arena_fold(odf_arena_t *a, uint32_t max_dirty)
 
 /* pwrite lets the kernel allocate the pool pages as it copies: no zeroing and
  * no 512 separate first-write faults. */
+/* Return the clean views of count 1 to OWNED: a view whose segment only this
+ * process holds and that has no private page shows exactly its segment's
+ * bytes, so its parked mapping moves back over it (fold_run with no page to
+ * copy: one PAGEMAP_SCAN and, where the kernel moves several VMAs at once,
+ * one mremap per batch of FOLD_BATCH chunks).  Views with private pages stay
+ * views (the folder's).  Called when a child has gone (sigchld.c): the
+ * parent's next writes then go to its segments, with no fault, and its next
+ * fork is O(runs) instead of copying the page tables of every view written
+ * in between.  *n: the views returned.
+ * pre: a->local and the family lock held, and no one else can write the
+ * arena (this thread, with every signal blocked, is the only one that may:
+ * the caller checked), so writers need no hold. */
+int _odf_views_return_locked(odf_arena_t *a, uint32_t *n)
+{
+    int rc = 0;
+    *n = 0;
+    for (uint32_t c = 0; c < a->hi && !rc;) {
+        if (!FOLDABLE(a, c, 0) || !(a->flags[c] & ODF_F_PARKED)) {
+            c++;
+            continue;
+        }
+        uint32_t e = c;
+        while (e < a->hi && e - c < FOLD_BATCH && FOLDABLE(a, e, 0) && (a->flags[e] & ODF_F_PARKED))
+            e++;
+        uint32_t done = 0, nf = 0;
+        rc = fold_run(a, c, e - c, 0, 0, 0, &done, &nf);
+        *n += nf;
+        c = e;
+    }
+    return rc;
+}
+
 static int copy_chunk(odf_arena_t *a, uintptr_t src, uint32_t dst_seg)
 {
     return _odf_pool_write(a, (const void *)src, ODF_CHUNK_SIZE, (off_t)dst_seg << ODF_CHUNK_SHIFT);

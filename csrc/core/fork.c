@@ -133,6 +133,7 @@ static int share_with_child(odf_arena_t *a)
 
 static void prepare(void)
 {
+    _odf_sigchld_install(); /* once per process: see sigchld.c */
     _odf_block_signals(&fork_saved_mask);
     pthread_mutex_lock(&_odf_registry_lock);
     fork_last_err = 0;
@@ -221,13 +222,15 @@ void _odf_child_setup(odf_arena_t *a)
     for (uint32_t c = 0; c < a->nchunks; c++) /* private mappings are inherited as they are */
         a->flags[c] &= ODF_F_VIEW | ODF_F_USERPROT;
     _odf_reserve(a->shadow, a->size); /* inherited parked mappings: no PTEs here */
-    a->n_faults = a->n_cow = a->n_reuse = a->n_bytes = a->n_forks = a->n_folds = 0;
+    a->n_faults = a->n_cow = a->n_reuse = a->n_bytes = a->n_forks = a->n_folds = a->n_returns = 0;
     _odf_ctl_writable(a, 0);
 }
 
 static void child(void)
 {
     pthread_mutex_init(&_odf_registry_lock, NULL);
+    _odf_quiet_forget();
+    _odf_folder_forget();
     for (int i = 0; i < ODF_MAX_ARENAS; i++) {
         odf_arena_t *a = atomic_load(&_odf_registry[i]);
         if (!a)

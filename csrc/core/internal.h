@@ -41,9 +41,13 @@
  *
  * Locking, outermost first (a thread takes them only in this order):
  *   install_lock  fault_sigsegv.c: installing the handler; nothing is taken under it.
+ *   folder_lock   folder.c: starting and stopping the folder; nothing is taken under it.
  *   _odf_registry_lock  registry.c: the arena table; the fork handlers hold it
  *              from prepare to the parent/child handler and take every
- *              arena's a->local under it, in table order.
+ *              arena's a->local under it, in table order; the folder holds
+ *              it for one fold slice at a time (so no arena it folds is
+ *              closed under it).  The SIGCHLD handler never takes it: it
+ *              reads the table without locks and only tries a->local.
  *   a->local   process-private; serialises fault resolution, fork prepare and
  *              every arena operation of this process.  Held with every signal
  *              blocked (the SIGSEGV handler runs with a full mask; other
@@ -221,7 +225,7 @@ struct odf_arena_s {
     /* last fork, for odf_fork_note_child / odf_fork_abort in the parent */
     uint32_t last_child_slot, last_child_gen;
     /* stats, under a->local */
-    uint64_t n_faults, n_cow, n_reuse, n_bytes, n_forks, n_folds;
+    uint64_t n_faults, n_cow, n_reuse, n_bytes, n_forks, n_folds, n_returns;
     uint64_t last_fork_ns;  /* CLOCK_MONOTONIC of this process's last fork (parent handler), under a->local */
     int broken_cow;         /* test hook (_odf_debug_break): resolve shared faults without a copy */
     int page_cow;           /* copy mode: !odf_arena_opts_t.chunk_cow */
@@ -251,6 +255,8 @@ static inline odf_chunk_state_t _odf_chunk_state(const odf_arena_t *a, uint32_t 
  *   family.c       control block, family lock + recovery, segments, slots, liveness, reaping
  *   cow.c          write faults (_odf_fault), prepare_write/populate/release, views and folds
  *   fault_sigsegv.c  the SIGSEGV handler: finds the arena and chunk, calls _odf_fault
+ *   sigchld.c      the SIGCHLD handler: returns clean views when a child has gone
+ *   folder.c       the folder thread (background folds)
  *   fork.c         the pthread_atfork protocol
  *   snapshot.c     snapshots (slots of state SNAP)
  *   check.c        stats, the invariant check, test hooks
@@ -334,9 +340,20 @@ int _odf_copy_view_locked(odf_arena_t *a, uint32_t c, uint32_t *nseg);
  * exclusive in /proc/self/pagemap, read through pm_fd; 0 if it is < 0). */
 int _odf_open_pagemap(void);
 uint32_t _odf_view_copied_pages(odf_arena_t *a, uint32_t c, int pm_fd);
+/* Return the views of count 1 that hold no private page to OWNED (*n of
+ * them).  pre: a->local and the family lock, and no other thread can write
+ * the arena. */
+int _odf_views_return_locked(odf_arena_t *a, uint32_t *n);
 
 /* fault_sigsegv.c */
 int _odf_handler_install(void);
+
+/* sigchld.c: the SIGCHLD handler, installed by the first fork (fork.c) */
+void _odf_sigchld_install(void);
+void _odf_quiet_forget(void); /* in a fork's child: no quiet thread came along */
+
+/* folder.c */
+void _odf_folder_forget(void); /* in a fork's child: the folder thread did not come along */
 
 /* fork.c */
 int _odf_fork_handlers_install(void);

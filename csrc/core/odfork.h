@@ -60,6 +60,7 @@ typedef struct odf_stats_s {
     uint64_t slots_used;    /* family-wide process + snapshot slots in use */
     uint64_t views;         /* chunks mapped as private views of their segment now (page mode) */
     uint64_t folds;         /* page mode: views folded back into segments */
+    uint64_t returns;       /* of those, views returned when a child had gone (sigchld.c) */
 } odf_stats_t;
 
 /* Options of one arena; all zero = the defaults (odf_arena_opts_default). */
@@ -108,8 +109,7 @@ int odf_arena_fold(odf_arena_t *a, uint32_t max_dirty);
  * copy-on-write (cow.c FOLD_HOT_PAGES).  *left: foldable views the budget
  * left for the next step (shared views are not counted). */
 int odf_arena_fold_step(odf_arena_t *a, uint64_t budget_ns, uint32_t *left);
-/* The pace of a background folder (src/odfork_user/_folder.py, the preload's
- * fold_loop): a step every ODF_FOLD_PERIOD_NS spending at most
+/* The pace of the folder (folder.c): a step every ODF_FOLD_PERIOD_NS spending at most
  * ODF_FOLD_BUDGET_NS (10% of a CPU), the next step ODF_FOLD_BUDGET_NS later
  * while the budget left foldable views behind (50%); a caller that releases
  * the arena between calls spends the budget in slices of ODF_FOLD_SLICE_NS. */
@@ -170,6 +170,20 @@ int odf_fork_last_error(void);
 /* Reinstall the SIGSEGV handler on top if another one replaced it; chains to
  * whatever is installed now. */
 int odf_handler_ensure(void);
+
+/* A thread that writes arena memory only through the core's calls (a fold
+ * loop written in C) says so when it starts (1) and before it ends (0): a
+ * child's exit may then return views while it runs (sigchld.c), which is
+ * done only while no other thread can write arena memory. */
+void odf_thread_quiet(int on);
+
+/* The folder (folder.c): a thread that folds, in every arena of the
+ * process, the views nobody else shares, at the ODF_FOLD_* pace.  start: 0,
+ * or pthread_create's error (running already: 0).  stop: returns once the
+ * thread is gone, from /proc too.  A fork's child has none running. */
+int odf_folder_start(void);
+void odf_folder_stop(void);
+int odf_folder_running(void);
 
 /* Snapshots (snapshot.c): frozen copies of the whole arena inside this
  * process, O(chunks), no data copied.  Identified by a family-unique id; a

@@ -8,8 +8,9 @@
  * The arena (ODFORK_HEAP_SIZE bytes, default 64G; virtual until used) is made
  * at the first malloc, page mode: at a fork every written chunk becomes a
  * private view of its segment and the kernel copies the 4 KiB pages written
- * afterwards, in parent and child, as after any fork.  A folder thread (one
- * per process, started after the process's first fork) folds views nobody
+ * afterwards, in parent and child, as after any fork.  The core's folder
+ * thread (folder.c; one per process, started after the process's first
+ * fork, with a full userfaultfd only) folds views nobody
  * shares back into their segments (<= 2 ms every 20 ms; every 2 ms while
  * the budget leaves such views behind), so that the next fork is O(chunks)
  * again.
@@ -82,8 +83,6 @@ static odf_heap_t *heap;
 static uintptr_t lo, hi;  /* the arena's range, fixed once set */
 static _Atomic int state; /* 0 not yet, 1 being made, 2 ready, 3 failed */
 static TLS int in_init;
-static pthread_t folder;
-static int folder_started;
 static int can_fold; /* a full userfaultfd: folds can hold every writer off (uffd.c) */
 static pthread_mutex_t prot_lock = PTHREAD_MUTEX_INITIALIZER; /* the program's protections (after heap_lock) */
 static void prot_reapply(void);
@@ -136,22 +135,6 @@ static size_t parse_size(const char *s, size_t dflt)
     return v ? (size_t)v : dflt;
 }
 
-static void *fold_loop(void *unused)
-{
-    (void)unused;
-    sigset_t all;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, NULL); /* the program's signals are not this thread's */
-    uint32_t left = 0;
-    for (;;) {
-        /* views left by the budget: catch up at half a CPU, else a tenth */
-        struct timespec ts = {0, (long)(left ? ODF_FOLD_BUDGET_NS : ODF_FOLD_PERIOD_NS)};
-        nanosleep(&ts, NULL);
-        odf_arena_fold_step(arena, ODF_FOLD_BUDGET_NS, &left);
-    }
-    return NULL;
-}
-
 static void prepare(void)
 {
     pthread_mutex_lock(&heap_lock);
@@ -166,14 +149,12 @@ static void parent(void)
     /* views exist from the first fork on: fold them when nobody shares them
      * (ODFORK_FOLD=0: never) */
     const char *env = getenv("ODFORK_FOLD");
-    if (state == 2 && can_fold && !folder_started && !(env && env[0] == '0'))
-        if ((folder_started = pthread_create(&folder, NULL, fold_loop, NULL) == 0))
-            pthread_setname_np(folder, "odfork-fold"); /* as top -H and /proc/PID/task/TID/comm show it */
+    if (state == 2 && can_fold && !(env && env[0] == '0'))
+        odf_folder_start(); /* (running already: nothing) */
 }
 
 static void child(void)
 {
-    folder_started = 0; /* threads do not survive a fork; the child starts its own after its first fork */
     prot_reapply();
     pthread_mutex_unlock(&prot_lock);
     pthread_mutex_unlock(&heap_lock);

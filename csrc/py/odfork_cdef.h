@@ -23,6 +23,7 @@ typedef struct odf_stats_s {
     uint64_t slots_used;
     uint64_t views;
     uint64_t folds;
+    uint64_t returns;
 } odf_stats_t;
 
 typedef struct {
@@ -48,6 +49,10 @@ void odf_fork_note_child(pid_t pid);
 void odf_fork_abort(void);
 int odf_fork_last_error(void);
 int odf_handler_ensure(void);
+void odf_thread_quiet(int on);
+int odf_folder_start(void);
+void odf_folder_stop(void);
+int odf_folder_running(void);
 enum odf_debug_hook {
     ODF_DEBUG_EXTRA_REF = 1,       /* one count too many on the chunk's segment */
     ODF_DEBUG_BROKEN_COW = 2,      /* resolve shared faults without a copy (a broken COW) */

@@ -22,6 +22,8 @@ CORE = [
     "core/family.c",
     "core/cow.c",
     "core/fault_sigsegv.c",
+    "core/sigchld.c",
+    "core/folder.c",
     "core/fork.c",
     "core/snapshot.c",
     "core/check.c",

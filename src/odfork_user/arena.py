@@ -41,6 +41,7 @@ _STATS_KEYS = (
     "slots_used",
     "views",
     "folds",
+    "returns",
 )
 MAX_ARENAS = 64  # per process (ODF_MAX_ARENAS in the core)
 _open_arenas: weakref.WeakSet[Arena] = weakref.WeakSet()

@@ -1,0 +1,138 @@
+/* sigchld.c - when a child of this process has gone, return the views it
+ * shared to their segments at once.
+ *
+ * After a fork every writable chunk of the parent is a view (fork.c).  When
+ * the child exits, the views' counts drop back to 1, but they stay views
+ * until something folds them: writes the parent makes in between copy
+ * private pages (kernel copy-on-write, one fault per page), and its next
+ * fork copies the page tables of every view so written, entry by entry, as
+ * os.fork would.  A process that forks, reaps and writes a little before
+ * forking again (a test runner, a fork server, a snapshotting server) paid
+ * that at every fork.  Here, on SIGCHLD (before waitpid returns: the kernel
+ * runs the handler on the way back from the wait), the views that hold no
+ * private page move back over their parked mappings (cow.c
+ * _odf_views_return_locked: one scan and one mremap per batch of chunks,
+ * nothing copied), so that the parent's next writes go to its segments with
+ * no fault and its next fork is O(runs) again.
+ *
+ * When: only for a child of the family that exited or was killed (si_pid is
+ * the pid of a slot of an arena; stops and continues, and signals sent with
+ * kill(), are only passed on), and only while no thread but this one can
+ * write arena memory: the process has this thread plus the threads that
+ * declared themselves quiet (odf_thread_quiet: the C folder loop, which
+ * writes arena memory only under a->local), counted in /proc/self/stat.
+ * Another thread could write a view between the scan and the remap, and
+ * that write would be lost; a hold (userfaultfd write-protect) costs more
+ * than the fork it saves (~9 us a chunk: it fills page tables with markers).
+ * a->local is only tried: held by another thread (a fold step), the arena is
+ * left to that thread.
+ *
+ * The handler is installed at the first fork of a process with an arena
+ * (fork.c prepare), when SIGCHLD's disposition is the default or a handler
+ * of the program's (which it then calls after its own work, as the kernel
+ * would have, with that handler's flags and mask); never over SIG_IGN or a
+ * one-shot handler, and not at all with ODFORK_SIGCHLD=0.  A program that
+ * sets its own disposition later replaces it (nothing is then returned
+ * early; folds still happen).  What changes for the program: a system call
+ * that is never restarted after a handler (nanosleep, poll, epoll_wait,
+ * select, pause, sigsuspend...) returns EINTR when a child exits, as it would
+ * with any SIGCHLD handler; the handler itself is SA_RESTART.
+ *
+ * Async-signal-safe: syscalls, atomics, a trylock of a->local and the
+ * robust family lock, as the SIGSEGV handler.
+ */
+#include "internal.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+static struct sigaction prev; /* the disposition before ours */
+static _Atomic int state;     /* 0 not tried, 1 installed, 2 declined */
+static _Atomic unsigned quiet;
+
+void odf_thread_quiet(int on)
+{
+    if (on)
+        atomic_fetch_add(&quiet, 1);
+    else
+        atomic_fetch_sub(&quiet, 1);
+}
+
+void _odf_quiet_forget(void) { atomic_store(&quiet, 0); }
+
+/* Is pid one of the processes arena a shared chunks with (a slot's owner)? */
+static int is_member(odf_arena_t *a, pid_t pid)
+{
+    uint32_t hwm = __atomic_load_n(&a->ctl->slot_hwm, __ATOMIC_RELAXED);
+    for (uint32_t i = 0; i < hwm; i++)
+        if (i != a->self && atomic_load(&a->slots[i].pid) == pid)
+            return 1;
+    return 0;
+}
+
+static void children_gone(pid_t pid)
+{
+    sigset_t old;
+    int alone = -1;
+    _odf_block_signals(&old); /* a->local is held with every signal blocked */
+    for (int i = 0; i < ODF_MAX_ARENAS; i++) {
+        odf_arena_t *a = atomic_load_explicit(&_odf_registry[i], memory_order_acquire);
+        if (!a || a->orphaned || !a->page_cow || !is_member(a, pid))
+            continue;
+        if (alone < 0)
+            alone = _odf_thread_count() == 1 + atomic_load(&quiet);
+        if (!alone)
+            break;
+        if (pthread_mutex_trylock(&a->local))
+            continue;
+        if (!a->orphaned && _odf_family_lock(a) == 0) {
+            uint32_t n;
+            _odf_reap_locked(a);
+            _odf_views_return_locked(a, &n);
+            a->n_returns += n;
+            _odf_family_unlock(a);
+        }
+        pthread_mutex_unlock(&a->local);
+    }
+    _odf_restore_signals(&old);
+}
+
+static void odf_sigchld(int sig, siginfo_t *si, void *uc)
+{
+    int saved = errno;
+    if (si->si_code == CLD_EXITED || si->si_code == CLD_KILLED || si->si_code == CLD_DUMPED)
+        children_gone(si->si_pid);
+    errno = saved;
+    if (prev.sa_flags & SA_SIGINFO)
+        prev.sa_sigaction(sig, si, uc);
+    else if (prev.sa_handler != SIG_DFL)
+        prev.sa_handler(sig);
+    errno = saved;
+}
+
+void _odf_sigchld_install(void)
+{
+    int expect = 0;
+    if (atomic_load(&state) || !atomic_compare_exchange_strong(&state, &expect, 2))
+        return;
+    const char *env = getenv("ODFORK_SIGCHLD");
+    struct sigaction cur, sa;
+    if ((env && env[0] == '0') || sigaction(SIGCHLD, NULL, &cur) < 0)
+        return;
+    int handler = (cur.sa_flags & SA_SIGINFO) || (cur.sa_handler != SIG_DFL && cur.sa_handler != SIG_IGN);
+    if ((!handler && cur.sa_handler == SIG_IGN) || (cur.sa_flags & SA_RESETHAND))
+        return; /* children reaped by the kernel, or a one-shot handler: left as they are */
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_sigaction = odf_sigchld;
+    if (handler) {
+        sa.sa_flags = cur.sa_flags | SA_SIGINFO; /* the program's restart, stop and stack choices */
+        sa.sa_mask = cur.sa_mask;
+    } else {
+        sa.sa_flags = SA_SIGINFO | SA_RESTART | SA_NOCLDSTOP | (cur.sa_flags & SA_NOCLDWAIT);
+        sigemptyset(&sa.sa_mask);
+    }
+    prev = cur;
+    if (sigaction(SIGCHLD, &sa, NULL) == 0)
+        atomic_store(&state, 1);
+}
