@@ -52,6 +52,26 @@ def test_a_childs_exit_returns_every_clean_view():
     """)
 
 
+def test_a_child_that_exits_while_the_parent_runs_is_returned_before_any_wait():
+    """The handler runs as soon as the child exits, even while the parent is
+    busy, not in a wait (the kernel signals before it marks the child a
+    zombie: the child's slot must still be found dead)."""
+    _run("""
+    write_all(1)
+    for i in range(20):
+        before = a.stats()["returns"]
+        pid = ou.odfork()
+        if pid == 0:
+            os._exit(0)
+        t0 = time.monotonic()
+        while a.stats()["returns"] == before and time.monotonic() - t0 < 2:
+            pass                     # busy: the signal interrupts this loop
+        assert a.stats()["returns"] == before + 16, (i, a.stats())
+        os.waitpid(pid, 0)
+    print("ok")
+    """)
+
+
 def test_off_with_odfork_sigchld_0():
     _run(
         """

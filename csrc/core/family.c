@@ -18,6 +18,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #define ALIGN_UP(x, a) (((x) + (a)-1) & ~((size_t)(a)-1))
@@ -490,6 +491,37 @@ void _odf_reap_locked(odf_arena_t *a)
                     _odf_slot_release(a, i);
             }
         }
+    }
+    errno = saved;
+}
+
+/* pid, a child of this process, has exited (SIGCHLD): release the slots it
+ * held now, without visiting the others.  When the handler runs, the child
+ * is either a zombie or already reaped by the wait the signal interrupted
+ * (the kernel delivers the signal on that wait's way out).  A zombie may not
+ * look dead yet to _odf_slot_is_alive (the kernel sends SIGCHLD before it
+ * marks the child a zombie, so /proc/<pid>/stat may still say it runs), so
+ * waitid(WNOWAIT) asks: it waits for that mark and reaps nothing (the
+ * program's waitpid still gets the status), and a zombie keeps its pid from
+ * being reused, so slots carrying it are a dead process's.  A child reaped
+ * already is judged as the reaper judges (start time against pid reuse). */
+void _odf_reap_child_locked(odf_arena_t *a, pid_t pid)
+{
+    siginfo_t si;
+    int saved = errno;
+    memset(&si, 0, sizeof(si));
+    int zombie = pid > 0 && waitid(P_PID, (id_t)pid, &si, WEXITED | WNOHANG | WNOWAIT) == 0 && si.si_pid == pid;
+    for (uint32_t i = 0; pid > 0 && i < a->ctl->slot_hwm; i++) {
+        odf_slot_t *s = &a->slots[i];
+        uint64_t v = atomic_load(&s->sg);
+        uint32_t st = ODF_SG_STATE(v);
+        if (i == a->self || atomic_load(&s->pid) != pid)
+            continue;
+        if (st == ODF_SLOT_LIVE && (zombie || !_odf_slot_is_alive(a, i)))
+            _odf_slot_release(a, i);
+        else if ((st == ODF_SLOT_PENDING || st == ODF_SLOT_CLAIMED) && (zombie || pid_is_dead(pid)) &&
+                 atomic_compare_exchange_strong(&s->sg, &v, ODF_SG(ODF_SG_GEN(v), ODF_SLOT_DYING)))
+            _odf_slot_release(a, i);
     }
     errno = saved;
 }

@@ -62,11 +62,7 @@ static int step(void)
 
 static void *loop(void *unused)
 {
-    (void)unused;
-    sigset_t all;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, NULL); /* the program's signals are not this thread's */
-    odf_thread_quiet(1);
+    (void)unused; /* every signal blocked from birth (odf_folder_start) */
     atomic_store(&folder_tid, (pid_t)syscall(SYS_gettid));
     int behind = 0;
     while (!atomic_load(&stopping)) {
@@ -80,7 +76,6 @@ static void *loop(void *unused)
         if (!atomic_load(&stopping))
             behind = step();
     }
-    odf_thread_quiet(0);
     return NULL;
 }
 
@@ -89,9 +84,18 @@ int odf_folder_start(void)
     int rc = 0;
     pthread_mutex_lock(&folder_lock);
     if (!running) {
+        sigset_t old;
         atomic_store(&stopping, 0);
+        /* born with every signal blocked: no handler (SIGCHLD's in
+         * particular, which must run in a thread of the program) ever runs
+         * on it */
+        _odf_block_signals(&old);
         rc = pthread_create(&folder, NULL, loop, NULL);
+        _odf_restore_signals(&old);
         if (rc == 0) {
+            /* counted quiet from here, not from when it first runs: a child
+             * that exits before then must find it counted (sigchld.c) */
+            odf_thread_quiet(1);
             running = 1;
             pthread_setname_np(folder, "odfork-fold"); /* as top -H and /proc/PID/task/TID/comm show it */
         }
@@ -124,6 +128,7 @@ void odf_folder_stop(void)
                 }
             }
         }
+        odf_thread_quiet(0); /* gone: (counted until here, the handler did nothing meanwhile) */
     }
     pthread_mutex_unlock(&folder_lock);
 }

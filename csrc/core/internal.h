@@ -47,7 +47,7 @@
  *              arena's a->local under it, in table order; the folder holds
  *              it for one fold slice at a time (so no arena it folds is
  *              closed under it).  The SIGCHLD handler never takes it: it
- *              reads the table without locks and only tries a->local.
+ *              reads the table without locks.
  *   a->local   process-private; serialises fault resolution, fork prepare and
  *              every arena operation of this process.  Held with every signal
  *              blocked (the SIGSEGV handler runs with a full mask; other
@@ -322,6 +322,7 @@ int _odf_slot_hold_alive(odf_arena_t *a, uint32_t idx, int hold);               
 int _odf_slot_is_alive(odf_arena_t *a, uint32_t idx);                                /* owner alive (see above) */
 uint64_t _odf_proc_start_ticks(pid_t pid);                                           /* 0 if unknown */
 void _odf_reap_locked(odf_arena_t *a);                                               /* pre: family lock */
+void _odf_reap_child_locked(odf_arena_t *a, pid_t pid); /* pid exited (SIGCHLD); pre: family lock */
 
 /* cow.c */
 /* Resolve a SIGSEGV or prepare_write on chunk c (async-signal-safe).  0 = resolved. */

@@ -172,9 +172,10 @@ int odf_fork_last_error(void);
 int odf_handler_ensure(void);
 
 /* A thread that writes arena memory only through the core's calls (a fold
- * loop written in C) says so when it starts (1) and before it ends (0): a
- * child's exit may then return views while it runs (sigchld.c), which is
- * done only while no other thread can write arena memory. */
+ * loop written in C) is declared quiet (1) as soon as it exists and undeclared
+ * (0) once it is gone: a child's exit may then return views while it runs
+ * (sigchld.c), which is done only while no other thread can write arena
+ * memory. */
 void odf_thread_quiet(int on);
 
 /* The folder (folder.c): a thread that folds, in every arena of the

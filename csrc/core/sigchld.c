@@ -15,17 +15,19 @@
  * nothing copied), so that the parent's next writes go to its segments with
  * no fault and its next fork is O(runs) again.
  *
- * When: only for a child of the family that exited or was killed (si_pid is
- * the pid of a slot of an arena; stops and continues, and signals sent with
- * kill(), are only passed on), and only while no thread but this one can
+ * When: only for a child that exited or was killed, in an arena that it
+ * shared or that has parked views of count 1 (stops and continues, and
+ * signals sent with kill(), are only passed on), and only while no thread but this one can
  * write arena memory: the process has this thread plus the threads that
  * declared themselves quiet (odf_thread_quiet: the C folder loop, which
  * writes arena memory only under a->local), counted in /proc/self/stat.
  * Another thread could write a view between the scan and the remap, and
  * that write would be lost; a hold (userfaultfd write-protect) costs more
  * than the fork it saves (~9 us a chunk: it fills page tables with markers).
- * a->local is only tried: held by another thread (a fold step), the arena is
- * left to that thread.
+ * a->local is then held by no thread or by the folder, for one batch of a
+ * fold (which waits for nothing this thread holds: this thread never holds
+ * a->local with signals open, and the folder takes a->local only under the
+ * registry lock, so it cannot be waiting for that lock either).
  *
  * The handler is installed at the first fork of a process with an arena
  * (fork.c prepare), when SIGCHLD's disposition is the default or a handler
@@ -38,8 +40,8 @@
  * select, pause, sigsuspend...) returns EINTR when a child exits, as it would
  * with any SIGCHLD handler; the handler itself is SA_RESTART.
  *
- * Async-signal-safe: syscalls, atomics, a trylock of a->local and the
- * robust family lock, as the SIGSEGV handler.
+ * Async-signal-safe: syscalls, atomics, a->local and the robust family
+ * lock, as the SIGSEGV handler.
  */
 #include "internal.h"
 
@@ -61,13 +63,23 @@ void odf_thread_quiet(int on)
 
 void _odf_quiet_forget(void) { atomic_store(&quiet, 0); }
 
-/* Is pid one of the processes arena a shared chunks with (a slot's owner)? */
-static int is_member(odf_arena_t *a, pid_t pid)
+/* Anything to do in arena a: is pid one of the processes it shares chunks
+ * with (a slot's owner), or is a parked view's count 1 already (another
+ * path, a fold step or stats, may have reaped the child first)?  Lock-free
+ * reads: a hint, checked again under the locks. */
+static int concerned(odf_arena_t *a, pid_t pid)
 {
     uint32_t hwm = __atomic_load_n(&a->ctl->slot_hwm, __ATOMIC_RELAXED);
     for (uint32_t i = 0; i < hwm; i++)
         if (i != a->self && atomic_load(&a->slots[i].pid) == pid)
             return 1;
+    for (uint32_t c = 0; c < a->hi; c++) {
+        uint8_t f = __atomic_load_n(&a->flags[c], __ATOMIC_RELAXED);
+        uint32_t e = __atomic_load_n(&a->mypt[c], __ATOMIC_RELAXED);
+        if ((f & (ODF_F_VIEW | ODF_F_PARKED)) == (ODF_F_VIEW | ODF_F_PARKED) && e &&
+            __atomic_load_n(&a->refcnt[e - 1], __ATOMIC_RELAXED) == 1)
+            return 1;
+    }
     return 0;
 }
 
@@ -78,17 +90,16 @@ static void children_gone(pid_t pid)
     _odf_block_signals(&old); /* a->local is held with every signal blocked */
     for (int i = 0; i < ODF_MAX_ARENAS; i++) {
         odf_arena_t *a = atomic_load_explicit(&_odf_registry[i], memory_order_acquire);
-        if (!a || a->orphaned || !a->page_cow || !is_member(a, pid))
+        if (!a || a->orphaned || !a->page_cow || !concerned(a, pid))
             continue;
         if (alone < 0)
             alone = _odf_thread_count() == 1 + atomic_load(&quiet);
         if (!alone)
             break;
-        if (pthread_mutex_trylock(&a->local))
-            continue;
+        pthread_mutex_lock(&a->local); /* held by another thread only if it is the folder's, for one batch */
         if (!a->orphaned && _odf_family_lock(a) == 0) {
             uint32_t n;
-            _odf_reap_locked(a);
+            _odf_reap_child_locked(a, pid);
             _odf_views_return_locked(a, &n);
             a->n_returns += n;
             _odf_family_unlock(a);
