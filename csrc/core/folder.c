@@ -45,7 +45,7 @@ static int step(void)
             uint32_t left = 0;
             pthread_mutex_lock(&_odf_registry_lock);
             odf_arena_t *a = atomic_load(&_odf_registry[i]);
-            if (a && !a->orphaned)
+            if (a && !a->orphaned && !atomic_load(&a->no_folder))
                 odf_arena_fold_step(a, ODF_FOLD_SLICE_NS, &left);
             pthread_mutex_unlock(&_odf_registry_lock);
             if (!left || atomic_load(&stopping))
@@ -132,6 +132,8 @@ void odf_folder_stop(void)
     }
     pthread_mutex_unlock(&folder_lock);
 }
+
+void odf_arena_background(odf_arena_t *a, int on) { atomic_store(&a->no_folder, !on); }
 
 int odf_folder_running(void)
 {

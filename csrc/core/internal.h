@@ -229,6 +229,7 @@ struct odf_arena_s {
     uint64_t last_fork_ns;  /* CLOCK_MONOTONIC of this process's last fork (parent handler), under a->local */
     int broken_cow;         /* test hook (_odf_debug_break): resolve shared faults without a copy */
     int page_cow;           /* copy mode: !odf_arena_opts_t.chunk_cow */
+    _Atomic int no_folder;  /* odf_arena_background(a, 0): the folder leaves this arena alone */
     int crash_in_handler;   /* test hook: fault inside the SIGSEGV handler */
     uint32_t fold_delay_ms; /* test hook: a fold's wait between its first look and the hold */
 };

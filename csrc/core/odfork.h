@@ -185,6 +185,8 @@ void odf_thread_quiet(int on);
 int odf_folder_start(void);
 void odf_folder_stop(void);
 int odf_folder_running(void);
+/* Whether the folder folds arena a (default 1). */
+void odf_arena_background(odf_arena_t *a, int on);
 
 /* Snapshots (snapshot.c): frozen copies of the whole arena inside this
  * process, O(chunks), no data copied.  Identified by a family-unique id; a

@@ -53,6 +53,7 @@ void odf_thread_quiet(int on);
 int odf_folder_start(void);
 void odf_folder_stop(void);
 int odf_folder_running(void);
+void odf_arena_background(odf_arena_t *a, int on);
 enum odf_debug_hook {
     ODF_DEBUG_EXTRA_REF = 1,       /* one count too many on the chunk's segment */
     ODF_DEBUG_BROKEN_COW = 2,      /* resolve shared faults without a copy (a broken COW) */

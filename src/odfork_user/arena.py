@@ -118,6 +118,7 @@ class Arena:
             _core._chunk_mode_created()
         elif background_fold:
             _folder.watch(self)
+        lib.odf_arena_background(self._h, 1 if self.cow == "page" and background_fold else 0)
         self._base = lib.odf_arena_base(self._h)
         self._size = lib.odf_arena_size(self._h)
         self._alloc = BlockAllocator(self._size)
