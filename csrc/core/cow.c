@@ -605,21 +605,24 @@ int odf_arena_fold(odf_arena_t *a, uint32_t max_dirty)
 
 /* pwrite lets the kernel allocate the pool pages as it copies: no zeroing and
  * no 512 separate first-write faults. */
-/* Return the clean views of count 1 to OWNED: a view whose segment only this
- * process holds and that has no private page shows exactly its segment's
- * bytes, so its parked mapping moves back over it (fold_run with no page to
- * copy: one PAGEMAP_SCAN and, where the kernel moves several VMAs at once,
- * one mremap per batch of FOLD_BATCH chunks).  Views with private pages stay
- * views (the folder's).  Called when a child has gone (sigchld.c): the
- * parent's next writes then go to its segments, with no fault, and its next
- * fork is O(runs) instead of copying the page tables of every view written
- * in between.  *n: the views returned.
- * pre: a->local and the family lock held, and no one else can write the
- * arena (this thread, with every signal blocked, is the only one that may:
- * the caller checked), so writers need no hold. */
-int _odf_views_return_locked(odf_arena_t *a, uint32_t *n)
+/* Return the views of count 1 to OWNED when a child has gone (sigchld.c),
+ * with writers needing no hold: this thread, with every signal blocked, is
+ * the only one that may write the arena (the caller checked).
+ * First every clean view: one whose segment only this process holds and
+ * that has no private page shows exactly its segment's bytes, so its parked
+ * mapping moves back over it (fold_run with no page to copy: one
+ * PAGEMAP_SCAN and, where the kernel moves several VMAs at once, one mremap
+ * per batch of FOLD_BATCH chunks).  The parent's next writes then go to its
+ * segments, with no fault, and its next fork is O(runs) instead of copying
+ * the page tables of every view written in between.  *n: how many.
+ * Then, for at most budget_ns, views the process wrote while the child lived
+ * are folded as the folder would (at most FOLD_HOT_PAGES private pages while
+ * the process forks often): without a full userfaultfd there is no folder,
+ * and this is where such views get folded at all. */
+int _odf_views_return_locked(odf_arena_t *a, uint64_t budget_ns, uint32_t *n)
 {
     int rc = 0;
+    uint32_t done, nf;
     *n = 0;
     for (uint32_t c = 0; c < a->hi && !rc;) {
         if (!FOLDABLE(a, c, 0) || !(a->flags[c] & ODF_F_PARKED)) {
@@ -629,10 +632,23 @@ int _odf_views_return_locked(odf_arena_t *a, uint32_t *n)
         uint32_t e = c;
         while (e < a->hi && e - c < FOLD_BATCH && FOLDABLE(a, e, 0) && (a->flags[e] & ODF_F_PARKED))
             e++;
-        uint32_t done = 0, nf = 0;
         rc = fold_run(a, c, e - c, 0, 0, 0, &done, &nf);
         *n += nf;
         c = e;
+    }
+    uint64_t now = _odf_now_ns(), end = now + budget_ns;
+    int hot = now - a->last_fork_ns < FOLD_QUIET_NS;
+    for (uint32_t c = 0; c < a->hi && !rc && _odf_now_ns() < end;) {
+        if (!FOLDABLE(a, c, hot)) {
+            c++;
+            continue;
+        }
+        uint32_t e = c;
+        while (e < a->hi && e - c < FOLD_BATCH && FOLDABLE(a, e, hot))
+            e++;
+        done = 0;
+        rc = fold_run(a, c, e - c, 1, hot ? FOLD_HOT_PAGES : ODF_FOLD_ANY, 0, &done, &nf);
+        c += done ? done : 1;
     }
     return rc;
 }

@@ -343,9 +343,9 @@ int _odf_copy_view_locked(odf_arena_t *a, uint32_t c, uint32_t *nseg);
 int _odf_open_pagemap(void);
 uint32_t _odf_view_copied_pages(odf_arena_t *a, uint32_t c, int pm_fd);
 /* Return the views of count 1 that hold no private page to OWNED (*n of
- * them).  pre: a->local and the family lock, and no other thread can write
- * the arena. */
-int _odf_views_return_locked(odf_arena_t *a, uint32_t *n);
+ * them), then fold written ones for at most budget_ns.  pre: a->local and
+ * the family lock, and no other thread can write the arena. */
+int _odf_views_return_locked(odf_arena_t *a, uint64_t budget_ns, uint32_t *n);
 
 /* fault_sigsegv.c */
 int _odf_handler_install(void);

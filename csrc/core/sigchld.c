@@ -13,7 +13,11 @@
  * private page move back over their parked mappings (cow.c
  * _odf_views_return_locked: one scan and one mremap per batch of chunks,
  * nothing copied), so that the parent's next writes go to its segments with
- * no fault and its next fork is O(runs) again.
+ * no fault and its next fork is O(runs) again; then views the parent wrote
+ * while the child lived are folded for at most ODF_FOLD_SLICE_NS, in arenas
+ * that want background folds (odf_arena_background; with no
+ * hold of writers: none can write; without a full userfaultfd there is no
+ * folder thread, and this is where they are folded).
  *
  * When: only for a child that exited or was killed, in an arena that it
  * shared or that has parked views of count 1 (stops and continues, and
@@ -100,7 +104,7 @@ static void children_gone(pid_t pid)
         if (!a->orphaned && _odf_family_lock(a) == 0) {
             uint32_t n;
             _odf_reap_child_locked(a, pid);
-            _odf_views_return_locked(a, &n);
+            _odf_views_return_locked(a, atomic_load(&a->no_folder) ? 0 : ODF_FOLD_SLICE_NS, &n);
             a->n_returns += n;
             _odf_family_unlock(a);
         }
