@@ -156,6 +156,8 @@ def _selected():
 
 @pytest.mark.parametrize("name,version,paths,extra", _selected(), ids=[s[0] for s in _selected()])
 def test_real_suite_reports_the_same_with_odfork(name, version, paths, extra, tmp_path):
+    if name == "boltons" and not hasattr(pytest, "PytestRemovedIn9Warning"):
+        pytest.skip("boltons 25.0.0's conftest does not load under pytest 9.1+ (plain pytest fails too)")
     src = _source(name, version)
     plain, plain_summary = _run(src, paths, extra, False, tmp_path)
     forked, forked_summary = _run(src, paths, extra, True, tmp_path)

@@ -36,7 +36,8 @@
  * The handler is installed at the first fork of a process with an arena
  * (fork.c prepare), when SIGCHLD's disposition is the default or a handler
  * of the program's (which it then calls after its own work, as the kernel
- * would have, with that handler's flags and mask); never over SIG_IGN or a
+ * would have, with that handler's flags and mask, but on the thread's own
+ * stack); never over SIG_IGN or a
  * one-shot handler, and not at all with ODFORK_SIGCHLD=0.  A program that
  * sets its own disposition later replaces it (nothing is then returned
  * early; folds still happen).  What changes for the program: a system call
@@ -141,7 +142,9 @@ void _odf_sigchld_install(void)
     memset(&sa, 0, sizeof(sa));
     sa.sa_sigaction = odf_sigchld;
     if (handler) {
-        sa.sa_flags = cur.sa_flags | SA_SIGINFO; /* the program's restart, stop and stack choices */
+        /* the program's restart and stop choices; never an alternate stack,
+         * which may be too small for a fold batch (~12 KiB of frames) */
+        sa.sa_flags = (cur.sa_flags | SA_SIGINFO) & ~SA_ONSTACK;
         sa.sa_mask = cur.sa_mask;
     } else {
         sa.sa_flags = SA_SIGINFO | SA_RESTART | SA_NOCLDSTOP | (cur.sa_flags & SA_NOCLDWAIT);
