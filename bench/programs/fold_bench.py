@@ -1,10 +1,11 @@
 """What a fold costs per written page, against a 4 KiB memcpy.
 
 For each pages-per-chunk P and chunk count N: an arena of N chunks, every
-byte written, forked (the child exits at once and is reaped), so that every
-chunk is a private view of count 1; then P pages of each chunk are written
-(spread over the chunk: P runs of one page, the worst case for the copy) and
-arena.fold() is timed.  The background folder is off (background_fold=False).
+byte written, forked; while the child lives P pages of each chunk are written
+(spread over the chunk: P runs of one page, the worst case for the copy),
+then the child exits and is reaped, so that every chunk is a private view of
+count 1 holding P private pages (written before the exit: the exit returns
+only views nobody wrote), and arena.fold() is timed.  The background folder is off (background_fold=False).
 Each (P, N) runs --trials times; beside every trial a memcpy of the same
 number of 4 KiB pages between two resident buffers is timed, so that the
 ratio compares costs measured in the same moment.  Medians; JSON on stdout,
@@ -58,11 +59,16 @@ def one(p, n, trials, src, dst):
         pages = np.arange(0, PPC, PPC // p)[:p]
         fold_us, copy_us, folded = [], [], []
         for t in range(trials):
+            go_r, go_w = os.pipe()
             pid = ou.odfork()
             if pid == 0:
+                os.read(go_r, 1)
                 os._exit(0)
+            chunks[:, pages, 7] += 1  # P private pages per chunk, while the child shares them
+            os.write(go_w, b"x")
             os.waitpid(pid, 0)
-            chunks[:, pages, 7] += 1  # P private pages per chunk
+            os.close(go_r)
+            os.close(go_w)
             f0 = arena.stats()["folds"]
             t0 = time.perf_counter()
             arena.fold()
