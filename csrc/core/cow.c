@@ -343,7 +343,7 @@ static int fold_run(odf_arena_t *a, uint32_t c0, uint32_t n, uint32_t min_dirty,
     }
     uintptr_t h0 = a->base + ((uintptr_t)(c0 + first) << ODF_CHUNK_SHIFT);
     size_t hlen = (size_t)(last - first + 1) << ODF_CHUNK_SHIFT;
-    int token = -1, rc = 0;
+    int token = ODF_HOLD_NONE, rc = 0;
     if (hold && (rc = _odf_writers_hold(h0, hlen, &token))) {
         if (pm_fd >= 0)
             close(pm_fd);
@@ -354,7 +354,7 @@ static int fold_run(odf_arena_t *a, uint32_t c0, uint32_t n, uint32_t min_dirty,
             a->flags[c0 + i] |= ODF_F_FOLDING;
     /* Look again now that no page can be added (pages written between the
      * first look and the hold); with no one else to write, the first holds. */
-    if (hold && known && scan_private(a, pm_fd, c0 + first, last - first + 1, bits + first * BITW, 1))
+    if (token != ODF_HOLD_NONE && known && scan_private(a, pm_fd, c0 + first, last - first + 1, bits + first * BITW, 1))
         memset(bits, 0xff, (size_t)n * BITW * sizeof(uint64_t));
     if (pm_fd >= 0)
         close(pm_fd);
@@ -411,7 +411,7 @@ static int fold_run(odf_arena_t *a, uint32_t c0, uint32_t n, uint32_t min_dirty,
         if (!(a->flags[c0 + i] & ODF_F_VIEW))
             continue;
         a->flags[c0 + i] &= (uint8_t)~ODF_F_FOLDING;
-        if (hold && token < 0)
+        if (token == ODF_HOLD_PROT)
             mprotect((void *)(a->base + ((uintptr_t)(c0 + i) << ODF_CHUNK_SHIFT)), ODF_CHUNK_SIZE,
                      PROT_READ | PROT_WRITE);
     }
@@ -423,7 +423,7 @@ static int fold_run(odf_arena_t *a, uint32_t c0, uint32_t n, uint32_t min_dirty,
 /* Undo a hold that is being abandoned: the view is writable again. */
 static void resume_view(uintptr_t addr, int token)
 {
-    if (token < 0)
+    if (token == ODF_HOLD_PROT)
         mprotect((void *)addr, ODF_CHUNK_SIZE, PROT_READ | PROT_WRITE);
     _odf_writers_resume(token);
 }

@@ -64,6 +64,7 @@ static void *loop(void *unused)
 {
     (void)unused; /* every signal blocked from birth (odf_folder_start) */
     atomic_store(&folder_tid, (pid_t)syscall(SYS_gettid));
+    _odf_quiet_tid(atomic_load(&folder_tid));
     int behind = 0;
     while (!atomic_load(&stopping)) {
         /* views left by the budget: catch up at half a CPU, else a tenth; a
@@ -76,6 +77,7 @@ static void *loop(void *unused)
         if (!atomic_load(&stopping))
             behind = step();
     }
+    _odf_quiet_tid(0);
     return NULL;
 }
 

@@ -277,7 +277,14 @@ void _odf_block_signals(sigset_t *old); /* every signal; *old for _odf_restore_s
 void _odf_restore_signals(const sigset_t *old);
 int _odf_pwrite_all(int fd, const void *src, size_t len, off_t off); /* EINTR retried; 0 or errno */
 unsigned _odf_thread_count(void);                                    /* threads of this process, 0 if unknown */
-void _odf_fd_path(char *buf, int fd);                                /* "/proc/self/fd/<fd>" into buf (>= 32 bytes) */
+/* Is the calling thread (holding a->local with every signal blocked) the
+ * only one that can write arena memory: every other thread of the process
+ * is quiet (odf_thread_quiet: the folder, which writes only under
+ * a->local)?  Reads /proc/self/stat; async-signal-safe. */
+int _odf_only_writer(void);
+void _odf_quiet_tid(pid_t tid);       /* the quiet thread's own tid (0: none), set by itself */
+void _odf_quiet_forget(void);         /* in a fork's child: no quiet thread came along */
+void _odf_fd_path(char *buf, int fd); /* "/proc/self/fd/<fd>" into buf (>= 32 bytes) */
 
 /* park.c: a chunk's mappings.  Plain syscalls; the caller holds a->local. */
 int _odf_map_seg(odf_arena_t *a, uintptr_t addr, uint32_t seg, int prot, int populate);
@@ -304,6 +311,8 @@ odf_arena_t *_odf_registry_find(uintptr_t addr); /* async-signal-safe */
  * frame pushed onto an alternate stack there would kill the process):
  * EAGAIN otherwise, and nothing is held.  *token is passed to
  * _odf_writers_resume after the range was remapped.  pre: a->local. */
+#define ODF_HOLD_NONE (-2) /* *token: nothing held (no one else can write) */
+#define ODF_HOLD_PROT (-1) /* *token: the range is PROT_READ; writable again after the remap */
 int _odf_writers_hold(uintptr_t addr, size_t len, int *token);
 void _odf_writers_resume(int token);
 
@@ -352,7 +361,6 @@ int _odf_handler_install(void);
 
 /* sigchld.c: the SIGCHLD handler, installed by the first fork (fork.c) */
 void _odf_sigchld_install(void);
-void _odf_quiet_forget(void); /* in a fork's child: no quiet thread came along */
 
 /* folder.c */
 void _odf_folder_forget(void); /* in a fork's child: the folder thread did not come along */

@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -103,4 +104,35 @@ void _odf_write_stderr(const char *msg)
         msg += w;
         n -= (size_t)w;
     }
+}
+
+/* Threads that write arena memory only under a->local (the folder), counted
+ * by whoever starts and stops them (odf_thread_quiet), and the tid of the
+ * one that runs (_odf_quiet_tid, set by itself). */
+static _Atomic unsigned quiet;
+static _Atomic pid_t quiet_tid;
+
+void odf_thread_quiet(int on)
+{
+    if (on)
+        atomic_fetch_add(&quiet, 1);
+    else
+        atomic_fetch_sub(&quiet, 1);
+}
+
+void _odf_quiet_tid(pid_t tid) { atomic_store(&quiet_tid, tid); }
+
+void _odf_quiet_forget(void)
+{
+    atomic_store(&quiet, 0);
+    atomic_store(&quiet_tid, 0);
+}
+
+int _odf_only_writer(void)
+{
+    unsigned n = _odf_thread_count(), q = atomic_load(&quiet);
+    pid_t qt = atomic_load(&quiet_tid);
+    if (q && qt && qt == (pid_t)syscall(SYS_gettid))
+        q--; /* the quiet thread asks: the other threads must all be quiet */
+    return n > 0 && n - 1 == q;
 }

@@ -56,18 +56,6 @@
 
 static struct sigaction prev; /* the disposition before ours */
 static _Atomic int state;     /* 0 not tried, 1 installed, 2 declined */
-static _Atomic unsigned quiet;
-
-void odf_thread_quiet(int on)
-{
-    if (on)
-        atomic_fetch_add(&quiet, 1);
-    else
-        atomic_fetch_sub(&quiet, 1);
-}
-
-void _odf_quiet_forget(void) { atomic_store(&quiet, 0); }
-
 /* Anything to do in arena a: is pid one of the processes it shares chunks
  * with (a slot's owner), or is a parked view's count 1 already (another
  * path, a fold step or stats, may have reaped the child first)?  Lock-free
@@ -98,7 +86,7 @@ static void children_gone(pid_t pid)
         if (!a || a->orphaned || !a->page_cow || !concerned(a, pid))
             continue;
         if (alone < 0)
-            alone = _odf_thread_count() == 1 + atomic_load(&quiet);
+            alone = _odf_only_writer();
         if (!alone)
             break;
         pthread_mutex_lock(&a->local); /* held by another thread only if it is the folder's, for one batch */

@@ -9,7 +9,10 @@
  *
  * A fold copies a view's private pages into a segment and then maps the
  * segment in place of the view; a write between the copy and the remap would
- * be lost.  _odf_writers_hold write-protects the range first: with a full
+ * be lost.  _odf_writers_hold holds nothing when no other thread can write
+ * (the process's other threads are all quiet, _odf_only_writer: a fold from
+ * a one-thread program, or from it while only the folder runs).  Else it
+ * write-protects the range first: with a full
  * userfaultfd (root, CAP_SYS_PTRACE, /dev/userfaultfd access or
  * vm.unprivileged_userfaultfd=1; a UFFD_USER_MODE_ONLY one does not see
  * kernel-mode faults) a writer, user or kernel, waits in the kernel; the
@@ -117,7 +120,9 @@ int odf_uffd_enable(int on)
 
 int _odf_writers_hold(uintptr_t addr, size_t len, int *token)
 {
-    *token = -1;
+    *token = ODF_HOLD_NONE;
+    if (_odf_only_writer())
+        return 0; /* no one else can write: nothing to hold (no markers, no mprotect) */
     if (atomic_load(&uffd_wanted)) {
         int fd;
         if (open_full(&fd) == 0) {
@@ -132,6 +137,7 @@ int _odf_writers_hold(uintptr_t addr, size_t len, int *token)
      * one else can write while the range is read-only. */
     if (_odf_thread_count() != 1)
         return EAGAIN;
+    *token = ODF_HOLD_PROT;
     return mprotect((void *)addr, len, PROT_READ) < 0 ? errno : 0;
 }
 
