@@ -33,6 +33,21 @@ static pthread_t folder;
 static int running;          /* under folder_lock */
 static _Atomic int stopping; /* the thread ends at its next look */
 static _Atomic pid_t folder_tid;
+/* The thread sleeps on wake_cond (CLOCK_MONOTONIC) between steps; a stop
+ * signals it, so that a stop (before every fork on Python 3.12+) waits for
+ * the current slice at most, not for the sleep. */
+static pthread_mutex_t wake_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wake_cond;
+static pthread_once_t cond_once = PTHREAD_ONCE_INIT;
+
+static void cond_init(void)
+{
+    pthread_condattr_t at;
+    pthread_condattr_init(&at);
+    pthread_condattr_setclock(&at, CLOCK_MONOTONIC);
+    pthread_cond_init(&wake_cond, &at);
+    pthread_condattr_destroy(&at);
+}
 
 /* One step: each arena for at most ODF_FOLD_BUDGET_NS, a slice per hold of
  * the registry lock.  1 when the budget left foldable views behind. */
@@ -67,13 +82,13 @@ static void *loop(void *unused)
     _odf_quiet_tid(atomic_load(&folder_tid));
     int behind = 0;
     while (!atomic_load(&stopping)) {
-        /* views left by the budget: catch up at half a CPU, else a tenth; a
-         * stop is seen within 1 ms */
+        /* views left by the budget: catch up at half a CPU, else a tenth */
         uint64_t wake = _odf_now_ns() + (behind ? ODF_FOLD_BUDGET_NS : ODF_FOLD_PERIOD_NS);
-        while (!atomic_load(&stopping) && _odf_now_ns() < wake) {
-            struct timespec ts = {0, 1000000L};
-            nanosleep(&ts, NULL);
-        }
+        struct timespec ts = {(time_t)(wake / 1000000000ULL), (long)(wake % 1000000000ULL)};
+        pthread_mutex_lock(&wake_lock);
+        while (!atomic_load(&stopping) && _odf_now_ns() < wake)
+            pthread_cond_timedwait(&wake_cond, &wake_lock, &ts);
+        pthread_mutex_unlock(&wake_lock);
         if (!atomic_load(&stopping))
             behind = step();
     }
@@ -84,6 +99,7 @@ static void *loop(void *unused)
 int odf_folder_start(void)
 {
     int rc = 0;
+    pthread_once(&cond_once, cond_init);
     pthread_mutex_lock(&folder_lock);
     if (!running) {
         sigset_t old;
@@ -110,7 +126,10 @@ void odf_folder_stop(void)
 {
     pthread_mutex_lock(&folder_lock);
     if (running) {
+        pthread_mutex_lock(&wake_lock);
         atomic_store(&stopping, 1);
+        pthread_cond_signal(&wake_cond);
+        pthread_mutex_unlock(&wake_lock);
         pthread_join(folder, NULL);
         running = 0;
         /* join returns once the thread cleared its id, a little before the
@@ -149,6 +168,9 @@ void _odf_folder_forget(void)
 {
     /* in the child of a fork: the thread did not come along */
     pthread_mutex_init(&folder_lock, NULL);
+    pthread_mutex_init(&wake_lock, NULL);
+    if (atomic_load(&folder_tid))
+        cond_init(); /* the parent's thread may have been waiting on it */
     running = 0;
     atomic_store(&folder_tid, 0);
     atomic_store(&stopping, 0);
