@@ -513,21 +513,28 @@ int _odf_fold_locked(odf_arena_t *a, uint32_t c, uint32_t max_dirty, int shared,
     (((a)->flags[c] & (ODF_F_VIEW | ODF_F_USERPROT | ((skip_hot) ? ODF_F_HOT : 0))) == ODF_F_VIEW && (a)->mypt[c] &&   \
      (a)->refcnt[(a)->mypt[c] - 1] == 1)
 
+/* One batch (fold_run) of the foldable views from chunk *c on, advancing *c
+ * past what was considered (to a->hi when nothing is left).  pre: a->local
+ * and the family lock. */
+static int fold_batch_locked(odf_arena_t *a, uint32_t *c, uint32_t min_dirty, uint32_t max_dirty, int skip_hot,
+                             int hold)
+{
+    uint32_t s = *c;
+    while (s < a->hi && !FOLDABLE(a, s, skip_hot))
+        s++;
+    uint32_t e = s;
+    while (e < a->hi && e - s < FOLD_BATCH && FOLDABLE(a, e, skip_hot))
+        e++;
+    uint32_t done = 0, nf;
+    int rc = e > s ? fold_run(a, s, e - s, min_dirty, max_dirty, hold, &done, &nf) : 0;
+    *c = e > s ? s + (done ? done : 1) : a->hi;
+    return rc;
+}
+
 static int fold_next_batch(odf_arena_t *a, uint32_t *c, uint32_t max_dirty, int skip_hot)
 {
     int rc;
-    ODF_LOCKED(a, rc, {
-        uint32_t s = *c;
-        while (s < a->hi && !FOLDABLE(a, s, skip_hot))
-            s++;
-        uint32_t e = s;
-        while (e < a->hi && e - s < FOLD_BATCH && FOLDABLE(a, e, skip_hot))
-            e++;
-        uint32_t done = 0, nf;
-        if (e > s)
-            rc = fold_run(a, s, e - s, 0, max_dirty, 1, &done, &nf);
-        *c = e > s ? s + (done ? done : 1) : a->hi;
-    });
+    ODF_LOCKED(a, rc, rc = fold_batch_locked(a, c, 0, max_dirty, skip_hot, 1));
     return rc;
 }
 
@@ -603,8 +610,6 @@ int odf_arena_fold(odf_arena_t *a, uint32_t max_dirty)
     return rc == EAGAIN ? 0 : rc; /* writers cannot be held off now: the views stay views */
 }
 
-/* pwrite lets the kernel allocate the pool pages as it copies: no zeroing and
- * no 512 separate first-write faults. */
 /* Return the views of count 1 to OWNED when a child has gone (sigchld.c),
  * with writers needing no hold: this thread, with every signal blocked, is
  * the only one that may write the arena (the caller checked).
@@ -638,21 +643,13 @@ int _odf_views_return_locked(odf_arena_t *a, uint64_t budget_ns, uint32_t *n)
     }
     uint64_t now = _odf_now_ns(), end = now + budget_ns;
     int hot = now - a->last_fork_ns < FOLD_QUIET_NS;
-    for (uint32_t c = 0; c < a->hi && !rc && _odf_now_ns() < end;) {
-        if (!FOLDABLE(a, c, hot)) {
-            c++;
-            continue;
-        }
-        uint32_t e = c;
-        while (e < a->hi && e - c < FOLD_BATCH && FOLDABLE(a, e, hot))
-            e++;
-        done = 0;
-        rc = fold_run(a, c, e - c, 1, hot ? FOLD_HOT_PAGES : ODF_FOLD_ANY, 0, &done, &nf);
-        c += done ? done : 1;
-    }
+    for (uint32_t c = 0; c < a->hi && !rc && _odf_now_ns() < end;)
+        rc = fold_batch_locked(a, &c, 1, hot ? FOLD_HOT_PAGES : ODF_FOLD_ANY, hot, 0);
     return rc;
 }
 
+/* pwrite lets the kernel allocate the pool pages as it copies: no zeroing and
+ * no 512 separate first-write faults. */
 static int copy_chunk(odf_arena_t *a, uintptr_t src, uint32_t dst_seg)
 {
     return _odf_pool_write(a, (const void *)src, ODF_CHUNK_SIZE, (off_t)dst_seg << ODF_CHUNK_SHIFT);
